@@ -1,0 +1,305 @@
+"""One typed config tree, YAML presets, dotted command-line overrides.
+
+Resolution order: dataclass defaults → preset (`engine/configs/NAME.yaml`) →
+`--config FILE` → `key=value` overrides. Every layer is checked against the
+dataclasses: unknown keys and wrong types are rejected with the key, the value
+received and what was expected. The resolved tree is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "digits-lt"
+
+
+class ConfigError(ValueError):
+    """A config key, type or value that cannot be used; the message says which and why."""
+
+
+@dataclass
+class DataConfig:
+    # "digits_lt": the embedded real data set (scikit-learn digits made long-tailed);
+    # "split_files": ImageNet-LT / Places-LT style `relative/path label` files under `root`.
+    dataset: str = "digits_lt"
+    root: str = ""  # digits_lt: cache folder ("" = ~/.cache/lt-engine); split_files: image root
+    train_split: str = ""  # split_files only: paths relative to `root` or absolute
+    val_split: str = ""
+    test_split: str = ""
+    num_classes: int = 0  # split_files: 0 = one more than the largest training label
+    # Long-tailed construction of digits_lt (Cui et al. 2019, as CIFAR-LT):
+    # exp: n_i = int(n_max · IF^(−i/(C−1)));  step: n_max for the first half, int(n_max / IF) after.
+    imbalance_ratio: float = 50.0
+    imbalance_profile: str = "exp"
+    n_max: int = 100
+    val_per_class: int = 20  # balanced held-out validation split
+    test_per_class: int = 50  # balanced held-out test split
+    # Input pipeline
+    image_size: int = 32
+    crop_padding: int = 4  # random crop with this zero padding (0 = off)
+    hflip: bool = True
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet32_cifar"
+
+
+@dataclass
+class LossConfig:
+    lambda_center: float = 1.0  # λ1 (estimated-offset paper fixes λ1 = λ2 = 1)
+    lambda_uniform: float = 1.0  # λ2
+    center_alpha: float = 0.5  # α of Wen et al.'s center update
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"  # "cosine" | "multistep"
+    warmup_epochs: int = 0
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs where lr ×= lr_decay
+    lr_decay: float = 0.1
+
+
+@dataclass
+class RescaleConfig:
+    # Algorithm 1 of the adjusting-decision-boundary paper: after every step, WVN then
+    # w_i ← (n_1/n_i)^γ · w_i. Needs method=wvn. Post-hoc RS is `engine rescale`.
+    in_loop: bool = False
+    gamma: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    # many: n_train > many_threshold; few: n_train < few_threshold; medium: the rest.
+    many_threshold: int = 100  # ImageNet-LT's split
+    few_threshold: int = 20
+    every: int = 1  # evaluate on the validation split every N epochs
+    batch_size: int = 256
+
+
+@dataclass
+class RunConfig:
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    keep_checkpoints: int = 1  # epoch checkpoints kept besides last.pt
+    progress: bool = True
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+
+
+@dataclass
+class Config:
+    # ce | ce_bias | eo | uc_only | eo_uc | wvn  (see engine/heads.py)
+    method: str = "eo_uc"
+    seed: int = 0
+    epochs: int = 30
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rescale: RescaleConfig = field(default_factory=RescaleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the field type `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' expects a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"config key '{key}': union types are not supported")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported field type {tp}")
+
+
+def _merge(node: Any, updates: dict, prefix: str = "") -> None:
+    """Apply a nested dict of updates onto a dataclass instance, rejecting unknown keys."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' expects a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(node))
+    names = [f.name for f in dataclasses.fields(node)]
+    for key, value in updates.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}' (expected one of: {', '.join(names)})")
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, prefix=f"{dotted}.")
+        else:
+            setattr(node, key, _coerce(dotted, value, hints[key]))
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`optim.lr=0.05` → {'optim': {'lr': 0.05}}; the value is parsed as YAML (safe loader)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return _nest(key, value)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    preset: str | None = DEFAULT_PRESET,
+    config_file: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+) -> Config:
+    """Resolve defaults → preset → config file → overrides, then validate values."""
+    cfg = Config()
+    if preset:
+        path = CONFIG_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset '{preset}' (available: {', '.join(available_presets())})")
+        _merge(cfg, _read_yaml(path))
+    if config_file:
+        _merge(cfg, _read_yaml(Path(config_file)))
+    for text in overrides:
+        _merge(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from its saved dict form (checkpoints, config.yaml)."""
+    cfg = Config()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {expected}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    from engine.heads import METHODS  # local import: heads imports nothing from config
+    from engine.models import ARCHS
+
+    _check(cfg.method in METHODS, "method", cfg.method, f"one of {', '.join(METHODS)}")
+    _check(cfg.epochs >= 1, "epochs", cfg.epochs, "an integer ≥ 1")
+    d = cfg.data
+    _check(d.dataset in ("digits_lt", "split_files"), "data.dataset", d.dataset, "'digits_lt' or 'split_files'")
+    _check(d.imbalance_profile in ("exp", "step"), "data.imbalance_profile", d.imbalance_profile, "'exp' or 'step'")
+    _check(d.imbalance_ratio >= 1, "data.imbalance_ratio", d.imbalance_ratio, "a number ≥ 1")
+    _check(d.n_max >= 1, "data.n_max", d.n_max, "an integer ≥ 1")
+    _check(d.val_per_class >= 1, "data.val_per_class", d.val_per_class, "an integer ≥ 1")
+    _check(d.test_per_class >= 1, "data.test_per_class", d.test_per_class, "an integer ≥ 1")
+    _check(d.image_size >= 8, "data.image_size", d.image_size, "an integer ≥ 8")
+    _check(d.crop_padding >= 0, "data.crop_padding", d.crop_padding, "an integer ≥ 0")
+    _check(len(d.mean) == 3 and len(d.std) == 3, "data.mean/std", (d.mean, d.std), "three values each (RGB)")
+    _check(all(s > 0 for s in d.std), "data.std", d.std, "positive values")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer ≥ 0")
+    _check(d.num_classes >= 0, "data.num_classes", d.num_classes, "an integer ≥ 0 (0 = infer)")
+    if d.dataset == "split_files":
+        _check(bool(d.root), "data.root", d.root, "the image root folder (data.dataset=split_files)")
+        for key in ("train_split", "val_split", "test_split"):
+            _check(bool(getattr(d, key)), f"data.{key}", getattr(d, key), "a split file path")
+    _check(cfg.model.arch in ARCHS, "model.arch", cfg.model.arch, f"one of {', '.join(ARCHS)}")
+    lo = cfg.loss
+    _check(lo.lambda_center >= 0, "loss.lambda_center", lo.lambda_center, "a number ≥ 0")
+    _check(lo.lambda_uniform >= 0, "loss.lambda_uniform", lo.lambda_uniform, "a number ≥ 0")
+    _check(0 < lo.center_alpha <= 1, "loss.center_alpha", lo.center_alpha, "a number in (0, 1]")
+    _check(0 <= lo.label_smoothing < 1, "loss.label_smoothing", lo.label_smoothing, "a number in [0, 1)")
+    o = cfg.optim
+    _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "an integer ≥ 1")
+    _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
+    _check(o.schedule in ("cosine", "multistep"), "optim.schedule", o.schedule, "'cosine' or 'multistep'")
+    _check(0 <= o.warmup_epochs < cfg.epochs, "optim.warmup_epochs", o.warmup_epochs, f"0 ≤ warmup < epochs ({cfg.epochs})")
+    _check(all(0 < m < cfg.epochs for m in o.milestones), "optim.milestones", o.milestones, f"epochs in (0, {cfg.epochs})")
+    _check(cfg.rescale.gamma >= 0, "rescale.gamma", cfg.rescale.gamma, "a number ≥ 0")
+    if cfg.rescale.in_loop:
+        _check(cfg.method == "wvn", "rescale.in_loop", True,
+               "method=wvn (Algorithm 1 normalizes the weight vectors before re-scaling them every step)")
+    e = cfg.eval
+    _check(e.few_threshold <= e.many_threshold + 1, "eval.few_threshold", e.few_threshold,
+           f"≤ eval.many_threshold + 1 ({e.many_threshold + 1})")
+    _check(e.every >= 1, "eval.every", e.every, "an integer ≥ 1")
+    _check(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "'auto', 'cpu' or 'cuda'")
+    _check(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", cfg.run.keep_checkpoints, "an integer ≥ 0")

@@ -1,0 +1,89 @@
+"""Split files in the ImageNet-LT / Places-LT format: one `relative/path label` per line.
+
+Every data set, the embedded Digits-LT included, is read through `read_split`,
+which yields one index of (path, label); `class_counts` computes the training
+counts once, and they are passed on to samplers, losses, metrics and reports.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file (and line) and what was expected."""
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    split_file: Path
+    paths: list[Path]  # absolute image paths
+    labels: np.ndarray  # int64, in [0, num_classes)
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def read_split(split_file: str | Path, root: str | Path, num_classes: int | None = None) -> SplitIndex:
+    """Parse a split file; check every line, every label and that every image exists.
+
+    `num_classes=None` takes one more than the largest label. Image paths are
+    relative to `root` (absolute paths are kept as they are).
+    """
+    split_file, root = Path(split_file), Path(root)
+    if not root.is_dir():
+        raise DataError(f"image root {root} does not exist or is not a folder")
+    try:
+        text = split_file.read_text()
+    except OSError as exc:
+        raise DataError(f"cannot read split file {split_file}: {exc.strerror}") from None
+    paths: list[Path] = []
+    labels: list[int] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise DataError(f"{split_file}:{lineno}: expected 'relative/path label', got {line!r}")
+        rel, label_text = parts
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise DataError(f"{split_file}:{lineno}: label {label_text!r} is not an integer (line {line!r})") from None
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            upper = f"{num_classes - 1}" if num_classes is not None else "∞"
+            raise DataError(f"{split_file}:{lineno}: label {label} is outside [0, {upper}] (line {line!r})")
+        paths.append(root / rel)
+        labels.append(label)
+    if not paths:
+        raise DataError(f"split file {split_file} lists no images")
+    missing = [(i, p) for i, p in enumerate(paths) if not p.is_file()]
+    if missing:
+        shown = ", ".join(f"{p} (line {i + 1})" for i, p in missing[:5])
+        raise DataError(f"{split_file}: {len(missing)} of {len(paths)} images are missing, e.g. {shown}")
+    inferred = max(labels) + 1
+    return SplitIndex(split_file, paths, np.asarray(labels, dtype=np.int64), num_classes or inferred)
+
+
+def class_counts(index: SplitIndex, require_all: bool = True) -> np.ndarray:
+    """Images per class (int64, length num_classes); an empty class is an error by default."""
+    counts = np.bincount(index.labels, minlength=index.num_classes)
+    empty = np.flatnonzero(counts == 0)
+    if require_all and len(empty):
+        raise DataError(
+            f"{index.split_file}: {len(empty)} of {index.num_classes} classes have no images "
+            f"(classes {empty[:10].tolist()}{' …' if len(empty) > 10 else ''}); every class needs at least one"
+        )
+    return counts
+
+
+def write_split(path: Path, rows: list[tuple[str, int]]) -> None:
+    """Write a split file atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(f"{rel} {label}\n" for rel, label in rows))
+    tmp.replace(path)
