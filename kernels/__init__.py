@@ -1,11 +1,20 @@
-"""Head-loss kernels. `offset_head_loss` is the entry point the engine calls."""
+"""Head-loss kernels. `offset_head_loss` is the entry point the engine calls.
 
+`offset_head_loss` dispatches (backend="auto" | "triton" | "torch") between the fused
+Triton head (`kernels.fused_head`) and the plain-PyTorch definition, which stays
+importable as `kernels.reference.offset_head_loss`. "auto" keeps the reference on CPU.
+"""
+
+from kernels.fused_head import (
+    fused_offset_head_loss,
+    fused_offset_head_loss_with_stats,
+    offset_head_loss,
+)
 from kernels.reference import (
     class_feature_sums,
     empirical_offset,
     estimated_offset,
     head_logits,
-    offset_head_loss,
     uniform_constraint,
     wen_center_update,
 )
@@ -14,6 +23,8 @@ __all__ = [
     "class_feature_sums",
     "empirical_offset",
     "estimated_offset",
+    "fused_offset_head_loss",
+    "fused_offset_head_loss_with_stats",
     "head_logits",
     "offset_head_loss",
     "uniform_constraint",
