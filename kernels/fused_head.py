@@ -86,8 +86,9 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     tl = None
     HAS_TRITON = False
 
-# Decided when this module is imported, as Triton does when decorating the kernels.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Decided when this module is imported, as Triton does when decorating the kernels
+# (same truthy spellings as Triton's boolean environment knobs).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
