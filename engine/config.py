@@ -92,12 +92,12 @@ class EvalConfig:
     few_threshold: int = 20
     every: int = 1  # evaluate on the validation split every N epochs
     batch_size: int = 256
+    diagnostics: bool = True  # end-of-run pass over the training split for the empirical offset
 
 
 @dataclass
 class RunConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    keep_checkpoints: int = 1  # epoch checkpoints kept besides last.pt
     progress: bool = True
     threads: int = 0  # torch CPU threads (0 = torch's default)
 
@@ -302,4 +302,3 @@ def validate(cfg: Config) -> None:
            f"≤ eval.many_threshold + 1 ({e.many_threshold + 1})")
     _check(e.every >= 1, "eval.every", e.every, "an integer ≥ 1")
     _check(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "'auto', 'cpu' or 'cuda'")
-    _check(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", cfg.run.keep_checkpoints, "an integer ≥ 0")

@@ -1,0 +1,110 @@
+"""Command line: `engine train | eval | rescale`.
+
+    engine train [--preset NAME] [--config FILE] [--out DIR] [--resume] [dotted.key=value ...]
+    engine eval --checkpoint PATH [--split test|val]
+    engine rescale --checkpoint PATH --gamma G          (post-hoc RS, one γ)
+    engine rescale --checkpoint PATH --sweep 0:1:0.1    (γ chosen on val, reported on test)
+
+Errors in the user's input (config, data, checkpoint) print one clear line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from engine.checkpoint import CheckpointError
+from engine.config import DEFAULT_PRESET, ConfigError, available_presets, load_config
+from pipelines.splits import DataError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engine", description="Long-tailed image recognition training engine")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (no arguments: the embedded Digits-LT default)")
+    t.add_argument("--preset", default=None, help=f"preset name (default {DEFAULT_PRESET}; {', '.join(available_presets())})")
+    t.add_argument("--config", default=None, help="YAML file applied after the preset")
+    t.add_argument("--out", default=None, help="run folder (default runs/<method>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. method=ce optim.lr=0.05")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its test (or val) split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--split", choices=("test", "val"), default="test")
+
+    r = sub.add_parser("rescale", help="post-hoc re-scaling w_i ← (n_1/n_i)^γ w_i of a trained checkpoint")
+    r.add_argument("--checkpoint", required=True)
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--gamma", type=float, help="one γ: report val and test")
+    g.add_argument("--sweep", help="START:STOP:STEP (inclusive), γ chosen on val, e.g. 0:1:0.1")
+    r.add_argument("--save", default=None, help="with --gamma: write the re-scaled checkpoint here")
+    return p
+
+
+def _cmd_train(args) -> int:
+    from engine.train import train
+
+    preset = args.preset if (args.preset or args.config) else DEFAULT_PRESET
+    cfg = load_config(preset, args.config, args.overrides)
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out DIR (the run folder to continue)")
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    train(cfg, out, resume=args.resume)
+    print(f"run folder: {out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from engine.posthoc import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, args.split)
+    return 0
+
+
+def _cmd_rescale(args) -> int:
+    from engine.posthoc import rescale_checkpoint, sweep_checkpoint
+
+    if args.gamma is not None:
+        if args.gamma < 0:
+            raise ConfigError(f"--gamma must be ≥ 0, got {args.gamma}")
+        rescale_checkpoint(args.checkpoint, args.gamma, args.save)
+    else:
+        if args.save:
+            raise ConfigError("--save goes with --gamma (re-run with the γ the sweep chose)")
+        sweep_checkpoint(args.checkpoint, _parse_sweep(args.sweep))
+    return 0
+
+
+def _parse_sweep(text: str) -> list[float]:
+    try:
+        start, stop, step = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--sweep expects START:STOP:STEP, e.g. 0:1:0.1; got {text!r}") from None
+    if step <= 0 or stop < start or start < 0:
+        raise ConfigError(f"--sweep {text!r}: expected 0 ≤ START ≤ STOP and STEP > 0")
+    n = int(round((stop - start) / step)) + 1
+    return [round(start + i * step, 10) for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "rescale": _cmd_rescale}
+    try:
+        return commands[args.command](args)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"engine {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from engine.train import TrainingError
+
+        if isinstance(exc, TrainingError):
+            print(f"engine {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Evaluation: features once, then the head; top-1, many/medium/few, per-class accuracy.
+
+Features are collected once per split so that post-hoc changes to the head
+(re-scaling sweeps) re-use them instead of running the backbone again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+import kernels
+from engine.models import Classifier
+
+
+@dataclass
+class Features:
+    features: Tensor  # (N, d) float32, on CPU
+    labels: Tensor  # (N,) int64
+
+
+@torch.no_grad()
+def collect_features(model: Classifier, loader: DataLoader, device: torch.device) -> Features:
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        feats.append(model.forward_features(x.to(device, non_blocking=True)).float().cpu())
+        labels.append(y)
+    model.train(was_training)
+    return Features(torch.cat(feats), torch.cat(labels))
+
+
+@torch.no_grad()
+def head_logits(model: Classifier, feats: Features, weight: Tensor | None = None) -> Tensor:
+    """Logits of the head on collected features; `weight` replaces the head's (re-scaled heads)."""
+    head = model.head
+    w = (head.weight if weight is None else weight).detach().float().cpu()
+    bias = head.bias.detach().float().cpu() if head.bias is not None else None
+    return kernels.head_logits(feats.features, w, head.centers.float().cpu(), bias, use_offset=head.spec.offset)
+
+
+def shot_groups(class_counts: np.ndarray, many_threshold: int, few_threshold: int) -> dict[str, np.ndarray]:
+    """many: n > many_threshold; few: n < few_threshold; medium: the rest (ImageNet-LT: 100 / 20)."""
+    counts = np.asarray(class_counts)
+    many = counts > many_threshold
+    few = counts < few_threshold
+    return {"many": np.flatnonzero(many), "medium": np.flatnonzero(~many & ~few), "few": np.flatnonzero(few)}
+
+
+def accuracy_report(
+    logits: Tensor, labels: Tensor, class_counts: np.ndarray, many_threshold: int, few_threshold: int
+) -> dict:
+    """Accuracies in percent. A group's accuracy is the mean of its classes' accuracies (null if empty)."""
+    num_classes = len(class_counts)
+    pred = logits.argmax(dim=1).numpy()
+    y = labels.numpy()
+    correct = np.bincount(y, weights=(pred == y), minlength=num_classes)
+    total = np.bincount(y, minlength=num_classes)
+    per_class = np.where(total > 0, 100.0 * correct / np.maximum(total, 1), np.nan)
+    report = {"top1": float(100.0 * (pred == y).mean())}
+    for name, classes in shot_groups(class_counts, many_threshold, few_threshold).items():
+        vals = per_class[classes]
+        vals = vals[~np.isnan(vals)]
+        report[name] = float(vals.mean()) if len(vals) else None
+    report["per_class"] = [None if np.isnan(v) else float(v) for v in per_class]
+    return report
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """A many/medium/few/all table, one row per named report."""
+    def cell(v):
+        return f"{v:6.2f}" if isinstance(v, (int, float)) else "     –"
+
+    lines = [f"{'':<16} {'many':>6} {'medium':>6} {'few':>6} {'all':>6}"]
+    for name, r in rows.items():
+        lines.append(f"{name:<16} {cell(r['many'])} {cell(r['medium'])} {cell(r['few'])} {cell(r['top1'])}")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""Post-hoc work on a trained checkpoint: evaluation and weight re-scaling (RS).
+
+RS (adjusting-decision-boundary paper, Eq. 7): w_i ← (n_1/n_i)^γ · w_i, applied
+once after training ("Baseline+RS" on a plain model, "WVN+RS" on a WVN model).
+A sweep picks γ on the validation split and reports the test split at that γ.
+Backbone features are computed once per split and re-used for every γ.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from engine.config import config_from_dict
+from engine.data import load_data, make_loaders
+from engine.evaluate import accuracy_report, collect_features, format_table, head_logits
+from engine.heads import rescale_factors
+from engine.models import build_model
+from engine.train import resolve_device
+
+
+def load_run(checkpoint: str | Path):
+    """Checkpoint → (state, config, data, model on its device); the data are re-read and re-checked."""
+    state = load_checkpoint(checkpoint)
+    try:
+        cfg = config_from_dict(state["config"])
+    except ValueError as exc:
+        raise CheckpointError(f"{checkpoint}: its saved config is not valid here: {exc}") from None
+    data = load_data(cfg)
+    if data.class_counts.tolist() != state["class_counts"]:
+        raise CheckpointError(
+            f"{checkpoint}: training class counts {state['class_counts']} differ from the data found now "
+            f"{data.class_counts.tolist()}; the split files changed since training"
+        )
+    device = resolve_device(cfg.run.device)
+    model = build_model(cfg.model.arch, data.num_classes, cfg.method).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return state, cfg, data, model, device
+
+
+def _split_features(cfg, data, model, device, splits=("val", "test")):
+    _, val_loader, test_loader = make_loaders(cfg, data)
+    loaders = {"val": val_loader, "test": test_loader}
+    return {s: collect_features(model, loaders[s], device) for s in splits}
+
+
+def _report(cfg, data, model, feats, weight=None) -> dict:
+    return accuracy_report(
+        head_logits(model, feats, weight), feats.labels, data.class_counts, cfg.eval.many_threshold, cfg.eval.few_threshold
+    )
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str = "test") -> dict:
+    state, cfg, data, model, device = load_run(checkpoint)
+    feats = _split_features(cfg, data, model, device, (split,))[split]
+    result = {**_report(cfg, data, model, feats), "split": split, "checkpoint": str(checkpoint), "epoch": state["epoch"] + 1}
+    out = Path(checkpoint).parent / f"eval_{split}.json"
+    atomic_write_text(out, json.dumps(result, indent=2))
+    print(format_table({f"{split} ({cfg.method})": result}))
+    print(f"written: {out}")
+    return result
+
+
+def rescale_checkpoint(checkpoint: str | Path, gamma: float, save: str | Path | None = None) -> dict:
+    state, cfg, data, model, device = load_run(checkpoint)
+    feats = _split_features(cfg, data, model, device)
+    weight = model.head.weight.detach().float().cpu() * rescale_factors(data.class_counts, gamma).float()[:, None]
+    result = {
+        "gamma": gamma,
+        "val": _report(cfg, data, model, feats["val"], weight),
+        "test": _report(cfg, data, model, feats["test"], weight),
+    }
+    out = Path(checkpoint).parent / f"rescale_gamma{gamma:g}.json"
+    atomic_write_text(out, json.dumps(result, indent=2))
+    print(format_table({f"val  γ={gamma:g}": result["val"], f"test γ={gamma:g}": result["test"]}))
+    if save:
+        with torch.no_grad():
+            model.head.weight.copy_(weight.to(model.head.weight))
+        save_checkpoint(Path(save), {**state, "model": model.state_dict(), "rescaled_gamma": gamma})
+        print(f"re-scaled checkpoint: {save}")
+    print(f"written: {out}")
+    return result
+
+
+def sweep_checkpoint(checkpoint: str | Path, gammas: list[float]) -> dict:
+    """RS γ sweep (WVN Fig. 10): val and test accuracy per γ; γ chosen by val top-1 (ties: smaller γ)."""
+    _, cfg, data, model, device = load_run(checkpoint)
+    feats = _split_features(cfg, data, model, device)
+    w = model.head.weight.detach().float().cpu()
+    rows = []
+    for gamma in gammas:
+        weight = w * rescale_factors(data.class_counts, gamma).float()[:, None]
+        rows.append({
+            "gamma": gamma,
+            "val": _report(cfg, data, model, feats["val"], weight),
+            "test": _report(cfg, data, model, feats["test"], weight),
+        })
+    best = max(rows, key=lambda r: (r["val"]["top1"], -r["gamma"]))
+    result = {"method": cfg.method, "chosen_gamma": best["gamma"], "chosen_by": "val top1", "rows": rows}
+    run_dir = Path(checkpoint).parent
+    atomic_write_text(run_dir / "rescale_sweep.json", json.dumps(result, indent=2))
+    _plot_sweep(run_dir / "rescale_sweep.png", rows, best["gamma"], cfg.method)
+    print(format_table({f"γ={r['gamma']:g} val": r["val"] for r in rows}))
+    print(f"chosen γ = {best['gamma']:g} (best val top-1); test at that γ:")
+    print(format_table({f"test γ={best['gamma']:g}": best["test"]}))
+    print(f"written: {run_dir / 'rescale_sweep.json'}, {run_dir / 'rescale_sweep.png'}")
+    return result
+
+
+def _plot_sweep(path: Path, rows: list[dict], chosen: float, method: str) -> None:
+    from engine.report import plt, save_png
+
+    g = np.array([r["gamma"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(g, [100 - r["val"]["top1"] for r in rows], marker="o", label="val error")
+    ax.plot(g, [100 - r["test"]["top1"] for r in rows], marker="s", label="test error")
+    ax.axvline(chosen, color="gray", ls="--", lw=1, label=f"chosen γ={chosen:g}")
+    ax.set(xlabel="γ", ylabel="top-1 error (%)", title=f"re-scaling sweep ({method})")
+    ax.legend(fontsize=8)
+    save_png(fig, path)
