@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float64 if any input is float64, float32 otherwise (bf16/fp16 accumulate in fp32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def estimated_offset(weight: Tensor, centers: Tensor) -> Tensor:
@@ -94,7 +94,17 @@ def offset_head_loss(
     constants: the offset and center terms still shape w and f, but c gets no
     gradient (the training protocol moves c only by `wen_center_update`).
     """
-    dtype = _compute_dtype(features, weight, centers)
+    with torch.autocast(features.device.type, enabled=False):  # the math stays in fp32 under autocast
+        return _offset_head_loss(
+            features, weight, centers, labels, lambda_center, lambda_uniform,
+            use_offset, bias, label_smoothing, center_grad,
+        )
+
+
+def _offset_head_loss(
+    features, weight, centers, labels, lambda_center, lambda_uniform, use_offset, bias, label_smoothing, center_grad
+) -> Tensor:
+    dtype = _compute_dtype(features, weight, centers, bias)
     f = features.to(dtype)
     w = weight.to(dtype)
     c = centers.to(dtype)
@@ -126,8 +136,10 @@ def wen_center_update(centers: Tensor, sums: Tensor, counts: Tensor, alpha: floa
     """Wen et al.'s center update, in place:  c_j ← c_j − α·Σ_{i: y_i=j}(c_j − f_i) / (1 + n_j).
 
     Σ_{i: y_i=j}(c_j − f_i) = n_j·c_j − S_j with S_j the batch's feature sum of class j,
-    so every class moves the same fraction n_j/(1+n_j)·α of the way to its batch mean,
-    however rare it is. Classes absent from the batch (n_j = 0) do not move.
+    so class j moves the fraction α·n_j/(1+n_j) of the way to its batch mean: the step
+    is normalized by the class's own count, not by the batch size, so a rare class's
+    center moves as fast as a frequent one's whenever it appears (a plain gradient step
+    on the batch-mean center loss would move it ∝ n_j/B). Absent classes (n_j = 0) stay.
     """
     delta = (counts[:, None] * centers.float() - sums) / (1.0 + counts[:, None])
     centers.sub_((alpha * delta).to(centers.dtype))
