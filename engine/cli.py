@@ -4,6 +4,7 @@
     engine eval --checkpoint PATH [--split test|val]
     engine rescale --checkpoint PATH --gamma G          (post-hoc RS, one γ)
     engine rescale --checkpoint PATH --sweep 0:1:0.1    (γ chosen on val, reported on test)
+    engine sweep --out DIR --grid method=ce,eo_uc --seeds 0,1,2 [key=value ...]
 
 Errors in the user's input (config, data, checkpoint) print one clear line and exit 2.
 """
@@ -41,7 +42,25 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=float, help="one γ: report val and test")
     g.add_argument("--sweep", help="START:STOP:STEP (inclusive), γ chosen on val, e.g. 0:1:0.1")
     r.add_argument("--save", default=None, help="with --gamma: write the re-scaled checkpoint here")
+    s = sub.add_parser("sweep", help="train a grid × seeds, choose on val, report test (mean ± std)")
+    s.add_argument("--out", required=True, help="sweep folder (finished runs in it are re-used)")
+    s.add_argument("--preset", default=DEFAULT_PRESET)
+    s.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    s.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (repeatable)")
+    s.add_argument("--select-by", default="method", help="grid key whose values each get their own choice")
+    s.add_argument("overrides", nargs="*", help="dotted.key=value applied to every run")
     return p
+
+
+def _cmd_sweep(args) -> int:
+    from engine.sweep import parse_grid, run_sweep
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
+    run_sweep(Path(args.out), args.preset, parse_grid(args.grid), seeds, args.overrides, args.select_by)
+    return 0
 
 
 def _cmd_train(args) -> int:
@@ -91,7 +110,7 @@ def _parse_sweep(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "rescale": _cmd_rescale}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "rescale": _cmd_rescale, "sweep": _cmd_sweep}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError) as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -57,14 +58,17 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def prepare_run_dir(out_dir: Path, resume: bool) -> None:
+def prepare_run_dir(out_dir: Path, resume: bool) -> bool:
+    """Check the run folder can take this run; returns whether it was created now."""
     if resume:
         if not (out_dir / "last.pt").is_file():
             raise TrainingError(f"--resume: {out_dir / 'last.pt'} does not exist; nothing to resume")
-        return
+        return False
     if out_dir.exists() and any(out_dir.iterdir()):
         raise TrainingError(f"run folder {out_dir} already holds files; choose another --out or pass --resume")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    return created
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
@@ -94,10 +98,39 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
     ).to(device)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
-    gamma = cfg.rescale.gamma if cfg.rescale.in_loop else 0.0
 
-    prepare_run_dir(out_dir, resume)
-    start_epoch = 0
+    created = prepare_run_dir(out_dir, resume)
+    try:
+        history = _train_epochs(cfg, out_dir, resume, model, optimizer, scheduler, data, train_loader, val_loader,
+                                device, counts)
+    except BaseException:
+        # A run that fails before its first checkpoint leaves nothing behind: there is nothing to resume.
+        if created and not (out_dir / "last.pt").exists():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+    # Final evaluation on the held-out test split, diagnostics, report.
+    test = _evaluate(cfg, model, test_loader, data.class_counts, device)
+    val = _evaluate(cfg, model, val_loader, data.class_counts, device)
+    metrics = {
+        **test,
+        "val": {k: v for k, v in val.items() if k != "per_class"},
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "class_counts": data.class_counts.tolist(),
+        "diagnostics": diagnostics(cfg, model, data, device) if cfg.eval.diagnostics else None,
+    }
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    report.write_plots(out_dir, history, metrics)
+    print(format_table({f"test ({cfg.method})": test}))
+    return metrics
+
+
+def _train_epochs(cfg, out_dir, resume, model, optimizer, scheduler, data, train_loader, val_loader, device, counts):
+    """The epoch loop; returns the log history. Writes config.yaml, metrics.jsonl and last.pt."""
+    gamma = cfg.rescale.gamma if cfg.rescale.in_loop else 0.0
+    start_epoch, history = 0, []
     if resume:
         state = load_checkpoint(out_dir / "last.pt")
         if state["config"] != to_dict(cfg):
@@ -106,10 +139,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
+        start_epoch, history = state["epoch"] + 1, state["history"]
     atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
-    log_path = out_dir / "metrics.jsonl"
-    history = _read_history(log_path, start_epoch)
+    log_path = out_dir / "metrics.jsonl"  # rewritten from the checkpoint's history: no line lost or doubled
+    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
 
     step = start_epoch * len(train_loader)
     for epoch in range(start_epoch, cfg.epochs):
@@ -124,9 +157,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
             loss = model.head.loss(features, y)
             loss_value = loss.item()  # sync point: the loss is checked before it can touch the weights
             if not math.isfinite(loss_value):
+                last = out_dir / "last.pt"
+                kept = f"the last complete checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
                 raise TrainingError(
                     f"loss is {loss_value} at epoch {epoch + 1}, step {step} (method {cfg.method}, lr "
-                    f"{scheduler.get_last_lr()[0]:.4g}); the last complete checkpoint is {out_dir / 'last.pt'}"
+                    f"{scheduler.get_last_lr()[0]:.4g}); {kept}"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -148,7 +183,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
         if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
             val = _evaluate(cfg, model, val_loader, data.class_counts, device)
             record.update({f"val_{k}": v for k, v in val.items() if k != "per_class"})
-        # Checkpoint first, then the log line: a log line always has its checkpoint.
+        # The checkpoint carries the log history, so a resume restores both together.
+        history.append(record)
         save_checkpoint(
             out_dir / "last.pt",
             {
@@ -159,31 +195,16 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "class_counts": data.class_counts.tolist(),
+                "history": history,
             },
         )
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        history.append(record)
         if cfg.run.progress:
             val_txt = f"  val top-1 {record['val_top1']:.2f}" if "val_top1" in record else ""
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}{val_txt}")
 
-    # Final evaluation on the held-out test split, diagnostics, report.
-    test = _evaluate(cfg, model, test_loader, data.class_counts, device)
-    val = _evaluate(cfg, model, val_loader, data.class_counts, device)
-    metrics = {
-        **test,
-        "val": {k: v for k, v in val.items() if k != "per_class"},
-        "method": cfg.method,
-        "seed": cfg.seed,
-        "epochs": cfg.epochs,
-        "class_counts": data.class_counts.tolist(),
-        "diagnostics": diagnostics(cfg, model, data, device) if cfg.eval.diagnostics else None,
-    }
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-    report.write_plots(out_dir, history, metrics)
-    print(format_table({f"test ({cfg.method})": test}))
-    return metrics
+    return history
 
 
 def _evaluate(cfg: Config, model, loader, class_counts: np.ndarray, device) -> dict:
@@ -211,14 +232,3 @@ def diagnostics(cfg: Config, model, data, device) -> dict:
         "bias": head.bias.detach().float().cpu().tolist() if head.bias is not None else None,
         "weight_norm": w.norm(dim=1).tolist(),
     }
-
-
-def _read_history(log_path: Path, start_epoch: int) -> list[dict]:
-    """Log lines of the epochs already done (a resumed run drops lines past its checkpoint)."""
-    if not log_path.is_file():
-        return []
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    kept = [r for r in records if r["epoch"] <= start_epoch]
-    if len(kept) != len(records):
-        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept

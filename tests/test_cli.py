@@ -1,0 +1,284 @@
+"""`engine train | eval | rescale | sweep` end to end on CPU, and every bad input the CLI must catch."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import engine.train as train_mod
+from engine.checkpoint import load_checkpoint
+from engine.cli import main
+from engine.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(cache) -> list[str]:
+    """A run of a few seconds: ResNet-8, 16 px, 2 epochs, a small Digits-LT."""
+    return [
+        f"data.root={cache}", "model.arch=resnet8_cifar", "epochs=2", "data.n_max=30", "data.imbalance_ratio=10",
+        "data.val_per_class=5", "data.test_per_class=8", "data.image_size=16", "optim.batch_size=32",
+        "optim.warmup_epochs=0", "eval.many_threshold=20", "eval.few_threshold=5", "run.progress=false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits_cache):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", "--out", str(out), *tiny(digits_cache), "method=ce"]) == 0
+    return out
+
+
+def test_train_writes_a_complete_run_folder(trained, capsys):
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "metrics.json", "curves.png", "per_class.png", "offsets.png"):
+        assert (trained / name).is_file() and (trained / name).stat().st_size > 0, name
+    assert not list(trained.glob(".*tmp"))  # no temp files left behind
+    metrics = json.loads((trained / "metrics.json").read_text())
+    for key in ("top1", "many", "medium", "few", "per_class"):
+        assert key in metrics
+    assert len(metrics["per_class"]) == 10 and metrics["method"] == "ce" and metrics["seed"] == 0
+    assert metrics["class_counts"] == [30, 23, 17, 13, 10, 8, 6, 5, 3, 3]
+    per_class = metrics["per_class"]
+    assert metrics["top1"] == pytest.approx(sum(per_class) / 10)  # balanced test split
+    # many: n > 20 (classes 0, 1); few: n < 5 (classes 8, 9)
+    assert metrics["many"] == pytest.approx((per_class[0] + per_class[1]) / 2)
+    assert metrics["few"] == pytest.approx((per_class[8] + per_class[9]) / 2)
+    log = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in log)
+    saved = load_config(None, trained / "config.yaml")
+    assert saved.method == "ce" and saved.model.arch == "resnet8_cifar"
+    assert load_checkpoint(trained / "last.pt")["epoch"] == 1
+
+
+def test_eval_reproduces_the_final_test_metrics(trained):
+    assert main(["eval", "--checkpoint", str(trained / "last.pt")]) == 0
+    metrics = json.loads((trained / "metrics.json").read_text())
+    ev = json.loads((trained / "eval_test.json").read_text())
+    assert ev["top1"] == pytest.approx(metrics["top1"]) and ev["per_class"] == pytest.approx(metrics["per_class"])
+
+
+def test_rescale_gamma_and_sweep(trained, tmp_path):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert main(["rescale", "--checkpoint", str(trained / "last.pt"), "--gamma", "0"]) == 0
+    assert json.loads((trained / "rescale_gamma0.json").read_text())["test"]["top1"] == pytest.approx(metrics["top1"])
+
+    saved = tmp_path / "rs.pt"
+    assert main(["rescale", "--checkpoint", str(trained / "last.pt"), "--gamma", "0.5", "--save", str(saved)]) == 0
+    w0 = load_checkpoint(trained / "last.pt")["model"]["head.weight"]
+    w1 = load_checkpoint(saved)["model"]["head.weight"]
+    counts = torch.tensor(metrics["class_counts"], dtype=torch.float64)
+    torch.testing.assert_close(w1, w0 * ((counts.max() / counts) ** 0.5).float()[:, None])
+
+    assert main(["rescale", "--checkpoint", str(trained / "last.pt"), "--sweep", "0:1:0.25"]) == 0
+    sweep = json.loads((trained / "rescale_sweep.json").read_text())
+    assert [r["gamma"] for r in sweep["rows"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    best = max(sweep["rows"], key=lambda r: (r["val"]["top1"], -r["gamma"]))
+    assert sweep["chosen_gamma"] == best["gamma"]
+    assert (trained / "rescale_sweep.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("method", ["ce_bias", "eo", "uc_only", "eo_uc", "wvn"])
+def test_every_method_trains(method, tmp_path, digits_cache):
+    extra = ["rescale.in_loop=true", "rescale.gamma=0.3"] if method == "wvn" else []
+    out = tmp_path / method
+    assert main(["train", "--out", str(out), *tiny(digits_cache), f"method={method}", "epochs=1",
+                 "eval.diagnostics=true", *extra]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    diag = metrics["diagnostics"]
+    assert len(diag["estimated_offset"]) == len(diag["empirical_offset"]) == 10
+    assert (diag["bias"] is not None) == (method == "ce_bias")
+    if method == "wvn":  # Algorithm 1 in the loop: ‖w_i‖ = (n_1/n_i)^γ after the last step
+        counts = torch.tensor(metrics["class_counts"], dtype=torch.float64)
+        torch.testing.assert_close(torch.tensor(diag["weight_norm"], dtype=torch.float64),
+                                   (counts.max() / counts) ** 0.3, rtol=1e-5, atol=1e-6)
+    state = load_checkpoint(out / "last.pt")["model"]
+    if method in ("eo", "uc_only", "eo_uc"):
+        assert state["head.centers"].abs().sum() > 0  # Wen's update moved them
+    else:
+        assert state["head.centers"].abs().sum() == 0
+
+
+def test_killed_run_resumes_bitwise(tmp_path, digits_cache, monkeypatch):
+    args = [*tiny(digits_cache), "epochs=3", "method=eo_uc"]
+    full = tmp_path / "full"
+    assert main(["train", "--out", str(full), *args]) == 0
+
+    # Kill the second run right after its second checkpoint (as SIGKILL would, between epochs).
+    real_save, calls = train_mod.save_checkpoint, []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--out", str(killed), *args])
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    assert load_checkpoint(killed / "last.pt")["epoch"] == 1 and not (killed / "metrics.json").exists()
+
+    assert main(["train", "--out", str(killed), "--resume", *args]) == 0
+    a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]  # bitwise, every epoch
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (full, killed))
+    assert ma["per_class"] == mb["per_class"]
+    sa, sb = (load_checkpoint(d / "last.pt")["model"] for d in (full, killed))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_refuses_a_changed_config(trained, capsys):
+    args = [a for a in tiny("x") if not a.startswith("data.root")]
+    cfg_root = load_config(None, trained / "config.yaml").data.root
+    assert main(["train", "--out", str(trained), "--resume", f"data.root={cfg_root}", *args, "method=eo"]) == 2
+    assert "config differs" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _run_bad(args, capsys, tmp_path):
+    out = tmp_path / "run"
+    code = main(["train", "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert not out.exists(), "a failed start must not leave a run folder"
+    return err
+
+
+def test_unknown_key_and_wrong_type(capsys, tmp_path):
+    assert "unknown config key 'optim.lrr'" in _run_bad(["optim.lrr=0.1"], capsys, tmp_path)
+    assert "config key 'epochs' expects an integer, got 'many'" in _run_bad(["epochs=many"], capsys, tmp_path)
+    assert "unknown preset 'imagenet'" in _run_bad(["--preset", "imagenet"], capsys, tmp_path)
+
+
+@pytest.fixture
+def split_root(tmp_path):
+    """A 3-class image folder with train/val/test split files in the ImageNet-LT format."""
+    root = tmp_path / "data"
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (12, 10), (80 * c, 20 * i, 0)).save(root / f"c{c}" / f"{i}.jpg")
+    rows = "".join(f"c{c}/{i}.jpg {c}\n" for c in range(3) for i in range(4))
+    for name in ("train", "val", "test"):
+        (root / f"{name}.txt").write_text(rows)
+    return root
+
+
+def _split_args(root):
+    return ["data.dataset=split_files", f"data.root={root}", "data.train_split=train.txt", "data.val_split=val.txt",
+            "data.test_split=test.txt", "model.arch=resnet8_cifar", "epochs=1", "data.image_size=16",
+            "optim.warmup_epochs=0", "run.progress=false", "optim.batch_size=4"]
+
+
+def test_split_files_dataset_trains(split_root, tmp_path):
+    out = tmp_path / "ok"
+    assert main(["train", "--out", str(out), *_split_args(split_root), "method=ce"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["class_counts"] == [4, 4, 4]
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda r: (r / "c1" / "2.jpg").unlink(), r"train.txt: 1 of 12 images are missing, e.g. .*c1/2.jpg \(line 7\)"),
+        (lambda r: (r / "train.txt").write_text("c0/0.jpg 0\nc0/1.jpg\n"), r"train.txt:2: expected 'relative/path label'"),
+        (lambda r: (r / "val.txt").write_text("c0/0.jpg 0\nc0/1.jpg 7\n"), r"val.txt:2: label 7 is outside \[0, 2\]"),
+        (lambda r: (r / "train.txt").write_text("c0/0.jpg 0\nc2/0.jpg 2\n"), r"1 of 3 classes have no images \(classes \[1\]\)"),
+    ],
+)
+def test_bad_split_files(split_root, edit, match, capsys, tmp_path):
+    edit(split_root)
+    err = _run_bad(_split_args(split_root), capsys, tmp_path)
+    assert re.search(match, err), err
+
+
+def test_empty_or_missing_data_folder(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "is empty" in _run_bad(_split_args(empty), capsys, tmp_path)
+    assert "does not exist" in _run_bad(_split_args(tmp_path / "nowhere"), capsys, tmp_path)
+
+
+def test_corrupt_image_names_the_file(split_root, tmp_path, capsys):
+    (split_root / "c2" / "3.jpg").write_bytes(b"not a jpeg at all")
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *_split_args(split_root)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read image {split_root / 'c2' / '3.jpg'}" in err, err
+    assert not out.exists()  # met before the first checkpoint: nothing left behind
+
+
+def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, digits_cache, monkeypatch, capsys):
+    from engine.heads import OffsetHead
+
+    real_loss, calls = OffsetHead.loss, []
+
+    def loss_turns_nan(self, features, labels):
+        calls.append(1)
+        out = real_loss(self, features, labels)
+        return out * float("nan") if len(calls) == 9 else out  # 118 images / 16 → 7 steps an epoch
+
+    monkeypatch.setattr(OffsetHead, "loss", loss_turns_nan)
+    out = tmp_path / "nan"
+    code = main(["train", "--out", str(out), *tiny(digits_cache), "optim.batch_size=16"])
+    err = capsys.readouterr().err
+    assert code == 1 and "loss is nan at epoch 2, step 8" in err and "last complete checkpoint" in err, err
+    assert load_checkpoint(out / "last.pt")["epoch"] == 0  # epoch 1's checkpoint, intact
+    assert not (out / "metrics.json").exists()
+
+    # NaN before the first checkpoint: nothing is left behind.
+    calls.clear()
+    monkeypatch.setattr(OffsetHead, "loss", lambda self, f, y: real_loss(self, f, y) * float("nan"))
+    out2 = tmp_path / "nan2"
+    assert main(["train", "--out", str(out2), *tiny(digits_cache)]) == 1
+    assert "loss is nan at epoch 1, step 0" in capsys.readouterr().err and not out2.exists()
+
+
+def test_existing_run_folder_is_not_overwritten(trained, digits_cache, capsys):
+    assert main(["train", "--out", str(trained), *tiny(digits_cache)]) == 1
+    assert "already holds files" in capsys.readouterr().err
+
+
+def test_bad_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    assert main(["eval", "--checkpoint", str(bad)]) == 2
+    assert "cannot load checkpoint" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_sweep_chooses_on_validation(tmp_path, digits_cache):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--out", str(out), "--seeds", "0,1", "--grid", "method=ce,wvn",
+                 *tiny(digits_cache), "epochs=1", "eval.diagnostics=false"]) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert set(summary["chosen"]) == {"ce", "wvn"}
+    ce = next(p for p in summary["points"] if p["point"] == {"method": "ce"})
+    runs = [json.loads((out / "method-ce" / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    assert ce["test"]["top1"]["mean"] == pytest.approx(sum(r["top1"] for r in runs) / 2)
+    assert "| method-ce" in (out / "sweep.md").read_text()
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    blocks = [b.split("```")[0].strip() for b in readme.split("```bash")[1:]]
+    test_cmd = next(b for b in blocks if "pytest" in b)
+    assert test_cmd in ci, f"README test command not found verbatim in .ci/run:\n{test_cmd}"
+
+
+def test_engine_entry_point_runs():
+    exe = Path(sys.executable).parent / "engine"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "engine.cli"]
+    out = subprocess.run([*cmd, "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--preset" in out.stdout

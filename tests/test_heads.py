@@ -1,0 +1,99 @@
+"""The head's methods: which terms each method uses, WVN, RS (post-hoc and Algorithm 1), centers."""
+
+import pytest
+import torch
+
+from engine.heads import METHODS, OffsetHead, rescale_factors
+from kernels import reference as R
+
+COUNTS = torch.tensor([100.0, 40.0, 10.0, 2.0])
+
+
+def _head(method, **kw):
+    torch.manual_seed(0)
+    return OffsetHead(6, 4, method, **kw)
+
+
+def test_method_table_matches_the_papers():
+    assert set(METHODS) == {"ce", "ce_bias", "eo", "uc_only", "eo_uc", "wvn"}
+    assert METHODS["eo_uc"].offset and METHODS["eo_uc"].uniform and METHODS["eo_uc"].center
+    assert METHODS["eo"].offset and not METHODS["eo"].uniform
+    assert not METHODS["uc_only"].offset and METHODS["uc_only"].uniform
+    assert METHODS["ce_bias"].bias and not METHODS["ce"].bias and not METHODS["ce"].offset
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_head_loss_equals_reference_with_its_flags(method):
+    head = _head(method, lambda_center=0.3, lambda_uniform=0.9)
+    head.centers.normal_()
+    if head.bias is not None:
+        head.bias.data.normal_()
+    f, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    spec = METHODS[method]
+    expected = R.offset_head_loss(
+        f, head.weight, head.centers, y,
+        lambda_center=0.3 if spec.center else 0.0, lambda_uniform=0.9 if spec.uniform else 0.0,
+        use_offset=spec.offset, bias=head.bias,
+    )
+    torch.testing.assert_close(head.loss(f, y), expected)
+    z = f @ head.weight.t()
+    if spec.offset:
+        z = z - 0.5 * (head.centers * head.weight).sum(1)
+    if spec.bias:
+        z = z + head.bias
+    torch.testing.assert_close(head(f), z)
+
+
+def test_centers_are_not_trained_by_gradients_only_by_wen_update():
+    head = _head("eo_uc")
+    assert "centers" not in dict(head.named_parameters())
+    f, y = torch.randn(8, 6, requires_grad=True), torch.randint(0, 4, (8,))
+    head.loss(f, y).backward()
+    assert head.weight.grad is not None and f.grad is not None
+    before = head.centers.clone()
+    head.after_step(f.detach(), y, COUNTS)
+    sums, counts = R.class_feature_sums(f.detach(), y, 4)
+    R.wen_center_update(before, sums, counts, 0.5)
+    torch.testing.assert_close(head.centers, before)
+
+
+def test_ce_head_keeps_centers_still():
+    head = _head("ce")
+    f, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    head.after_step(f, y, COUNTS)
+    assert torch.count_nonzero(head.centers) == 0
+
+
+def test_wvn_gives_unit_norm_rows_after_every_step():
+    head = _head("wvn")
+    torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(4))
+    with torch.no_grad():
+        head.weight.mul_(torch.tensor([3.0, 0.2, 1.5, 7.0])[:, None])
+    direction = head.weight / head.weight.norm(dim=1, keepdim=True)
+    head.after_step(torch.randn(2, 6), torch.tensor([0, 1]), COUNTS)
+    torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(head.weight, direction)  # direction is kept
+
+
+def test_rescale_factors_formula():
+    g = 0.3
+    expected = torch.tensor([1.0, (100 / 40) ** g, (100 / 10) ** g, (100 / 2) ** g], dtype=torch.float64)
+    torch.testing.assert_close(rescale_factors(COUNTS, g), expected)
+    torch.testing.assert_close(rescale_factors(COUNTS, 0.0), torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="positive training count"):
+        rescale_factors(torch.tensor([5.0, 0.0]), 0.5)
+
+
+def test_posthoc_rescale_scales_each_row():
+    head = _head("ce")
+    w0 = head.weight.detach().clone()
+    head.rescale(COUNTS, 0.5)
+    torch.testing.assert_close(head.weight, w0 * (COUNTS.max() / COUNTS).sqrt()[:, None])
+
+
+def test_algorithm1_in_loop_normalizes_then_rescales():
+    head = _head("wvn")
+    with torch.no_grad():
+        head.weight.mul_(5.0)
+    head.after_step(torch.randn(2, 6), torch.tensor([0, 3]), COUNTS, gamma=0.4)
+    torch.testing.assert_close(head.weight.norm(dim=1), rescale_factors(COUNTS, 0.4).float())
