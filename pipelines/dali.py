@@ -1,0 +1,353 @@
+"""NVIDIA DALI loader: a sampler's exact order → file read → decode → crop/flip → normalize → torch.
+
+Graph (one pipeline per rank):
+
+    fn.external_source   batch-wise (encoded path, label) in the sampler's order
+    fn.io.file.read      file bytes, read by DALI's worker threads
+    train  fn.decoders.image_random_crop → fn.resize(size × size)          ("random_resized_crop")
+           or fn.decoders.image → resize shorter side → center crop → zero-pad random crop
+                                                                              ("pad_crop", CIFAR-style)
+    eval   fn.decoders.image → fn.resize(shorter side = resize_size) → center crop
+    fn.crop_mirror_normalize  (random horizontal flip in train) → float32 / float16, CHW or HWC
+    DALIGenericIterator  → (images, labels) torch tensors
+
+`device_id=None` builds the CPU-only pipeline (no GPU, no libcuda needed: tests and CPU
+runs). An integer `device_id` decodes with `device="mixed"` (nvJPEG / nvImageCodec) and
+returns CUDA tensors on that device.
+
+Order and sharding come from the sampler (pipelines/samplers.py): every sample's label is
+emitted in the sampler's exact order, and each rank's sampler yields that rank's shard.
+
+DALI 2.4 has no bfloat16 data type (`nvidia.dali.types.DALIDataType` lists FLOAT, FLOAT16,
+… but no BFLOAT16, and crop_mirror_normalize supports FLOAT, FLOAT16, INT8, UINT8), so
+`dtype="bfloat16"` normalizes in float32 inside DALI and casts the batch in torch on the
+output device (one elementwise pass); float32 and float16 are produced by DALI itself.
+
+A missing or corrupt image stops loading with a `DataError` naming the file: DALI's own
+decoder error does not name it, so on a pipeline error the batches fed but not yet
+returned are re-checked with PIL to find the culprit(s).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from pipelines.splits import DataError, SplitIndex
+
+try:  # DALI is optional at import time: `dali_available()` tells callers to fall back.
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    _DALI_IMPORT_ERROR: str | None = None
+except Exception as exc:  # ImportError, or a broken install raising something else
+    _DALI_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+LAYOUTS = ("NCHW", "NHWC", "channels_last")
+DTYPES = ("float32", "float16", "bfloat16")
+TRAIN_CROPS = ("random_resized_crop", "pad_crop")
+
+
+def dali_available() -> bool:
+    """True when nvidia.dali and its PyTorch plugin import."""
+    return _DALI_IMPORT_ERROR is None
+
+
+def default_resize(image_size: int) -> int:
+    """The eval resize of the standard 256 → 224 protocol, scaled: round(size · 256 / 224)."""
+    return int(round(image_size * 256 / 224))
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def _dali_dtype(dtype: str):
+    """DALI's output type for `dtype`, or FLOAT when DALI lacks it (bfloat16: cast in torch)."""
+    if dtype == "float32":
+        return types.FLOAT
+    if dtype == "float16":
+        return types.FLOAT16
+    return getattr(types, "BFLOAT16", types.FLOAT)
+
+
+class _SamplerSource:
+    """Iterable for `fn.external_source(batch=True, cycle="raise")`: one epoch per `iter()`.
+
+    DALI calls `iter()` when the pipeline is (re)started, i.e. from `DaliLoader.__iter__`
+    after the caller's `set_epoch`, so the order is the sampler's current epoch.
+    """
+
+    def __init__(self, index: SplitIndex, sampler, batch_size: int, drop_last: bool) -> None:
+        self.index, self.sampler, self.batch_size, self.drop_last = index, sampler, batch_size, drop_last
+        self._encoded = [np.frombuffer(str(p).encode("utf-8"), dtype=np.uint8) for p in index.paths]
+        self.fed: collections.deque[list[int]] = collections.deque()  # batches fed, not yet returned
+        self.order: list[int] = []
+        self.pos = 0
+        self._fresh = True
+
+    def epoch_order(self) -> list[int]:
+        order = list(range(len(self.index))) if self.sampler is None else list(self.sampler)
+        n = len(self.index)
+        bad = [i for i in order[:1] + order[-1:] if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"sampler yielded index {bad[0]}, outside the data set's [0, {n - 1}]")
+        return order
+
+    def __iter__(self) -> "_SamplerSource":
+        # DALI calls iter() again as soon as an epoch's data runs out, i.e. before the
+        # caller's set_epoch for the next epoch; the order is therefore drawn lazily, on the
+        # first batch request, which DALI makes only after the pipeline is reset.
+        self._fresh = True
+        return self
+
+    def __next__(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        if self._fresh:
+            self.order, self.pos, self._fresh = self.epoch_order(), 0, False
+        left = len(self.order) - self.pos
+        if left <= 0 or (self.drop_last and left < self.batch_size):
+            raise StopIteration
+        batch = self.order[self.pos : self.pos + self.batch_size]
+        self.pos += len(batch)
+        self.fed.append(batch)
+        labels = self.index.labels
+        return [self._encoded[i] for i in batch], [np.array([labels[i]], dtype=np.int64) for i in batch]
+
+
+def _find_broken(paths: Sequence[Path]) -> list[str]:
+    """Decode each file with PIL; return 'path (reason)' for every one that fails."""
+    from PIL import Image
+
+    broken = []
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                img.load()
+        except Exception as exc:  # PIL raises several types for missing / truncated / corrupt files
+            broken.append(f"{p} ({type(exc).__name__}: {exc})")
+    return broken
+
+
+class DaliLoader:
+    """Iterate (images, labels) batches of one split through a DALI pipeline.
+
+    images: `layout` "NCHW" (B, 3, S, S), "NHWC" (B, S, S, 3), or "channels_last" (B, 3, S, S)
+    with channels-last strides (a zero-copy view of DALI's HWC output); `dtype` float32 /
+    float16 / bfloat16; values (pixel/255 − mean) / std. labels: int64 (B,), in the
+    sampler's order. CPU tensors when `device_id is None`, else CUDA tensors on `device_id`.
+
+    Train (`train=True`): `sampler` gives the order (any sampler of pipelines/samplers.py,
+    or any iterable of indices with `set_epoch`); the last incomplete batch is dropped
+    unless `drop_last=False`. Eval: `sampler=None` is the data set's order; all images kept.
+    Call `set_epoch(e)` before iterating an epoch (it forwards to the sampler).
+    """
+
+    def __init__(
+        self,
+        index: SplitIndex,
+        batch_size: int,
+        train: bool,
+        *,
+        sampler=None,
+        image_size: int = 224,
+        resize_size: int | None = None,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        hflip: bool = True,
+        train_crop: str = "random_resized_crop",
+        random_area: tuple[float, float] = (0.08, 1.0),
+        random_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        crop_padding: int = 4,
+        layout: str = "NCHW",
+        dtype: str = "float32",
+        device_id: int | None = None,
+        num_threads: int = 2,
+        prefetch: int = 2,
+        seed: int = 0,
+        drop_last: bool | None = None,
+    ) -> None:
+        if not dali_available():
+            raise RuntimeError(
+                f"NVIDIA DALI is not usable ({_DALI_IMPORT_ERROR}); install nvidia-dali-cuda130 or use the "
+                "torchvision loader (pipelines.loader.make_loader)"
+            )
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r} is not supported; expected one of {LAYOUTS}")
+        if dtype not in DTYPES:
+            raise ValueError(
+                f"output dtype {dtype!r} is not supported; expected one of {DTYPES} "
+                "(DALI's crop_mirror_normalize produces FLOAT or FLOAT16; bfloat16 is cast in torch)"
+            )
+        if train_crop not in TRAIN_CROPS:
+            raise ValueError(f"train_crop {train_crop!r} is not supported; expected one of {TRAIN_CROPS}")
+        if batch_size < 1 or image_size < 1:
+            raise ValueError(f"batch_size and image_size must be ≥ 1, got {batch_size} and {image_size}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values each (std > 0), got mean={list(mean)}, std={list(std)}")
+        if sampler is not None and not hasattr(sampler, "set_epoch"):
+            raise ValueError(f"sampler must have set_epoch(epoch) (pipelines.samplers), got {type(sampler).__name__}")
+        self.index, self.batch_size, self.train, self.sampler = index, batch_size, train, sampler
+        self.image_size = image_size
+        self.resize_size = resize_size or (default_resize(image_size) if train_crop != "pad_crop" else image_size)
+        if self.resize_size < image_size:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than the crop image_size {image_size}")
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+        self.hflip, self.train_crop, self.crop_padding = hflip, train_crop, crop_padding
+        self.random_area, self.random_aspect_ratio = tuple(random_area), tuple(random_aspect_ratio)
+        self.layout, self.dtype, self.device_id = layout, dtype, device_id
+        self.num_threads, self.prefetch, self.seed = num_threads, prefetch, seed
+        self.drop_last = train if drop_last is None else drop_last
+        self.native_dtype = dtype != "bfloat16" or hasattr(types, "BFLOAT16")
+        if device_id is not None:
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    f"DALI loader asked for GPU {device_id} (mixed decode), but torch sees no CUDA device; "
+                    "to run on CPU pass device_id=None (data.loader: dali_cpu) or use the torchvision loader"
+                )
+            if not 0 <= device_id < torch.cuda.device_count():
+                raise RuntimeError(
+                    f"DALI loader asked for GPU {device_id}, but only {torch.cuda.device_count()} are visible; "
+                    "pass a valid device_id, or device_id=None for the CPU pipeline"
+                )
+        self._source = _SamplerSource(index, sampler, batch_size, self.drop_last)
+        self._iterator = None
+        self._epoch_done = True
+
+    # ---- sampler passthrough --------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        """Batches of the next epoch."""
+        n = len(self.index) if self.sampler is None else len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    # ---- pipeline ---------------------------------------------------------------------------
+    def _define(self):
+        gpu = self.device_id is not None
+        size, pad = self.image_size, self.crop_padding
+        out_dtype = _dali_dtype(self.dtype)
+        out_layout = "CHW" if self.layout == "NCHW" else "HWC"
+        mean = [255.0 * m for m in self.mean]
+        std = [255.0 * s for s in self.std]
+        decoder = "mixed" if gpu else "cpu"
+
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            seed=self.seed,
+            prefetch_queue_depth=self.prefetch,
+        )
+        def pipe():
+            paths, labels = fn.external_source(
+                source=self._source, num_outputs=2, batch=True, cycle="raise", dtype=[types.UINT8, types.INT64],
+            )
+            encoded = fn.io.file.read(paths)
+            mirror = 0
+            if self.train and self.train_crop == "random_resized_crop":
+                images = fn.decoders.image_random_crop(
+                    encoded,
+                    device=decoder,
+                    output_type=types.RGB,
+                    random_area=list(self.random_area),
+                    random_aspect_ratio=list(self.random_aspect_ratio),
+                    num_attempts=10,
+                )
+                images = fn.resize(images, resize_x=size, resize_y=size)
+                crop = None
+            else:
+                images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+                images = fn.resize(images, resize_shorter=self.resize_size)
+                crop = (size, size)
+                if self.train and pad > 0:  # CIFAR-style: center crop, then a random crop of the zero-padded image
+                    images = fn.crop(images, crop=(size, size))
+                    anchor = fn.cast(fn.random.uniform(values=[float(v) for v in range(-pad, pad + 1)], shape=[2]), dtype=types.INT32)
+                    images = fn.slice(
+                        images, anchor, [size, size], axes=[0, 1], normalized_anchor=False, normalized_shape=False,
+                        out_of_bounds_policy="pad", fill_values=0,
+                    )
+                    crop = None
+            if self.train and self.hflip:
+                mirror = fn.random.coin_flip(probability=0.5)
+            kw = dict(crop=crop) if crop is not None else {}
+            images = fn.crop_mirror_normalize(
+                images, dtype=out_dtype, output_layout=out_layout, mean=mean, std=std, mirror=mirror, **kw
+            )
+            return images, labels
+
+        return pipe()
+
+    def _start(self) -> None:
+        pipe = self._define()
+        try:
+            pipe.build()
+            self._iterator = DALIGenericIterator(
+                pipe,
+                ["images", "labels"],
+                last_batch_policy=LastBatchPolicy.PARTIAL,
+                auto_reset=False,
+                prepare_first_batch=False,
+            )
+        except Exception as exc:
+            where = f"GPU {self.device_id} (mixed decode)" if self.device_id is not None else "CPU"
+            hint = (
+                "; to run on CPU pass device_id=None (data.loader: dali_cpu) or use the torchvision loader"
+                if self.device_id is not None
+                else "; the torchvision loader (pipelines.loader.make_loader) needs no DALI"
+            )
+            raise RuntimeError(f"DALI pipeline could not start on {where}: {type(exc).__name__}: {exc}{hint}") from exc
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._iterator is None or not self._epoch_done:
+            # First epoch, or the previous one was abandoned midway: DALI cannot rewind a
+            # pipeline mid-epoch, so a fresh one starts (the external source re-reads the sampler).
+            self._iterator = None
+            self._start()
+        else:
+            self._iterator.reset()  # calls iter() on the source: the sampler's current epoch
+        self._epoch_done = False
+        it = self._iterator
+        while True:
+            try:
+                out = next(it)
+            except StopIteration:
+                self._epoch_done = True
+                return
+            except RuntimeError as exc:
+                self._iterator = None
+                raise self._explain(exc) from exc
+            self._source.fed.popleft()
+            yield self._to_torch(out[0])
+
+    def _to_torch(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = out["images"], out["labels"].reshape(-1)
+        if not self.native_dtype:
+            images = images.to(_torch_dtype(self.dtype))
+        if self.layout == "channels_last":
+            images = images.permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: torch.channels_last
+        return images, labels
+
+    def _explain(self, exc: Exception) -> Exception:
+        """Turn a DALI pipeline error into a DataError naming the broken file(s) when one is found."""
+        pending = [i for batch in self._source.fed for i in batch]
+        paths = [self.index.paths[i] for i in pending]
+        broken = _find_broken(paths)
+        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        if broken:
+            return DataError(
+                f"cannot read image {broken[0]}"
+                + (f"; also broken in the same batches: {'; '.join(broken[1:6])}" if len(broken) > 1 else "")
+                + f" [DALI: {first_line}]"
+            )
+        return RuntimeError(
+            f"DALI pipeline failed on a batch of {len(paths)} images (e.g. {[str(p) for p in paths[:3]]}), "
+            f"all of which PIL can decode: {exc}"
+        )
+
