@@ -1,0 +1,165 @@
+"""`engine data check`: scan a split without training and report everything that is wrong.
+
+Unlike `read_split`, which stops at the first problem, `check_split` collects ALL of them:
+lines that do not parse, labels out of range, missing files, files that cannot be read
+(permissions, folders) and files PIL cannot fully decode (truncated, corrupt, not an
+image). It also reports the label range, per-class counts, empty classes and the
+many/medium/few-shot partition (Liu et al. 2019: many > 100, few < 20 training images).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.splits import DataError
+
+
+def _decode(path: Path) -> tuple[str, str] | None:
+    """None if PIL decodes the whole image; else (kind, reason) with kind missing/unreadable/corrupt."""
+    from PIL import Image
+
+    if not path.exists():
+        return "missing", "no such file"
+    if not path.is_file():
+        return "unreadable", "not a regular file"
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        return "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}"
+    try:
+        with Image.open(path) as img:
+            img.load()  # full decode: a truncated or corrupt body fails here, not at open()
+            if img.width < 1 or img.height < 1:
+                return "corrupt", f"empty image {img.width}×{img.height}"
+    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        return "corrupt", f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def check_split(
+    split_file: str | Path,
+    root: str | Path,
+    num_classes: int | None = None,
+    many: int = 100,
+    few: int = 20,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Scan `split_file` (`relative/path label` lines under `root`) and decode every image.
+
+    Returns a dict (JSON-serialisable) with:
+      split_file, root, num_lines, num_images (parsed lines), num_classes,
+      label_min, label_max, bad_lines [{line, text, error}], out_of_range [{line, label}],
+      missing / unreadable / corrupt [{line, path, error}], class_counts [int],
+      empty_classes [int], shots {many, medium, few: [class ids]} (many: n > `many`,
+      few: n < `few`, medium otherwise; empty classes count as few), ok (no problem at all).
+    `num_classes=None` takes one more than the largest label. `workers` threads decode
+    (PIL releases the GIL while decoding); default min(8, CPU count).
+    """
+    split_file, root = Path(split_file), Path(root)
+    if few > many:
+        raise ValueError(f"few-shot threshold {few} is above the many-shot threshold {many}")
+    try:
+        text = split_file.read_text()
+    except OSError as exc:
+        raise DataError(f"cannot read split file {split_file}: {exc.strerror}") from None
+    if not root.is_dir():
+        raise DataError(f"image root {root} does not exist or is not a folder")
+
+    bad_lines: list[dict[str, Any]] = []
+    entries: list[tuple[int, Path, int]] = []  # (line number, path, label)
+    num_lines = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        num_lines += 1
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            bad_lines.append({"line": lineno, "text": line, "error": "expected 'relative/path label'"})
+            continue
+        try:
+            label = int(parts[1])
+        except ValueError:
+            bad_lines.append({"line": lineno, "text": line, "error": f"label {parts[1]!r} is not an integer"})
+            continue
+        entries.append((lineno, root / parts[0], label))
+
+    labels = np.array([e[2] for e in entries], dtype=np.int64)
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
+    out_of_range = [{"line": ln, "label": lab} for ln, _, lab in entries if not 0 <= lab < num_classes]
+
+    n_workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        results = list(pool.map(_decode, [e[1] for e in entries]))
+    problems: dict[str, list[dict[str, Any]]] = {"missing": [], "unreadable": [], "corrupt": []}
+    for (ln, path, _), res in zip(entries, results):
+        if res is not None:
+            problems[res[0]].append({"line": ln, "path": str(path), "error": res[1]})
+
+    valid = labels[(labels >= 0) & (labels < num_classes)]
+    counts = np.bincount(valid, minlength=num_classes) if num_classes else np.zeros(0, dtype=np.int64)
+    empty = np.flatnonzero(counts == 0).tolist()
+    shots = {
+        "many": np.flatnonzero(counts > many).tolist(),
+        "medium": np.flatnonzero((counts <= many) & (counts >= few)).tolist(),
+        "few": np.flatnonzero(counts < few).tolist(),
+    }
+    report: dict[str, Any] = {
+        "split_file": str(split_file),
+        "root": str(root),
+        "num_lines": num_lines,
+        "num_images": len(entries),
+        "num_classes": num_classes,
+        "label_min": int(labels.min()) if len(labels) else None,
+        "label_max": int(labels.max()) if len(labels) else None,
+        "bad_lines": bad_lines,
+        "out_of_range": out_of_range,
+        **problems,
+        "class_counts": counts.tolist(),
+        "empty_classes": empty,
+        "shots": shots,
+        "thresholds": {"many": many, "few": few},
+    }
+    report["ok"] = not (bad_lines or out_of_range or empty or any(problems.values()) or not entries)
+    return report
+
+
+def format_check_report(report: dict[str, Any], max_listed: int = 20) -> str:
+    """A human-readable summary of `check_split`'s dict: counts first, then every problem (up to max_listed each)."""
+    counts = report["class_counts"]
+    lines = [
+        f"split {report['split_file']} (root {report['root']})",
+        f"  {report['num_images']} images on {report['num_lines']} lines, {report['num_classes']} classes, "
+        f"labels {report['label_min']}..{report['label_max']}",
+    ]
+    if counts:
+        nz = [c for c in counts if c > 0]
+        ratio = f", imbalance ratio {max(nz) / min(nz):.1f}" if nz else ""
+        lines.append(f"  per class: max {max(counts)}, min {min(counts)}{ratio}")
+    t, s = report["thresholds"], report["shots"]
+    lines.append(
+        f"  shots: many (>{t['many']}) {len(s['many'])}, medium ({t['few']}..{t['many']}) {len(s['medium'])}, "
+        f"few (<{t['few']}) {len(s['few'])} classes"
+    )
+
+    def section(title: str, items: list, fmt) -> None:
+        if not items:
+            return
+        lines.append(f"  {title}: {len(items)}")
+        lines.extend(f"    {fmt(x)}" for x in items[:max_listed])
+        if len(items) > max_listed:
+            lines.append(f"    … and {len(items) - max_listed} more")
+
+    section("lines that do not parse", report["bad_lines"], lambda x: f"line {x['line']}: {x['error']}: {x['text']!r}")
+    section("labels out of range", report["out_of_range"], lambda x: f"line {x['line']}: label {x['label']} not in [0, {report['num_classes'] - 1}]")
+    for kind in ("missing", "unreadable", "corrupt"):
+        section(f"{kind} images", report[kind], lambda x: f"line {x['line']}: {x['path']} ({x['error']})")
+    section("empty classes", report["empty_classes"], lambda c: f"class {c}")
+    lines.append("  OK" if report["ok"] else "  PROBLEMS FOUND")
+    return "\n".join(lines)
