@@ -54,6 +54,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet32_cifar"
+    pretrained: str = ""  # local torchvision/timm-style state_dict for the backbone ("" = random init)
 
 
 @dataclass

@@ -1,19 +1,29 @@
 """Backbones and the classifier that joins a backbone to its head.
 
 `features = model.forward_features(x)`; the head owns the classifier weight,
-bias and class centers (engine/heads.py). CIFAR ResNets (He et al. 2016, §4.2:
-3 stages of n BasicBlocks, 16/32/64 channels, 6n+2 layers) are assembled from
-torchvision's own `BasicBlock`; the shortcut that changes shape is a 1×1
-convolution + BN (option B).
+bias and class centers (engine/heads.py). Every backbone comes from
+torchvision's builders or building blocks (no hand-written ResNet):
+
+- ImageNet-size: ResNet-10 (BasicBlock [1,1,1,1], the OLTR / ImageNet-LT baseline),
+  ResNet-50/152, ResNeXt-50 32x4d, ResNeXt-101 32x4d / 32x8d, ResNeXt-152 32x4d
+  (= `ResNet(Bottleneck, [3, 8, 36, 3], groups=32, width_per_group=4)`), with torchvision's
+  `fc` replaced by the identity so the backbone returns the pooled feature vector.
+- CIFAR ResNets (He et al. 2016, §4.2: 3 stages of n BasicBlocks, 16/32/64 channels,
+  6n+2 layers) assembled from torchvision's `BasicBlock`; the shortcut that changes
+  shape is a 1×1 convolution + BN (option B).
+
+`model.pretrained` loads a local torchvision/timm-style state_dict file (no downloads).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, conv1x1
+from torchvision.models import resnet as tv
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from engine.heads import OffsetHead
 
@@ -49,11 +59,65 @@ class CifarResNet(nn.Module):
         return torch.flatten(self.pool(self.stages(self.stem(x))), 1)
 
 
+def _imagenet_backbone(net: tv.ResNet) -> tv.ResNet:
+    """A torchvision ResNet whose forward returns the pooled features (fc → identity)."""
+    net.num_features = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
 ARCHS: dict[str, Callable[[], nn.Module]] = {
     "resnet8_cifar": lambda: CifarResNet(1),  # tiny: tests and quick studies
     "resnet20_cifar": lambda: CifarResNet(3),
     "resnet32_cifar": lambda: CifarResNet(5),  # the papers' CIFAR backbone
+    "resnet10": lambda: _imagenet_backbone(tv.ResNet(BasicBlock, [1, 1, 1, 1])),
+    "resnet50": lambda: _imagenet_backbone(tv.resnet50()),
+    "resnet152": lambda: _imagenet_backbone(tv.resnet152()),
+    "resnext50_32x4d": lambda: _imagenet_backbone(tv.resnext50_32x4d()),
+    "resnext101_32x4d": lambda: _imagenet_backbone(tv.ResNet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4)),
+    "resnext101_32x8d": lambda: _imagenet_backbone(tv.resnext101_32x8d()),
+    "resnext152_32x4d": lambda: _imagenet_backbone(tv.ResNet(Bottleneck, [3, 8, 36, 3], groups=32, width_per_group=4)),
 }
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a local torchvision/timm-style state_dict into a backbone (never runs code: weights_only).
+
+    Accepts a bare state_dict or one nested under 'state_dict' / 'model'; strips 'module.'
+    (DDP) and 'backbone.' prefixes; drops the source's classifier ('fc.*', 'head.*',
+    'classifier.*'). Every backbone tensor must be present with the right shape.
+    """
+    from engine.checkpoint import CheckpointError
+
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"model.pretrained: {path} does not exist") from None
+    except Exception as exc:
+        raise CheckpointError(f"model.pretrained: cannot load {path}: {type(exc).__name__}: {exc}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"model.pretrained: {path} holds a {type(state).__name__}, expected a state_dict")
+    cleaned = {}
+    for k, v in state.items():
+        for prefix in ("module.", "backbone."):
+            k = k.removeprefix(prefix)
+        if not k.startswith(("fc.", "head.", "classifier.")):
+            cleaned[k] = v
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(cleaned))
+    unexpected = sorted(set(cleaned) - set(own))
+    wrong = [k for k in own if k in cleaned and cleaned[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{name}: {keys[:4]}{' …' if len(keys) > 4 else ''} ({len(keys)})"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys
+        )
+        raise CheckpointError(f"model.pretrained: {path} does not fit this backbone: {detail}")
+    backbone.load_state_dict(cleaned)
 
 
 class Classifier(nn.Module):
@@ -74,9 +138,11 @@ class Classifier(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def build_model(arch: str, num_classes: int, method: str, **head_kwargs) -> Classifier:
+def build_model(arch: str, num_classes: int, method: str, pretrained: str = "", **head_kwargs) -> Classifier:
     if arch not in ARCHS:
         raise ValueError(f"unknown model.arch {arch!r}; expected one of {', '.join(ARCHS)}")
     backbone = ARCHS[arch]()
+    if pretrained:
+        load_backbone_weights(backbone, pretrained)
     head = OffsetHead(backbone.num_features, num_classes, method, **head_kwargs)
     return Classifier(backbone, head)

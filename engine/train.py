@@ -91,6 +91,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
         cfg.model.arch,
         data.num_classes,
         cfg.method,
+        pretrained=cfg.model.pretrained,
         lambda_center=cfg.loss.lambda_center,
         lambda_uniform=cfg.loss.lambda_uniform,
         center_alpha=cfg.loss.center_alpha,
