@@ -23,6 +23,12 @@ DALI 2.4 has no bfloat16 data type (`nvidia.dali.types.DALIDataType` lists FLOAT
 `dtype="bfloat16"` normalizes in float32 inside DALI and casts the batch in torch on the
 output device (one elementwise pass); float32 and float16 are produced by DALI itself.
 
+Eval geometry vs torchvision (the fallback): DALI resizes the longer side to
+round(long · resize / short) where torchvision truncates, and centers the crop at offset
+floor((in − crop)/2 + ½) where torchvision rounds half to even; each is at most one pixel
+apart. Interpolation (bilinear, antialiased) and JPEG decoding (grayscale and CMYK
+included) agree with PIL to a few levels (tests/test_dali_loader.py).
+
 A missing or corrupt image stops loading with a `DataError` naming the file: DALI's own
 decoder error does not name it, so on a pipeline error the batches fed but not yet
 returned are re-checked with PIL to find the culprit(s).
