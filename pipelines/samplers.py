@@ -206,8 +206,10 @@ class ClassAwareSampler(EpochSampler):
         class_seq = np.concatenate([rng.permutation(present) for _ in range(passes)])[:visits]
         slot_class = np.repeat(class_seq, k)[: self.num_samples]  # class of every output position
         out = np.empty(self.num_samples, dtype=np.int64)
+        by_class = np.argsort(slot_class, kind="stable")  # output positions grouped by class, ascending
+        bounds = np.cumsum(np.bincount(slot_class, minlength=self.num_classes))
         for c in present:
-            slots = np.flatnonzero(slot_class == c)
+            slots = by_class[(bounds[c - 1] if c else 0) : bounds[c]]
             if len(slots) == 0:
                 continue
             members = self.members[c]
