@@ -148,7 +148,7 @@ class DaliLoader:
     sampler's order. CPU tensors when `device_id is None`, else CUDA tensors on `device_id`.
 
     Train (`train=True`): `sampler` gives the order (any sampler of pipelines/samplers.py,
-    or any iterable of indices with `set_epoch`); the last incomplete batch is dropped
+    or any iterable of indices with `set_epoch`; default InstanceSampler(seed)); the last incomplete batch is dropped
     unless `drop_last=False`. Eval: `sampler=None` is the data set's order; all images kept.
     Call `set_epoch(e)` before iterating an epoch (it forwards to the sampler).
     """
@@ -197,6 +197,10 @@ class DaliLoader:
             raise ValueError(f"mean and std need 3 values each (std > 0), got mean={list(mean)}, std={list(std)}")
         if sampler is not None and not hasattr(sampler, "set_epoch"):
             raise ValueError(f"sampler must have set_epoch(epoch) (pipelines.samplers), got {type(sampler).__name__}")
+        if sampler is None and train:  # as make_loader's EpochShuffleSampler: a fresh permutation per epoch
+            from pipelines.samplers import InstanceSampler
+
+            sampler = InstanceSampler(index.labels, index.num_classes, seed=seed)
         self.index, self.batch_size, self.train, self.sampler = index, batch_size, train, sampler
         self.image_size = image_size
         self.resize_size = resize_size or (default_resize(image_size) if train_crop != "pad_crop" else image_size)

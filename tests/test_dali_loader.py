@@ -258,3 +258,12 @@ def test_mixed_decode_on_gpu(index):
     x, y = batches[0]
     assert x.is_cuda and x.dtype == torch.float16 and x.shape == (8, 3, SIZE, SIZE)
     assert torch.cat([b[1].cpu() for b in batches]).tolist() == index.labels[sampler.rank_order(0)].tolist()
+
+
+def test_train_without_sampler_shuffles_per_epoch_from_the_seed(index):
+    loader = _loader(index, batch_size=8, seed=6)
+    assert isinstance(loader.sampler, InstanceSampler)  # what the engine's set_epoch call reaches
+    reference = InstanceSampler(index.labels, seed=6)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        assert torch.cat([y for _, y in loader]).tolist() == index.labels[reference.rank_order(epoch)].tolist()
