@@ -63,6 +63,13 @@ class LossConfig:
     lambda_uniform: float = 1.0  # λ2
     center_alpha: float = 0.5  # α of Wen et al.'s center update
     label_smoothing: float = 0.0
+    # Baseline losses (engine/losses.py); each is read only by its own method.
+    focal_gamma: float = 2.0  # focal, cb_focal: (1 − p_y)^γ (Lin et al.)
+    cb_beta: float = 0.9999  # cb_ce, cb_focal, ldam_drw's DRW weights: effective-number β (Cui et al.)
+    ldam_max_margin: float = 0.5  # ldam_drw: margin C of the rarest class (Cao et al.)
+    ldam_scale: float = 30.0  # ldam_drw: s of the normalized logits
+    drw_epoch: int = 0  # ldam_drw: 0-based epoch re-weighting starts (0 = ⌊0.8·epochs⌋, Cao's 160 of 200)
+    logit_adjust_tau: float = 1.0  # logit_adjusted: τ of z + τ·log π (balanced_softmax: τ = 1)
 
 
 @dataclass
@@ -105,7 +112,8 @@ class RunConfig:
 
 @dataclass
 class Config:
-    # ce | ce_bias | eo | uc_only | eo_uc | wvn  (see engine/heads.py)
+    # ce | ce_bias | eo | uc_only | eo_uc | wvn | focal | cb_ce | cb_focal | ldam_drw | balanced_softmax
+    # | logit_adjusted  (see engine/heads.py)
     method: str = "eo_uc"
     seed: int = 0
     epochs: int = 30
@@ -288,6 +296,13 @@ def validate(cfg: Config) -> None:
     _check(lo.lambda_uniform >= 0, "loss.lambda_uniform", lo.lambda_uniform, "a number ≥ 0")
     _check(0 < lo.center_alpha <= 1, "loss.center_alpha", lo.center_alpha, "a number in (0, 1]")
     _check(0 <= lo.label_smoothing < 1, "loss.label_smoothing", lo.label_smoothing, "a number in [0, 1)")
+    _check(lo.label_smoothing == 0 or METHODS[cfg.method].loss in ("offset", "logit_adjusted"),
+           "loss.label_smoothing", lo.label_smoothing, f"0 with method={cfg.method} (its loss has no smoothed form here)")
+    _check(lo.focal_gamma >= 0, "loss.focal_gamma", lo.focal_gamma, "a number ≥ 0")
+    _check(0 <= lo.cb_beta < 1, "loss.cb_beta", lo.cb_beta, "a number in [0, 1)")
+    _check(lo.ldam_max_margin > 0, "loss.ldam_max_margin", lo.ldam_max_margin, "a number > 0")
+    _check(lo.ldam_scale > 0, "loss.ldam_scale", lo.ldam_scale, "a number > 0")
+    _check(0 <= lo.drw_epoch < cfg.epochs, "loss.drw_epoch", lo.drw_epoch, f"0 (auto) or an epoch in [1, {cfg.epochs})")
     o = cfg.optim
     _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "an integer ≥ 1")
     _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")

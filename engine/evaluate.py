@@ -1,4 +1,6 @@
-"""Evaluation: features once, then the head; top-1, many/medium/few, per-class accuracy.
+"""Evaluation: features once, then the head; top-1, many/medium/few, per-class accuracy,
+and the imbalance metrics of engine/metrics.py (GM, precision/recall/F1, G-mean, IBA,
+cumulative false positives, confusion matrix).
 
 Features are collected once per split so that post-hoc changes to the head
 (re-scaling sweeps) re-use them instead of running the backbone again.
@@ -14,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 import kernels
+from engine.metrics import confusion_matrix, imbalance_metrics
 from engine.models import Classifier
 
 
@@ -37,11 +40,17 @@ def collect_features(model: Classifier, loader: DataLoader, device: torch.device
 
 @torch.no_grad()
 def head_logits(model: Classifier, feats: Features, weight: Tensor | None = None) -> Tensor:
-    """Logits of the head on collected features; `weight` replaces the head's (re-scaled heads)."""
+    """Logits of the head on collected features; `weight` replaces the head's (re-scaled heads).
+
+    A cosine head (`ldam_drw`) scores s·(f/‖f‖)·(w_k/‖w_k‖), as its forward does."""
     head = model.head
     w = (head.weight if weight is None else weight).detach().float().cpu()
+    f = feats.features
+    if getattr(head.spec, "cosine", False):
+        f = torch.nn.functional.normalize(f, dim=1)
+        w = head.cosine_scale * torch.nn.functional.normalize(w, dim=1)
     bias = head.bias.detach().float().cpu() if head.bias is not None else None
-    return kernels.head_logits(feats.features, w, head.centers.float().cpu(), bias, use_offset=head.spec.offset)
+    return kernels.head_logits(f, w, head.centers.float().cpu(), bias, use_offset=head.spec.offset)
 
 
 def shot_groups(class_counts: np.ndarray, many_threshold: int, few_threshold: int) -> dict[str, np.ndarray]:
@@ -55,7 +64,10 @@ def shot_groups(class_counts: np.ndarray, many_threshold: int, few_threshold: in
 def accuracy_report(
     logits: Tensor, labels: Tensor, class_counts: np.ndarray, many_threshold: int, few_threshold: int
 ) -> dict:
-    """Accuracies in percent. A group's accuracy is the mean of its classes' accuracies (null if empty)."""
+    """Accuracies in percent. A group's accuracy is the mean of its classes' accuracies (null if empty).
+
+    Also every metric of `engine.metrics.imbalance_metrics` (GM in percent; precision,
+    recall, F1, G-mean, IBA as fractions; false positives; the confusion matrix)."""
     num_classes = len(class_counts)
     pred = logits.argmax(dim=1).numpy()
     y = labels.numpy()
@@ -68,15 +80,26 @@ def accuracy_report(
         vals = vals[~np.isnan(vals)]
         report[name] = float(vals.mean()) if len(vals) else None
     report["per_class"] = [None if np.isnan(v) else float(v) for v in per_class]
+    report.update(imbalance_metrics(confusion_matrix(y, pred, num_classes), class_counts))
     return report
 
 
+def scalars(report: dict) -> dict:
+    """The report without its per-class lists and matrices (epoch logs, summaries)."""
+    return {k: v for k, v in report.items() if not isinstance(v, (list, dict))}
+
+
 def format_table(rows: dict[str, dict]) -> str:
-    """A many/medium/few/all table, one row per named report."""
+    """A many/medium/few/all table (+ GM, F1, G-mean, IBA when present), one row per named report."""
     def cell(v):
         return f"{v:6.2f}" if isinstance(v, (int, float)) else "     –"
 
-    lines = [f"{'':<16} {'many':>6} {'medium':>6} {'few':>6} {'all':>6}"]
+    extra = [k for k in ("gm", "f1", "gmean", "iba") if any(k in r for r in rows.values())]
+    scale = {"gm": 1.0, "f1": 100.0, "gmean": 100.0, "iba": 100.0}  # fractions printed as percent
+    lines = [f"{'':<20} {'many':>6} {'medium':>6} {'few':>6} {'all':>6}" + "".join(f" {k:>6}" for k in extra)]
     for name, r in rows.items():
-        lines.append(f"{name:<16} {cell(r['many'])} {cell(r['medium'])} {cell(r['few'])} {cell(r['top1'])}")
+        vals = "".join(
+            f" {cell(r[k] * scale[k] if isinstance(r.get(k), (int, float)) else None)}" for k in extra
+        )
+        lines.append(f"{name:<20} {cell(r['many'])} {cell(r['medium'])} {cell(r['few'])} {cell(r['top1'])}{vals}")
     return "\n".join(lines)

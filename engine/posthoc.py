@@ -19,6 +19,7 @@ from engine.config import config_from_dict
 from engine.data import load_data, make_loaders
 from engine.evaluate import accuracy_report, collect_features, format_table, head_logits
 from engine.heads import rescale_factors
+from engine.losses import head_loss_kwargs
 from engine.models import build_model
 from engine.train import resolve_device
 
@@ -37,7 +38,8 @@ def load_run(checkpoint: str | Path):
             f"{data.class_counts.tolist()}; the split files changed since training"
         )
     device = resolve_device(cfg.run.device)
-    model = build_model(cfg.model.arch, data.num_classes, cfg.method).to(device)
+    model = build_model(cfg.model.arch, data.num_classes, cfg.method, **head_loss_kwargs(cfg, data.class_counts))
+    model = model.to(device)
     model.load_state_dict(state["model"])
     model.eval()
     return state, cfg, data, model, device

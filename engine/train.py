@@ -18,7 +18,8 @@ from engine import report
 from engine.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from engine.config import Config, to_dict, to_yaml
 from engine.data import load_data, make_loaders, train_features_loader
-from engine.evaluate import accuracy_report, collect_features, format_table, head_logits
+from engine.evaluate import accuracy_report, collect_features, format_table, head_logits, scalars
+from engine.losses import head_loss_kwargs
 from engine.models import build_model
 
 
@@ -96,6 +97,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
         lambda_uniform=cfg.loss.lambda_uniform,
         center_alpha=cfg.loss.center_alpha,
         label_smoothing=cfg.loss.label_smoothing,
+        **head_loss_kwargs(cfg, data.class_counts),  # class counts + baseline-loss settings
     ).to(device)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
@@ -115,7 +117,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
     val = _evaluate(cfg, model, val_loader, data.class_counts, device)
     metrics = {
         **test,
-        "val": {k: v for k, v in val.items() if k != "per_class"},
+        "val": scalars(val),
         "method": cfg.method,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
@@ -149,6 +151,7 @@ def _train_epochs(cfg, out_dir, resume, model, optimizer, scheduler, data, train
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         train_loader.sampler.set_epoch(epoch)
+        model.head.set_epoch(epoch)  # DRW (ldam_drw) switches its class weights on at loss.drw_epoch
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.run.progress, leave=False)
         for x, y in bar:
@@ -183,7 +186,7 @@ def _train_epochs(cfg, out_dir, resume, model, optimizer, scheduler, data, train
         }
         if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
             val = _evaluate(cfg, model, val_loader, data.class_counts, device)
-            record.update({f"val_{k}": v for k, v in val.items() if k != "per_class"})
+            record.update({f"val_{k}": v for k, v in scalars(val).items()})
         # The checkpoint carries the log history, so a resume restores both together.
         history.append(record)
         save_checkpoint(

@@ -1,0 +1,115 @@
+"""Baseline losses the papers compare against (the math; the head in engine/heads.py calls it).
+
+All functions take logits (B, K) and int64 labels (B,) and return the batch mean; they
+compute in the logits' dtype (float64 in the tests). n_j is the training count of class j.
+
+* focal (Lin et al. 2017): ℓ_i = −(1 − p_{i,y})^γ · log p_{i,y}, p = softmax(z) (softmax form).
+* class-balanced (Cui et al. 2019): w_j = (1 − β) / (1 − β^{n_j}) (inverse effective number
+  of samples), normalized so Σ_j w_j = K; `cb_ce` ℓ_i = w_{y_i}·CE, `cb_focal` ℓ_i = w_{y_i}·focal.
+* LDAM (Cao et al. 2019): logits s·cos(f, w_k) (normalized features and weights),
+  margin m_j = C · n_j^{−1/4} / max_k n_k^{−1/4} (largest margin C) subtracted from the
+  target logit before the scale: ℓ_i = CE(s·(cos_i − m_{y_i}·e_{y_i}), y_i).
+* DRW (Cao et al.): no weights before the deferral epoch, the class-balanced weights
+  (β = 0.9999, Σ w = K) from it on.
+* logit-adjusted / Balanced Softmax (Menon et al. 2021 / Ren et al. 2020): CE on
+  z + τ·log π with π_j = n_j / Σ n (τ = 1: Balanced Softmax). The head serves it through
+  the reference kernel's `bias=` flag, a fixed additive bias (so the fused head does too);
+  prediction uses the plain logits.
+
+Weighted losses use the weighted batch mean Σ_i w_{y_i} ℓ_i / B (Cui et al.'s form, with
+Σ_j w_j = K), not Σ_i w_{y_i} ℓ_i / Σ_i w_{y_i}.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from engine.config import Config
+
+
+def _counts(class_counts: Tensor | np.ndarray | list, dtype: torch.dtype = torch.float64) -> Tensor:
+    counts = torch.as_tensor(np.asarray(class_counts), dtype=dtype)
+    if counts.ndim != 1 or (counts <= 0).any():
+        raise ValueError(f"class counts must be a 1-D list of positive training counts, got {counts.tolist()}")
+    return counts
+
+
+def log_prior(class_counts: Tensor | np.ndarray | list) -> Tensor:
+    """log π_j = log(n_j / Σ_k n_k), float64."""
+    counts = _counts(class_counts)
+    return torch.log(counts / counts.sum())
+
+
+def class_balanced_weights(class_counts: Tensor | np.ndarray | list, beta: float) -> Tensor:
+    """Cui et al.: w_j ∝ (1 − β)/(1 − β^{n_j}), normalized to Σ_j w_j = K (float64). β = 0: all ones."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"class-balanced β must be in [0, 1), got {beta}")
+    counts = _counts(class_counts)
+    w = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
+    return w * (len(counts) / w.sum())
+
+
+def ldam_margins(class_counts: Tensor | np.ndarray | list, max_margin: float) -> Tensor:
+    """Cao et al.: m_j = C · n_j^{−1/4} / max_k n_k^{−1/4} (the rarest class gets C), float64."""
+    if max_margin <= 0:
+        raise ValueError(f"LDAM's largest margin C must be > 0, got {max_margin}")
+    m = _counts(class_counts) ** -0.25
+    return m * (max_margin / m.max())
+
+
+def drw_weights(class_counts: Tensor | np.ndarray | list, beta: float, epoch: int, drw_epoch: int) -> Tensor:
+    """Deferred re-weighting: ones before `drw_epoch` (0-based), class-balanced weights from it on."""
+    if epoch < drw_epoch:
+        return torch.ones(len(_counts(class_counts)), dtype=torch.float64)
+    return class_balanced_weights(class_counts, beta)
+
+
+def _weighted_mean(per_sample: Tensor, labels: Tensor, weight: Tensor | None) -> Tensor:
+    if weight is not None:
+        per_sample = per_sample * weight.to(per_sample)[labels]
+    return per_sample.mean()
+
+
+def focal_loss(logits: Tensor, labels: Tensor, gamma: float, weight: Tensor | None = None) -> Tensor:
+    """mean_i w_{y_i}·(−(1 − p_{i,y_i})^γ · log p_{i,y_i}); γ = 0 and no weight is plain CE."""
+    if gamma < 0:
+        raise ValueError(f"focal γ must be ≥ 0, got {gamma}")
+    log_p = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
+    per_sample = -((1.0 - log_p.exp()).clamp_min(0.0) ** gamma) * log_p
+    return _weighted_mean(per_sample, labels, weight)
+
+
+def weighted_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+    """mean_i w_{y_i}·CE(z_i, y_i)."""
+    return _weighted_mean(F.cross_entropy(logits, labels, reduction="none"), labels, weight)
+
+
+def ldam_loss(cosine: Tensor, labels: Tensor, margins: Tensor, scale: float, weight: Tensor | None = None) -> Tensor:
+    """mean_i w_{y_i}·CE(s·(cos_i − m_{y_i} e_{y_i}), y_i) with cos the normalized logits."""
+    onehot = F.one_hot(labels, cosine.shape[1]).to(cosine)
+    logits = scale * (cosine - onehot * margins.to(cosine)[None, :])
+    return weighted_cross_entropy(logits, labels, weight)
+
+
+def head_loss_kwargs(cfg: "Config", class_counts: np.ndarray) -> dict:
+    """The head's loss arguments from the config (one place for train.py and post-hoc loading).
+
+    `loss.drw_epoch = 0` means Cao et al.'s schedule: re-weighting from epoch ⌊0.8·epochs⌋
+    (160 of 200), 0-based, i.e. the last fifth of training."""
+    lo = cfg.loss
+    drw_epoch = lo.drw_epoch if lo.drw_epoch > 0 else int(0.8 * cfg.epochs)
+    return {
+        "class_counts": np.asarray(class_counts),
+        "focal_gamma": lo.focal_gamma,
+        "cb_beta": lo.cb_beta,
+        "ldam_max_margin": lo.ldam_max_margin,
+        "ldam_scale": lo.ldam_scale,
+        "drw_epoch": drw_epoch,
+        "logit_adjust_tau": lo.logit_adjust_tau,
+    }
