@@ -5,6 +5,8 @@
     engine rescale --checkpoint PATH --gamma G          (post-hoc RS, one γ)
     engine rescale --checkpoint PATH --sweep 0:1:0.1    (γ chosen on val, reported on test)
     engine sweep --out DIR --grid method=ce,eo_uc --seeds 0,1,2 [key=value ...]
+    engine calibrate --checkpoint PATH --method {rs,tau_norm,logit_adjust,crt,lws} [--sweep A:B:S] [--epochs N]
+    engine compare RUN... [--out DIR]
 
 Errors in the user's input (config, data, checkpoint) print one clear line and exit 2.
 """
@@ -49,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (repeatable)")
     s.add_argument("--select-by", default="method", help="grid key whose values each get their own choice")
     s.add_argument("overrides", nargs="*", help="dotted.key=value applied to every run")
+
+    c = sub.add_parser("calibrate", help="post-hoc calibration of a checkpoint, chosen on val, reported on test")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--method", required=True, choices=("rs", "tau_norm", "logit_adjust", "crt", "lws"))
+    c.add_argument("--sweep", default=None, help="rs/tau_norm/logit_adjust: START:STOP:STEP (default 0:1:0.1 for rs, 0:2:0.1)")
+    c.add_argument("--epochs", type=int, default=10, help="crt/lws: epochs on the collected training features")
+    c.add_argument("--lr", type=float, default=0.1, help="crt/lws: SGD learning rate (cosine schedule)")
+    c.add_argument("--batch-size", type=int, default=128, help="crt/lws: class-aware batch size")
+    c.add_argument("--seed", type=int, default=0, help="crt/lws: init and sampling seed")
+
+    m = sub.add_parser("compare", help="many/medium/few/all table and plot across run folders")
+    m.add_argument("runs", nargs="+", help="run folders (or metrics.json files)")
+    m.add_argument("--out", default="compare", help="folder for compare.md / compare.json / compare.png")
     return p
 
 
@@ -73,6 +88,26 @@ def _cmd_train(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     train(cfg, out, resume=args.resume)
     print(f"run folder: {out}")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from engine.calibration import SWEEPS, CalibrationError, calibrate_checkpoint
+
+    if args.sweep is not None and args.method not in SWEEPS:
+        raise ConfigError(f"--sweep goes with --method {'/'.join(SWEEPS)}, got --method {args.method}")
+    values = _parse_sweep(args.sweep) if args.sweep is not None else None
+    try:
+        calibrate_checkpoint(args.checkpoint, args.method, values, args.epochs, args.lr, args.batch_size, args.seed)
+    except CalibrationError as exc:
+        raise ConfigError(str(exc)) from None
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from engine.report import compare_runs
+
+    compare_runs([Path(r) for r in args.runs], Path(args.out))
     return 0
 
 
@@ -110,7 +145,8 @@ def _parse_sweep(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "rescale": _cmd_rescale, "sweep": _cmd_sweep}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "rescale": _cmd_rescale, "sweep": _cmd_sweep,
+                "calibrate": _cmd_calibrate, "compare": _cmd_compare}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError) as exc:

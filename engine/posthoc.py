@@ -17,8 +17,8 @@ import torch
 from engine.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from engine.config import config_from_dict
 from engine.data import load_data, make_loaders
-from engine.evaluate import accuracy_report, collect_features, format_table, head_logits
-from engine.heads import rescale_factors
+from engine.distributed import DistInfo
+from engine.evaluate import accuracy_report, collect_features, format_table, head_logits, scalars
 from engine.losses import head_loss_kwargs
 from engine.models import build_model
 from engine.train import resolve_device
@@ -46,7 +46,7 @@ def load_run(checkpoint: str | Path):
 
 
 def _split_features(cfg, data, model, device, splits=("val", "test")):
-    _, val_loader, test_loader = make_loaders(cfg, data)
+    _, val_loader, test_loader = make_loaders(cfg, data, DistInfo(), device.type)
     loaders = {"val": val_loader, "test": test_loader}
     return {s: collect_features(model, loaders[s], device) for s in splits}
 
@@ -60,7 +60,7 @@ def _report(cfg, data, model, feats, weight=None) -> dict:
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test") -> dict:
     state, cfg, data, model, device = load_run(checkpoint)
     feats = _split_features(cfg, data, model, device, (split,))[split]
-    result = {**_report(cfg, data, model, feats), "split": split, "checkpoint": str(checkpoint), "epoch": state["epoch"] + 1}
+    result = {**_report(cfg, data, model, feats), "split": split, "checkpoint": str(checkpoint), "epoch": state["epoch"]}
     out = Path(checkpoint).parent / f"eval_{split}.json"
     atomic_write_text(out, json.dumps(result, indent=2))
     print(format_table({f"{split} ({cfg.method})": result}))
@@ -69,9 +69,11 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test") -> dict:
 
 
 def rescale_checkpoint(checkpoint: str | Path, gamma: float, save: str | Path | None = None) -> dict:
+    from engine.calibration import rs_weight
+
     state, cfg, data, model, device = load_run(checkpoint)
     feats = _split_features(cfg, data, model, device)
-    weight = model.head.weight.detach().float().cpu() * rescale_factors(data.class_counts, gamma).float()[:, None]
+    weight = rs_weight(model.head.weight.detach().float().cpu(), data.class_counts, gamma)
     result = {
         "gamma": gamma,
         "val": _report(cfg, data, model, feats["val"], weight),
@@ -90,20 +92,21 @@ def rescale_checkpoint(checkpoint: str | Path, gamma: float, save: str | Path | 
 
 
 def sweep_checkpoint(checkpoint: str | Path, gammas: list[float]) -> dict:
-    """RS γ sweep (WVN Fig. 10): val and test accuracy per γ; γ chosen by val top-1 (ties: smaller γ)."""
+    """RS γ sweep (WVN Fig. 10): val and test accuracy per γ; γ chosen by val top-1 (ties: smaller γ).
+
+    The sweep itself is `engine.calibration.sweep` with the `rs` formula (also `engine calibrate --method rs`)."""
+    from engine.calibration import sweep, sweep_logits_fn
+
     _, cfg, data, model, device = load_run(checkpoint)
     feats = _split_features(cfg, data, model, device)
-    w = model.head.weight.detach().float().cpu()
-    rows = []
-    for gamma in gammas:
-        weight = w * rescale_factors(data.class_counts, gamma).float()[:, None]
-        rows.append({
-            "gamma": gamma,
-            "val": _report(cfg, data, model, feats["val"], weight),
-            "test": _report(cfg, data, model, feats["test"], weight),
-        })
-    best = max(rows, key=lambda r: (r["val"]["top1"], -r["gamma"]))
-    result = {"method": cfg.method, "chosen_gamma": best["gamma"], "chosen_by": "val top1", "rows": rows}
+
+    def report(logits, labels):
+        return accuracy_report(logits, labels, data.class_counts, cfg.eval.many_threshold, cfg.eval.few_threshold)
+
+    full, best = sweep(gammas, sweep_logits_fn("rs", model, data.class_counts), feats, report, "gamma")
+    rows = [{"gamma": r["gamma"], "val": scalars(r["val"]), "test": scalars(r["test"])} for r in full]
+    result = {"method": cfg.method, "chosen_gamma": best["gamma"], "chosen_by": "val top1", "rows": rows,
+              "test_at_chosen": best["test"]}
     run_dir = Path(checkpoint).parent
     atomic_write_text(run_dir / "rescale_sweep.json", json.dumps(result, indent=2))
     _plot_sweep(run_dir / "rescale_sweep.png", rows, best["gamma"], cfg.method)

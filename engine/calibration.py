@@ -1,0 +1,259 @@
+"""Post-hoc calibration of a trained checkpoint, without retraining the backbone.
+
+Every method is chosen on the validation split and reported on the test split.
+Backbone features are collected once per split (backbone in eval mode) and re-used.
+
+Sweeps of one parameter (the value with the best val top-1 is chosen; ties: the smaller):
+
+* ``rs``           WVN paper Eq. 7: w_k ← (n_1/n_k)^γ · w_k (the same re-scaling as `engine rescale`).
+* ``tau_norm``     Kang et al. 2020: w_k ← w_k / ‖w_k‖^τ.
+* ``logit_adjust`` Menon et al. 2021 (post-hoc): z_k ← z_k − τ · log π_k, π_k = n_k / Σ n.
+
+With a bias or an estimated offset in the head, the re-scaled w also enters õ_k = ½c_k·w_k
+(as RS does); on a cosine head (`ldam_drw`) the row norms cancel, so tau_norm is a no-op there.
+
+Second-stage classifier re-training (Kang et al. 2020), frozen backbone, class-aware sampling:
+
+* ``crt``  re-initializes a linear classifier z = W·f + b (nn.Linear's init) and trains it
+  with cross-entropy (SGD, momentum 0.9, weight decay 5e-4, cosine schedule);
+* ``lws``  learns one scale s_k per class of the existing classifier (w_k, b_k, õ_k all
+  scaled, i.e. z_k ← s_k · z_k), initialized at 1, same optimizer without weight decay.
+
+The backbone stays frozen *and in eval mode* (BatchNorm statistics frozen too), so its
+features are a fixed function of the image: both are trained on the training split's
+collected features, which is exact and fast. Data augmentation is therefore off during
+the second stage (Kang et al. train it with augmentation). Batches are drawn with
+`pipelines.samplers.ClassAwareSampler` (Shen et al.; p_k = 1/K) over the feature indices,
+one epoch = as many draws as training images. The epoch with the best val top-1 is chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.evaluate import Features, accuracy_report, format_table, head_logits, scalars
+from engine.heads import rescale_factors
+from engine.losses import log_prior
+from pipelines.samplers import ClassAwareSampler
+
+SWEEPS = ("rs", "tau_norm", "logit_adjust")
+RETRAIN = ("crt", "lws")
+METHODS = SWEEPS + RETRAIN
+DEFAULT_SWEEP = {"rs": (0.0, 1.0, 0.1), "tau_norm": (0.0, 2.0, 0.1), "logit_adjust": (0.0, 2.0, 0.1)}
+PARAM_NAME = {"rs": "gamma", "tau_norm": "tau", "logit_adjust": "tau", "crt": "epoch", "lws": "epoch"}
+
+
+class CalibrationError(ValueError):
+    """A calibration request that cannot be served (unknown method, bad parameter)."""
+
+
+# --------------------------------------------------------------------------- formulas
+
+
+def rs_weight(weight: Tensor, class_counts: np.ndarray, gamma: float) -> Tensor:
+    """w_k ← (n_1/n_k)^γ · w_k."""
+    return weight * rescale_factors(class_counts, gamma).to(weight)[:, None]
+
+
+def tau_norm_weight(weight: Tensor, tau: float) -> Tensor:
+    """w_k ← w_k / ‖w_k‖^τ (τ = 0: unchanged, τ = 1: unit rows)."""
+    return weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau)
+
+
+def logit_adjust(logits: Tensor, class_counts: np.ndarray, tau: float) -> Tensor:
+    """z_k ← z_k − τ · log π_k."""
+    return logits - tau * log_prior(class_counts).to(logits)
+
+
+def sweep_logits_fn(method: str, model, class_counts: np.ndarray) -> Callable[[Features, float], Tensor]:
+    """(features, parameter) → logits of the calibrated head, for one of SWEEPS."""
+    w = model.head.weight.detach().float().cpu()
+    if method == "rs":
+        return lambda feats, g: head_logits(model, feats, rs_weight(w, class_counts, g))
+    if method == "tau_norm":
+        return lambda feats, t: head_logits(model, feats, tau_norm_weight(w, t))
+    if method == "logit_adjust":
+        return lambda feats, t: logit_adjust(head_logits(model, feats), class_counts, t)
+    raise CalibrationError(f"unknown sweep method {method!r}; expected one of {', '.join(SWEEPS)}")
+
+
+# --------------------------------------------------------------------------- choosing on val
+
+
+ReportFn = Callable[[Tensor, Tensor], dict]
+
+
+def sweep(values: list[float], logits_fn: Callable[[Features, float], Tensor], feats: dict[str, Features],
+          report: ReportFn, name: str = "param") -> tuple[list[dict], dict]:
+    """One row per value: full val and test reports. Returns (rows, chosen row)."""
+    rows = [{name: v, **{s: report(logits_fn(feats[s], v), feats[s].labels) for s in ("val", "test")}} for v in values]
+    return rows, choose_on_val(rows, name)
+
+
+def choose_on_val(rows: list[dict], name: str) -> dict:
+    """The row with the best val top-1; ties go to the smaller parameter (the least change)."""
+    if not rows:
+        raise CalibrationError("nothing to choose from: the sweep has no values")
+    return max(rows, key=lambda r: (r["val"]["top1"], -r[name]))
+
+
+# --------------------------------------------------------------------------- second stage
+
+
+def class_aware_batches(labels: Tensor, num_classes: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
+    """One epoch of class-aware sampled index batches over the collected training features."""
+    sampler = ClassAwareSampler(labels.numpy(), num_classes, seed=seed)
+    sampler.set_epoch(epoch)
+    order = torch.as_tensor(np.fromiter(iter(sampler), dtype=np.int64))
+    return list(order.split(batch_size))
+
+
+def retrain_classifier(method: str, model, feats: dict[str, Features], class_counts: np.ndarray, report: ReportFn,
+                       epochs: int = 10, lr: float = 0.1, batch_size: int = 128, seed: int = 0) -> tuple[list, dict, dict]:
+    """cRT or LWS on collected features. Returns (rows per epoch, chosen row, learned state)."""
+    if method not in RETRAIN:
+        raise CalibrationError(f"unknown re-training method {method!r}; expected one of {', '.join(RETRAIN)}")
+    if epochs < 1 or lr <= 0 or batch_size < 1:
+        raise CalibrationError(f"need epochs ≥ 1, lr > 0, batch size ≥ 1; got {epochs}, {lr}, {batch_size}")
+    k = len(class_counts)
+    gen = torch.Generator().manual_seed(seed)
+    if method == "crt":
+        d = feats["train"].features.shape[1]
+        bound = 1.0 / math.sqrt(d)  # nn.Linear's init: U(−1/√d, 1/√d) for W and b
+        weight = ((torch.rand(k, d, generator=gen) * 2 - 1) * bound).requires_grad_()
+        bias = ((torch.rand(k, generator=gen) * 2 - 1) * bound).requires_grad_()
+        params, wd = [weight, bias], 5e-4
+
+        def logits_of(split: str, idx: Tensor | None = None) -> Tensor:
+            f = feats[split].features if idx is None else feats[split].features[idx]
+            return f @ weight.t() + bias
+    else:
+        base = {s: head_logits(model, feats[s]) for s in feats}  # z of the trained head, fixed
+        scales = torch.ones(k, requires_grad=True)
+        params, wd = [scales], 0.0
+
+        def logits_of(split: str, idx: Tensor | None = None) -> Tensor:
+            z = base[split] if idx is None else base[split][idx]
+            return z * scales
+
+    labels = feats["train"].labels
+    steps = epochs * math.ceil(len(labels) / batch_size)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    rows, states = [], []
+    for epoch in range(epochs):
+        loss_sum, seen = 0.0, 0
+        for idx in class_aware_batches(labels, k, batch_size, seed, epoch):
+            loss = F.cross_entropy(logits_of("train", idx), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum, seen = loss_sum + loss.item() * len(idx), seen + len(idx)
+        with torch.no_grad():
+            rows.append({"epoch": epoch + 1, "train_loss": loss_sum / seen,
+                         **{s: report(logits_of(s), feats[s].labels) for s in ("val", "test")}})
+            states.append([p.detach().clone() for p in params])
+    chosen = choose_on_val(rows, "epoch")
+    best = states[chosen["epoch"] - 1]
+    state = {"weight": best[0], "bias": best[1]} if method == "crt" else {"scales": best[0]}
+    return rows, chosen, state
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def calibrate(model, cfg, data, device, method: str, values: list[float] | None = None, epochs: int = 10,
+              lr: float = 0.1, batch_size: int = 128, seed: int = 0) -> dict:
+    """Run one calibration method on a loaded model; the model itself is left untouched."""
+    from engine.data import train_features_loader
+    from engine.distributed import DistInfo
+    from engine.posthoc import _split_features
+
+    if method not in METHODS:
+        raise CalibrationError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    counts = data.class_counts
+    feats = _split_features(cfg, data, model, device)
+
+    def report(logits: Tensor, labels: Tensor) -> dict:
+        return accuracy_report(logits, labels, counts, cfg.eval.many_threshold, cfg.eval.few_threshold)
+
+    before = {s: report(head_logits(model, feats[s]), feats[s].labels) for s in ("val", "test")}
+    name = PARAM_NAME[method]
+    result: dict = {"method": method, "model_method": cfg.method, "parameter": name, "chosen_by": "val top1"}
+    if method in SWEEPS:
+        if values is None:
+            start, stop, step = DEFAULT_SWEEP[method]
+            values = [round(start + i * step, 10) for i in range(int(round((stop - start) / step)) + 1)]
+        if any(v < 0 for v in values):
+            raise CalibrationError(f"{method}: parameter values must be ≥ 0, got {values}")
+        rows, chosen = sweep(values, sweep_logits_fn(method, model, counts), feats, report, name)
+    else:
+        from engine.evaluate import collect_features
+
+        feats["train"] = collect_features(model, train_features_loader(cfg, data, DistInfo()), device)
+        rows, chosen, state = retrain_classifier(method, model, feats, counts, report, epochs, lr, batch_size, seed)
+        result.update({"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+                       "sampler": "class_aware (on collected features; no data augmentation)",
+                       "learned": {k: v.tolist() for k, v in state.items()}})
+    result.update({
+        "chosen": chosen[name],
+        "before": before,
+        "val": chosen["val"],
+        "test": chosen["test"],
+        "rows": [{name: r[name], **({"train_loss": r["train_loss"]} if "train_loss" in r else {}),
+                  "val": scalars(r["val"]), "test": scalars(r["test"])} for r in rows],
+    })
+    return result
+
+
+def calibrate_checkpoint(checkpoint: str | Path, method: str, values: list[float] | None = None, epochs: int = 10,
+                         lr: float = 0.1, batch_size: int = 128, seed: int = 0) -> dict:
+    """`engine calibrate`: writes calibrate_<method>.json and .png next to the checkpoint, prints a table."""
+    from engine.checkpoint import atomic_write_text
+    from engine.posthoc import load_run
+
+    _, cfg, data, model, device = load_run(checkpoint)
+    result = calibrate(model, cfg, data, device, method, values, epochs, lr, batch_size, seed)
+    run_dir = Path(checkpoint).parent
+    out_json, out_png = run_dir / f"calibrate_{method}.json", run_dir / f"calibrate_{method}.png"
+    result["checkpoint"] = str(checkpoint)
+    atomic_write_text(out_json, json.dumps(result, indent=2))
+    plot_calibration(out_png, result)
+    name, chosen = result["parameter"], result["chosen"]
+    print(format_table({"val  before": result["before"]["val"], "test before": result["before"]["test"],
+                        f"val  {name}={chosen:g}": result["val"], f"test {name}={chosen:g}": result["test"]}))
+    print(f"{method}: chosen {name} = {chosen:g} (best val top-1)")
+    print(f"written: {out_json}, {out_png}")
+    return result
+
+
+def plot_calibration(path: Path, result: dict) -> None:
+    """Val/test top-1 and test many/medium/few along the swept parameter (or the epochs)."""
+    from engine.report import plt, save_png
+
+    name, rows = result["parameter"], result["rows"]
+    x = np.array([r[name] for r in rows], dtype=float)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(x, [r["val"]["top1"] for r in rows], marker="o", label="val top-1")
+    ax1.plot(x, [r["test"]["top1"] for r in rows], marker="s", label="test top-1")
+    ax1.axhline(result["before"]["test"]["top1"], color="gray", ls=":", lw=1, label="test, uncalibrated")
+    ax1.axvline(result["chosen"], color="gray", ls="--", lw=1, label=f"chosen {name}={result['chosen']:g}")
+    ax1.set(xlabel=name, ylabel="accuracy (%)", title=f"{result['method']} on {result['model_method']}")
+    ax1.legend(fontsize=8)
+    for group in ("many", "medium", "few"):
+        pts = [(xi, r["test"][group]) for xi, r in zip(x, rows) if r["test"].get(group) is not None]
+        if pts:
+            ax2.plot(*zip(*pts), marker=".", label=group)
+    ax2.axvline(result["chosen"], color="gray", ls="--", lw=1)
+    ax2.set(xlabel=name, ylabel="test accuracy (%)", title="test accuracy by shot group")
+    ax2.legend(fontsize=8)
+    save_png(fig, path)
