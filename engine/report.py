@@ -78,7 +78,7 @@ def write_plots(out_dir: Path, history: list[dict], metrics: dict) -> list[Path]
     ax.set(ylabel="test accuracy (%)", ylim=(0, 105),
            title=f"{metrics['method']}: class-wise test accuracy (top-1 {metrics['top1']:.2f}%)")
     _by_frequency_ticks(ax, order, counts)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper right")
     save(fig, "per_class.png")
 
     # EO Fig. 5: cumulative false positives in frequency order.
@@ -126,9 +126,9 @@ def _diagnostic_plots(out_dir: Path, metrics: dict, diag: dict, counts: np.ndarr
 
     # EO Fig. 1: trained offsets / bias against the log prior.
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    series = [("−empirical offset −½μ̃·w", -np.asarray(diag["empirical_offset"]), "s")]
+    series = [("−½μ̃_k·w_k (empirical offset)", -np.asarray(diag["empirical_offset"]), "s")]
     if np.any(np.asarray(diag["estimated_offset"])):
-        series.append(("−estimated offset −½c·w", -np.asarray(diag["estimated_offset"]), "o"))
+        series.append(("−½c_k·w_k (estimated offset)", -np.asarray(diag["estimated_offset"]), "o"))
     if diag.get("bias") is not None:
         series.append(("trained bias b", np.asarray(diag["bias"]), "^"))
     for label, vals, marker in series:
