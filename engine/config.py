@@ -19,6 +19,9 @@ import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "digits-lt"
+FORMATS = ("digits_lt", "split_files", "inat", "image_folder", "cifar10_lt", "cifar100_lt")
+SAMPLERS = ("instance", "class_aware", "sqrt", "progressive")
+AUTO_ON_OFF = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -27,13 +30,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    # "digits_lt": the embedded real data set (scikit-learn digits made long-tailed);
-    # "split_files": ImageNet-LT / Places-LT style `relative/path label` files under `root`.
-    dataset: str = "digits_lt"
-    root: str = ""  # digits_lt: cache folder ("" = ~/.cache/lt-engine); split_files: image root
-    train_split: str = ""  # split_files only: paths relative to `root` or absolute
+    # digits_lt (the embedded default) | split_files (ImageNet-LT / Places-LT) | inat | image_folder
+    # | cifar10_lt | cifar100_lt   (see engine/data.py)
+    format: str = "digits_lt"
+    root: str = ""  # your data: image root (split_files, inat), CIFAR pickles folder (cifar*_lt)
+    cache_dir: str = ""  # where digits_lt / cifar*_lt images are written once ("" = ~/.cache/lt-engine)
+    train_split: str = ""  # split file / json / folder, relative to `root` or absolute
     val_split: str = ""
-    test_split: str = ""
+    test_split: str = ""  # "" = the validation split
     num_classes: int = 0  # split_files: 0 = one more than the largest training label
     # Long-tailed construction of digits_lt (Cui et al. 2019, as CIFAR-LT):
     # exp: n_i = int(n_max · IF^(−i/(C−1)));  step: n_max for the first half, int(n_max / IF) after.
@@ -42,9 +46,16 @@ class DataConfig:
     n_max: int = 100
     val_per_class: int = 20  # balanced held-out validation split
     test_per_class: int = 50  # balanced held-out test split
-    # Input pipeline
+    # Sampling: instance | class_aware | sqrt | progressive (pipelines/samplers.py)
+    sampler: str = "instance"
+    sampler_epoch_length: int = 0  # images per epoch (0 = the training split's size)
+    samples_per_class: int = 1  # class_aware: consecutive draws per visited class
+    # Input pipeline: loader auto = DALI on GPU when importable, torchvision otherwise
+    loader: str = "auto"  # auto | dali | torchvision
+    augment: str = "pad_crop"  # pad_crop (CIFAR: pad + random crop) | random_resized_crop (ImageNet)
     image_size: int = 32
-    crop_padding: int = 4  # random crop with this zero padding (0 = off)
+    resize_size: int = 0  # eval resize before the center crop (0 = image_size·256/224 for random_resized_crop)
+    crop_padding: int = 4  # pad_crop: zero padding of the random crop (0 = off)
     hflip: bool = True
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -83,6 +94,8 @@ class OptimConfig:
     warmup_epochs: int = 0
     milestones: list[int] = field(default_factory=list)  # multistep: epochs where lr ×= lr_decay
     lr_decay: float = 0.1
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is the global batch per step)
+    fused: str = "auto"  # auto (on for CUDA) | on | off: torch.optim.SGD(fused=True)
 
 
 @dataclass
@@ -106,6 +119,13 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    # Speed switches; "auto" = on for CUDA, off on CPU (bf16 autocast is ~15× slower on CPU).
+    amp: str = "auto"  # auto (bf16 on CUDA) | off | bf16 | fp16 (with GradScaler)
+    channels_last: str = "auto"  # auto | on | off
+    compile: str = "auto"  # auto | on | off: torch.compile of the model (fused head stays in the graph)
+    cudnn_benchmark: bool = True
+    checkpoint_every: int = 0  # also write last.pt every N optimizer steps (0 = end of each epoch only)
+    tensorboard: bool = False  # TensorBoard scalars under <run>/tb (needs the tensorboard package)
     progress: bool = True
     threads: int = 0  # torch CPU threads (0 = torch's default)
 
@@ -274,7 +294,15 @@ def validate(cfg: Config) -> None:
     _check(cfg.method in METHODS, "method", cfg.method, f"one of {', '.join(METHODS)}")
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "an integer ≥ 1")
     d = cfg.data
-    _check(d.dataset in ("digits_lt", "split_files"), "data.dataset", d.dataset, "'digits_lt' or 'split_files'")
+    _check(d.format in FORMATS, "data.format", d.format, f"one of {', '.join(FORMATS)}")
+    _check(d.sampler in SAMPLERS, "data.sampler", d.sampler, f"one of {', '.join(SAMPLERS)}")
+    _check(d.sampler_epoch_length >= 0, "data.sampler_epoch_length", d.sampler_epoch_length, "an integer ≥ 0")
+    _check(d.samples_per_class >= 1, "data.samples_per_class", d.samples_per_class, "an integer ≥ 1")
+    _check(d.loader in ("auto", "dali", "torchvision"), "data.loader", d.loader, "'auto', 'dali' or 'torchvision'")
+    _check(d.augment in ("pad_crop", "random_resized_crop"), "data.augment", d.augment,
+           "'pad_crop' or 'random_resized_crop'")
+    _check(d.resize_size == 0 or d.resize_size >= d.image_size, "data.resize_size", d.resize_size,
+           f"0 or ≥ data.image_size ({d.image_size})")
     _check(d.imbalance_profile in ("exp", "step"), "data.imbalance_profile", d.imbalance_profile, "'exp' or 'step'")
     _check(d.imbalance_ratio >= 1, "data.imbalance_ratio", d.imbalance_ratio, "a number ≥ 1")
     _check(d.n_max >= 1, "data.n_max", d.n_max, "an integer ≥ 1")
@@ -286,10 +314,11 @@ def validate(cfg: Config) -> None:
     _check(all(s > 0 for s in d.std), "data.std", d.std, "positive values")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer ≥ 0")
     _check(d.num_classes >= 0, "data.num_classes", d.num_classes, "an integer ≥ 0 (0 = infer)")
-    if d.dataset == "split_files":
-        _check(bool(d.root), "data.root", d.root, "the image root folder (data.dataset=split_files)")
-        for key in ("train_split", "val_split", "test_split"):
-            _check(bool(getattr(d, key)), f"data.{key}", getattr(d, key), "a split file path")
+    if d.format != "digits_lt":
+        _check(bool(d.root), "data.root", d.root, f"your data folder (data.format={d.format})")
+    if d.format in ("split_files", "inat", "image_folder"):
+        for key in ("train_split", "val_split"):
+            _check(bool(getattr(d, key)), f"data.{key}", getattr(d, key), f"a split path (data.format={d.format})")
     _check(cfg.model.arch in ARCHS, "model.arch", cfg.model.arch, f"one of {', '.join(ARCHS)}")
     lo = cfg.loss
     _check(lo.lambda_center >= 0, "loss.lambda_center", lo.lambda_center, "a number ≥ 0")
@@ -307,6 +336,10 @@ def validate(cfg: Config) -> None:
     _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "an integer ≥ 1")
     _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _check(o.schedule in ("cosine", "multistep"), "optim.schedule", o.schedule, "'cosine' or 'multistep'")
+    _check(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, "an integer ≥ 1")
+    _check(o.batch_size % o.grad_accum == 0, "optim.batch_size", o.batch_size,
+           f"a multiple of optim.grad_accum ({o.grad_accum})")
+    _check(o.fused in AUTO_ON_OFF, "optim.fused", o.fused, "'auto', 'on' or 'off'")
     _check(0 <= o.warmup_epochs < cfg.epochs, "optim.warmup_epochs", o.warmup_epochs, f"0 ≤ warmup < epochs ({cfg.epochs})")
     _check(all(0 < m < cfg.epochs for m in o.milestones), "optim.milestones", o.milestones, f"epochs in (0, {cfg.epochs})")
     _check(cfg.rescale.gamma >= 0, "rescale.gamma", cfg.rescale.gamma, "a number ≥ 0")
@@ -317,4 +350,9 @@ def validate(cfg: Config) -> None:
     _check(e.few_threshold <= e.many_threshold + 1, "eval.few_threshold", e.few_threshold,
            f"≤ eval.many_threshold + 1 ({e.many_threshold + 1})")
     _check(e.every >= 1, "eval.every", e.every, "an integer ≥ 1")
-    _check(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "'auto', 'cpu' or 'cuda'")
+    r = cfg.run
+    _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "'auto', 'cpu' or 'cuda'")
+    _check(r.amp in ("auto", "off", "bf16", "fp16"), "run.amp", r.amp, "'auto', 'off', 'bf16' or 'fp16'")
+    _check(r.channels_last in AUTO_ON_OFF, "run.channels_last", r.channels_last, "'auto', 'on' or 'off'")
+    _check(r.compile in AUTO_ON_OFF, "run.compile", r.compile, "'auto', 'on' or 'off'")
+    _check(r.checkpoint_every >= 0, "run.checkpoint_every", r.checkpoint_every, "an integer ≥ 0")

@@ -181,10 +181,17 @@ class OffsetHead(nn.Module):
         )
 
     @torch.no_grad()
-    def after_step(self, features: Tensor, labels: Tensor, class_counts: Tensor | None, gamma: float = 0.0) -> None:
-        """Everything the method does after an optimizer step, in the papers' order."""
+    def after_step(
+        self, features: Tensor, labels: Tensor, class_counts: Tensor | None, gamma: float = 0.0, reduce=None
+    ) -> None:
+        """Everything the method does after an optimizer step, in the papers' order.
+
+        `reduce(*tensors)` sums tensors over ranks in place (DDP): the center update then sees
+        the global batch, so every rank keeps identical centers."""
         if self.spec.center:
             sums, counts = kernels.class_feature_sums(features, labels, self.num_classes)
+            if reduce is not None:
+                reduce(sums, counts)
             kernels.wen_center_update(self.centers, sums, counts, self.center_alpha)
         if self.spec.wvn:
             self.normalize_weights()  # Algorithm 1, line 8

@@ -134,8 +134,12 @@ class Classifier(nn.Module):
     def forward_head(self, features: Tensor) -> Tensor:
         return self.head(features)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: Tensor, labels: Tensor | None = None):
+        """Logits; with `labels`, the training pair (loss, features) — one call for DDP / compile."""
+        features = self.forward_features(x)
+        if labels is None:
+            return self.forward_head(features)
+        return self.head.loss(features, labels), features
 
 
 def build_model(arch: str, num_classes: int, method: str, pretrained: str = "", **head_kwargs) -> Classifier:

@@ -1,45 +1,77 @@
-"""`engine train`: split file → sampler → batch → backbone → head + loss → SGD step (+ method's
-after-step) → eval → checkpoint → report. One function, read top to bottom.
+"""`engine train`: split file → sampler → batch → backbone → head + loss → SGD step (+ the
+method's after-step: Wen center update / WVN / in-loop RS) → eval → checkpoint → report.
+
+Single process, or one process per GPU under torchrun (DDP; gloo on CPU). Only rank 0
+writes files. Read `train` top to bottom; `train_step` is one optimizer step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engine import report
 from engine.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
-from engine.config import Config, to_dict, to_yaml
-from engine.data import load_data, make_loaders, train_features_loader
-from engine.evaluate import accuracy_report, collect_features, format_table, head_logits, scalars
+from engine.config import Config, ConfigError, to_dict, to_yaml
+from engine.data import Data, load_data, make_loaders, train_features_loader
+from engine.distributed import DistInfo, all_gather_cat, all_reduce_sum_, init_distributed, shutdown
+from engine.evaluate import Features, accuracy_report, collect_features, format_table, head_logits, scalars
 from engine.losses import head_loss_kwargs
-from engine.models import build_model
+from engine.models import Classifier, build_model
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, a run folder that is in the way)."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError("run.device=cuda but no CUDA device is available; use run.device=cpu")
-    return torch.device(name)
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+@dataclass(frozen=True)
+class Speed:
+    """The speed switches resolved for this device ("auto" = on for CUDA, off on CPU)."""
+
+    amp_dtype: torch.dtype | None
+    grad_scaler: bool
+    channels_last: bool
+    compile: bool
+    fused_sgd: bool
+
+
+def resolve_speed(cfg: Config, device: torch.device) -> Speed:
+    cuda = device.type == "cuda"
+
+    def on(value: str) -> bool:
+        return value == "on" or (value == "auto" and cuda)
+
+    amp = {"auto": "bf16" if cuda else "off"}.get(cfg.run.amp, cfg.run.amp)
+    if amp == "fp16" and not cuda:
+        raise ConfigError("run.amp=fp16 needs CUDA (GradScaler); use run.amp=bf16 or off on CPU")
+    if on(cfg.optim.fused) and not cuda:
+        raise ConfigError("optim.fused=on needs CUDA parameters; use optim.fused=auto or off on CPU")
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return Speed(dtype, amp == "fp16", on(cfg.run.channels_last), on(cfg.run.compile), on(cfg.optim.fused))
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
     o = cfg.optim
-    return torch.optim.SGD(
-        model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
-    )
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           nesterov=o.nesterov, **({"fused": True} if fused else {}))
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -59,62 +91,106 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def prepare_run_dir(out_dir: Path, resume: bool) -> bool:
-    """Check the run folder can take this run; returns whether it was created now."""
+def prepare_run_dir(out_dir: Path, resume: bool, is_main: bool) -> bool:
+    """Check the run folder can take this run; returns whether it was created now (rank 0 only)."""
     if resume:
         if not (out_dir / "last.pt").is_file():
             raise TrainingError(f"--resume: {out_dir / 'last.pt'} does not exist; nothing to resume")
         return False
     if out_dir.exists() and any(out_dir.iterdir()):
         raise TrainingError(f"run folder {out_dir} already holds files; choose another --out or pass --resume")
+    if not is_main:
+        return False
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     return created
 
 
+@dataclass
+class Run:
+    """Everything one training run holds, passed to the step / eval / checkpoint helpers."""
+
+    cfg: Config
+    out_dir: Path
+    dist: DistInfo
+    device: torch.device
+    speed: Speed
+    data: Data
+    model: Classifier  # the plain model: eval, checkpoints, after-step updates
+    step_model: torch.nn.Module  # what the training step calls: model, DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    counts: torch.Tensor  # training class counts on the device
+    steps_per_epoch: int
+
+    def autocast(self):
+        if self.speed.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.speed.amp_dtype)
+
+
 def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
-    """Train one model; returns the final metrics (also written to out_dir/metrics.json)."""
+    """Train one model; returns the final metrics (also written to out_dir/metrics.json by rank 0)."""
     out_dir = Path(out_dir)
-    device = resolve_device(cfg.run.device)
+    want_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+    dist = init_distributed("cuda" if want_cuda else "cpu")
+    try:
+        return _train(cfg, out_dir, resume, dist)
+    finally:
+        shutdown()
+
+
+def _train(cfg: Config, out_dir: Path, resume: bool, dist: DistInfo) -> dict:
+    device = resolve_device(cfg.run.device, dist)
+    speed = resolve_speed(cfg, device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     if device.type == "cpu":
-        # Late in training, activations hit float32 denormals, which cost ~6× on x86 CPUs.
-        torch.set_flush_denormal(True)
+        torch.set_flush_denormal(True)  # late in training, float32 denormals cost ~6× on x86 CPUs
+    else:
+        torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
     torch.manual_seed(cfg.seed)
+    if cfg.optim.batch_size % (dist.world_size * cfg.optim.grad_accum):
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must divide into {dist.world_size} ranks × "
+                          f"{cfg.optim.grad_accum} micro-batches (optim.grad_accum)")
 
     # Every split file, image path and label is checked before the run folder exists.
     data = load_data(cfg)
-    counts = torch.as_tensor(data.class_counts, dtype=torch.float32, device=device)
-    train_loader, val_loader, test_loader = make_loaders(cfg, data, pin_memory=device.type == "cuda")
+    layout = "channels_last" if speed.channels_last else "NCHW"
+    train_loader, val_loader, test_loader = make_loaders(cfg, data, dist, device.type, layout)
 
     model = build_model(
-        cfg.model.arch,
-        data.num_classes,
-        cfg.method,
-        pretrained=cfg.model.pretrained,
-        lambda_center=cfg.loss.lambda_center,
-        lambda_uniform=cfg.loss.lambda_uniform,
-        center_alpha=cfg.loss.center_alpha,
-        label_smoothing=cfg.loss.label_smoothing,
+        cfg.model.arch, data.num_classes, cfg.method, pretrained=cfg.model.pretrained,
+        lambda_center=cfg.loss.lambda_center, lambda_uniform=cfg.loss.lambda_uniform,
+        center_alpha=cfg.loss.center_alpha, label_smoothing=cfg.loss.label_smoothing,
         **head_loss_kwargs(cfg, data.class_counts),  # class counts + baseline-loss settings
-    ).to(device)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
+    ).to(device, memory_format=torch.channels_last if speed.channels_last else torch.contiguous_format)
+    optimizer = build_optimizer(cfg, model, speed.fused_sgd)
+    steps_per_epoch = len(train_loader)
+    step_model: torch.nn.Module = model
+    if dist.enabled:
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if speed.compile:
+        step_model = torch.compile(step_model)
+    run = Run(cfg, out_dir, dist, device, speed, data, model, step_model, optimizer,
+              build_scheduler(cfg, optimizer, steps_per_epoch),
+              torch.amp.GradScaler(device.type, enabled=speed.grad_scaler),
+              torch.as_tensor(data.class_counts, dtype=torch.float32, device=device), steps_per_epoch)
 
-    created = prepare_run_dir(out_dir, resume)
+    created = prepare_run_dir(out_dir, resume, dist.is_main)
     try:
-        history = _train_epochs(cfg, out_dir, resume, model, optimizer, scheduler, data, train_loader, val_loader,
-                                device, counts)
+        history = train_epochs(run, train_loader, val_loader, load_checkpoint(out_dir / "last.pt") if resume else None)
     except BaseException:
         # A run that fails before its first checkpoint leaves nothing behind: there is nothing to resume.
         if created and not (out_dir / "last.pt").exists():
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
 
-    # Final evaluation on the held-out test split, diagnostics, report.
-    test = _evaluate(cfg, model, test_loader, data.class_counts, device)
-    val = _evaluate(cfg, model, val_loader, data.class_counts, device)
+    # Final evaluation on the held-out test split, diagnostics, report (all ranks evaluate a shard).
+    test = evaluate(run, test_loader)
+    val = evaluate(run, val_loader)
+    diag = diagnostics(run) if cfg.eval.diagnostics else None
     metrics = {
         **test,
         "val": scalars(val),
@@ -122,113 +198,192 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "class_counts": data.class_counts.tolist(),
-        "diagnostics": diagnostics(cfg, model, data, device) if cfg.eval.diagnostics else None,
+        "notes": data.notes,
+        "diagnostics": diag,
     }
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-    report.write_plots(out_dir, history, metrics)
-    print(format_table({f"test ({cfg.method})": test}))
+    if dist.is_main:
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+        report.write_plots(out_dir, history, metrics)
+        print(format_table({f"test ({cfg.method})": test}))
     return metrics
 
 
-def _train_epochs(cfg, out_dir, resume, model, optimizer, scheduler, data, train_loader, val_loader, device, counts):
-    """The epoch loop; returns the log history. Writes config.yaml, metrics.jsonl and last.pt."""
-    gamma = cfg.rescale.gamma if cfg.rescale.in_loop else 0.0
-    start_epoch, history = 0, []
-    if resume:
-        state = load_checkpoint(out_dir / "last.pt")
-        if state["config"] != to_dict(cfg):
-            raise CheckpointError(f"--resume: the config differs from the one {out_dir / 'last.pt'} was trained with")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-    atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
-    log_path = out_dir / "metrics.jsonl"  # rewritten from the checkpoint's history: no line lost or doubled
-    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
-
-    step = start_epoch * len(train_loader)
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+def train_epochs(run: Run, train_loader, val_loader, state: dict | None) -> list[dict]:
+    """The epoch loop; returns the log history. Rank 0 writes config.yaml, metrics.jsonl, last.pt."""
+    cfg, out_dir = run.cfg, run.out_dir
+    epoch, position, history, totals = 0, 0, [], (0.0, 0)
+    if state is not None:
+        epoch, position, history, totals = restore(run, state)
         train_loader.sampler.set_epoch(epoch)
-        model.head.set_epoch(epoch)  # DRW (ldam_drw) switches its class weights on at loss.drw_epoch
-        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.run.progress, leave=False)
-        for x, y in bar:
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            features = model.forward_features(x)
-            loss = model.head.loss(features, y)
-            loss_value = loss.item()  # sync point: the loss is checked before it can touch the weights
-            if not math.isfinite(loss_value):
-                last = out_dir / "last.pt"
-                kept = f"the last complete checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-                raise TrainingError(
-                    f"loss is {loss_value} at epoch {epoch + 1}, step {step} (method {cfg.method}, lr "
-                    f"{scheduler.get_last_lr()[0]:.4g}); {kept}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            model.head.after_step(features.detach(), y, counts, gamma)  # Wen update / WVN / in-loop RS
-            loss_sum += loss_value * len(y)
-            seen += len(y)
-            step += 1
-            bar.set_postfix(loss=f"{loss_value:.3f}")
+        train_loader.sampler.set_position(position * (cfg.optim.batch_size // run.dist.world_size))
+    log_path = out_dir / "metrics.jsonl"
+    if run.dist.is_main:
+        atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
+        # Rewritten from the checkpoint's history on resume: no line lost or doubled.
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
+    writer = _tensorboard(run)
+    run_start, steps_at_start = time.perf_counter(), epoch * run.steps_per_epoch + position
 
+    for epoch in range(epoch, cfg.epochs):
+        run.model.train()
+        if position == 0:
+            train_loader.sampler.set_epoch(epoch)
+        run.model.head.set_epoch(epoch)  # DRW (ldam_drw) switches its class weights on at loss.drw_epoch
+        t0, (loss_sum, seen) = time.perf_counter(), totals
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=position,
+                   total=run.steps_per_epoch, disable=not (cfg.run.progress and run.dist.is_main), leave=False)
+        for x, y in bar:
+            step = epoch * run.steps_per_epoch + position
+            loss_value = train_step(run, x, y, epoch, step)
+            loss_sum, seen, position = loss_sum + loss_value * len(y), seen + len(y), position + 1
+            done = step + 1 - steps_at_start
+            per_step = (time.perf_counter() - run_start) / done
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{len(y) * run.dist.world_size / per_step:.0f}")
+            if cfg.run.checkpoint_every and position % cfg.run.checkpoint_every == 0 and position < run.steps_per_epoch:
+                checkpoint(run, epoch, position, history, (loss_sum, seen))
+
+        elapsed = time.perf_counter() - t0
+        steps_left = (cfg.epochs - epoch - 1) * run.steps_per_epoch
         record = {
             "epoch": epoch + 1,
-            "step": step,
+            "step": (epoch + 1) * run.steps_per_epoch,
             "train_loss": loss_sum / max(seen, 1),
-            "lr": scheduler.get_last_lr()[0],
-            "images_per_s": seen / (time.perf_counter() - t0),
+            "lr": run.scheduler.get_last_lr()[0],
+            "images_per_s": seen * run.dist.world_size / elapsed,
+            "eta_s": steps_left * (time.perf_counter() - run_start) / max(1, (epoch + 1) * run.steps_per_epoch - steps_at_start),
         }
         if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
-            val = _evaluate(cfg, model, val_loader, data.class_counts, device)
-            record.update({f"val_{k}": v for k, v in scalars(val).items()})
-        # The checkpoint carries the log history, so a resume restores both together.
+            record.update({f"val_{k}": v for k, v in scalars(evaluate(run, val_loader)).items()})
         history.append(record)
-        save_checkpoint(
-            out_dir / "last.pt",
-            {
-                "config": to_dict(cfg),
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "class_counts": data.class_counts.tolist(),
-                "history": history,
-            },
-        )
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if cfg.run.progress:
-            val_txt = f"  val top-1 {record['val_top1']:.2f}" if "val_top1" in record else ""
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}{val_txt}")
-
+        position, totals = 0, (0.0, 0)
+        checkpoint(run, epoch + 1, 0, history, totals)  # the checkpoint carries the log history
+        if run.dist.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                        writer.add_scalar(key, value, record["step"])
+            if cfg.run.progress:
+                val_txt = f"  val top-1 {record['val_top1']:.2f}" if "val_top1" in record else ""
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}{val_txt}  "
+                           f"{record['images_per_s']:.0f} img/s  ETA {record['eta_s'] / 60:.1f} min")
+    if writer is not None:
+        writer.close()
     return history
 
 
-def _evaluate(cfg: Config, model, loader, class_counts: np.ndarray, device) -> dict:
-    feats = collect_features(model, loader, device)
-    return accuracy_report(
-        head_logits(model, feats), feats.labels, class_counts, cfg.eval.many_threshold, cfg.eval.few_threshold
-    )
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int) -> float:
+    """One optimizer step over this rank's batch; returns the batch's mean loss (over all ranks).
+
+    With optim.grad_accum = A the batch is split by stride, micro-batch r = batch[r::A]: under
+    interleaved rank shards that is exactly what rank r of an A-rank run sees, so 1 process × A
+    micro-batches and A ranks × 1 compute the same step (BatchNorm statistics included).
+    """
+    cfg, A = run.cfg, run.cfg.optim.grad_accum
+    x = x.to(run.device, non_blocking=True)
+    y = y.to(run.device, non_blocking=True)
+    run.optimizer.zero_grad(set_to_none=True)
+    features, labels, total = [], [], 0.0
+    for r in range(A):
+        xb, yb = x[r::A], y[r::A]
+        last = r == A - 1
+        no_sync = run.step_model.no_sync() if run.dist.enabled and not last and hasattr(run.step_model, "no_sync") \
+            else contextlib.nullcontext()
+        with no_sync:
+            with run.autocast():
+                loss, feats = run.step_model(xb, yb)
+            # Sync point: the loss (averaged over ranks) is checked before it can touch the weights.
+            value = loss.detach().float().clone()
+            all_reduce_sum_(value)
+            value = value.item() / run.dist.world_size
+            if not math.isfinite(value):
+                last_ckpt = run.out_dir / "last.pt"
+                kept = f"the last complete checkpoint is {last_ckpt}" if last_ckpt.exists() else "no checkpoint was written yet"
+                raise TrainingError(f"loss is {value} at epoch {epoch + 1}, step {step} (method {cfg.method}, lr "
+                                    f"{run.scheduler.get_last_lr()[0]:.4g}); {kept}")
+            run.scaler.scale(loss / A).backward()
+        total += value / A
+        features.append(feats.detach())
+        labels.append(yb)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    gamma = cfg.rescale.gamma if cfg.rescale.in_loop else 0.0
+    reduce = all_reduce_sum_ if run.dist.enabled else None
+    run.model.head.after_step(torch.cat(features), torch.cat(labels), run.counts, gamma, reduce)
+    return total
+
+
+def checkpoint(run: Run, epoch: int, position: int, history: list[dict], totals: tuple[float, int]) -> None:
+    """last.pt (atomic; rank 0): resume restarts at optimizer step `position` of epoch `epoch`."""
+    if not run.dist.is_main:
+        return
+    save_checkpoint(run.out_dir / "last.pt", {
+        "config": to_dict(run.cfg),
+        "epoch": epoch,  # 0-based epoch to continue (== epochs when training is complete)
+        "position": position,  # optimizer steps already done in that epoch
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else [],
+        "class_counts": run.data.class_counts.tolist(),
+        "history": history,
+        "epoch_loss_sum": totals[0],
+        "epoch_seen": totals[1],
+    })
+
+
+def restore(run: Run, state: dict) -> tuple[int, int, list[dict], tuple[float, int]]:
+    if state["config"] != to_dict(run.cfg):
+        raise CheckpointError(f"--resume: the config differs from the one {run.out_dir / 'last.pt'} was trained with")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and run.device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["epoch"], state["position"], state["history"], (state["epoch_loss_sum"], state["epoch_seen"])
+
+
+def _tensorboard(run: Run):
+    if not (run.cfg.run.tensorboard and run.dist.is_main):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("run.tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(str(run.out_dir / "tb"))
+
+
+def _gathered_features(run: Run, loader) -> Features:
+    """This rank's shard through the backbone, then every rank's shard concatenated."""
+    with run.autocast():
+        feats = collect_features(run.model, loader, run.device)
+    return Features(all_gather_cat(feats.features), all_gather_cat(feats.labels))
+
+
+def evaluate(run: Run, loader) -> dict:
+    feats = _gathered_features(run, loader)
+    return accuracy_report(head_logits(run.model, feats), feats.labels, run.data.class_counts,
+                           run.cfg.eval.many_threshold, run.cfg.eval.few_threshold)
 
 
 @torch.no_grad()
-def diagnostics(cfg: Config, model, data, device) -> dict:
+def diagnostics(run: Run) -> dict:
     """Per-class offsets and norms (EO Fig. 1/3, WVN Fig. 2): estimated õ_k = ½c_k·w_k,
     empirical ½μ̃_k·w_k from the training features' class means, trained bias, ‖w_k‖."""
     import kernels
 
-    feats = collect_features(model, train_features_loader(cfg, data), device)
-    k = data.num_classes
-    sums, n = kernels.class_feature_sums(feats.features, feats.labels, k)
+    with run.autocast():
+        feats = collect_features(run.model, train_features_loader(run.cfg, run.data, run.dist), run.device)
+    sums, n = kernels.class_feature_sums(feats.features, feats.labels, run.data.num_classes)
+    all_reduce_sum_(sums, n)
     means = sums / n.clamp_min(1)[:, None]
-    head = model.head
+    head = run.model.head
     w = head.weight.detach().float().cpu()
     return {
         "estimated_offset": kernels.estimated_offset(w, head.centers.float().cpu()).tolist(),

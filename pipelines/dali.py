@@ -197,7 +197,7 @@ class DaliLoader:
             raise ValueError(f"mean and std need 3 values each (std > 0), got mean={list(mean)}, std={list(std)}")
         if sampler is not None and not hasattr(sampler, "set_epoch"):
             raise ValueError(f"sampler must have set_epoch(epoch) (pipelines.samplers), got {type(sampler).__name__}")
-        if sampler is None and train:  # as make_loader's EpochShuffleSampler: a fresh permutation per epoch
+        if sampler is None and train:  # as make_loader: a fresh permutation per epoch
             from pipelines.samplers import InstanceSampler
 
             sampler = InstanceSampler(index.labels, index.num_classes, seed=seed)

@@ -42,23 +42,6 @@ class ImageListDataset(Dataset):
         return self.transform(img), int(self.index.labels[i])
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A fresh permutation per epoch, drawn from (seed, epoch) only."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
 def build_transform(
     train: bool,
     image_size: int,
@@ -150,7 +133,7 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader over `index`: (images, labels) batches.
 
-    Train without `sampler`: EpochShuffleSampler(len(index), seed) (the engine's default).
+    Train without `sampler`: InstanceSampler(seed), a fresh permutation per epoch.
     `sampler`: any index sampler with set_epoch, e.g. pipelines.samplers.build_sampler(...)
     (class-aware, square-root, progressive, rank-sharded, resumable); used for eval too.
     drop_last: default `train and len(index) > batch_size` (as before).
@@ -158,7 +141,9 @@ def make_loader(
     matching DaliLoader's output.
     """
     if sampler is None and train:
-        sampler = EpochShuffleSampler(len(index), seed)
+        from pipelines.samplers import InstanceSampler
+
+        sampler = InstanceSampler(index.labels, index.num_classes, seed=seed)
     extra: dict[str, Any] = {}
     if (layout, dtype) != ("NCHW", "float32"):
         extra["collate_fn"] = BatchCollate(layout, dtype)

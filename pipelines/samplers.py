@@ -34,6 +34,7 @@ import math
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import Sampler
 
 SAMPLERS = ("instance", "class_aware", "sqrt", "progressive")
@@ -176,9 +177,12 @@ class InstanceSampler(EpochSampler):
     """
 
     def _global_order(self, rng: np.random.Generator, epoch: int) -> np.ndarray:
+        # torch.randperm from a generator seeded with seed·1_000_003 + epoch: the order the
+        # engine's runs have always used (reproducible results across versions).
         n = len(self.labels)
         reps = math.ceil(self.num_samples / n)
-        return np.concatenate([rng.permutation(n) for _ in range(reps)])[: self.num_samples]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return np.concatenate([torch.randperm(n, generator=g).numpy() for _ in range(reps)])[: self.num_samples]
 
 
 class ClassAwareSampler(EpochSampler):
@@ -291,3 +295,22 @@ def build_sampler(
             raise ValueError("the progressive sampler needs total_epochs (T of p_j(t) = (1 − t/T)·p_IB + t/T·p_CB)")
         return ProgressivelyBalancedSampler(labels, num_classes, total_epochs=total_epochs, **common)
     raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation shards: rank r takes indices r, r + world_size, … of the data set's order,
+    with no padding (no image counted twice); `set_epoch` is accepted and ignored."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 ≤ rank < world_size, got rank={rank}, world_size={world_size}")
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny(cache) -> list[str]:
     """A run of a few seconds: ResNet-8, 16 px, 2 epochs, a small Digits-LT."""
     return [
-        f"data.root={cache}", "model.arch=resnet8_cifar", "epochs=2", "data.n_max=30", "data.imbalance_ratio=10",
+        f"data.cache_dir={cache}", "model.arch=resnet8_cifar", "epochs=2", "data.n_max=30", "data.imbalance_ratio=10",
         "data.val_per_class=5", "data.test_per_class=8", "data.image_size=16", "optim.batch_size=32",
         "optim.warmup_epochs=0", "eval.many_threshold=20", "eval.few_threshold=5", "run.progress=false",
     ]
@@ -53,7 +53,7 @@ def test_train_writes_a_complete_run_folder(trained, capsys):
     assert [r["epoch"] for r in log] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in log)
     saved = load_config(None, trained / "config.yaml")
     assert saved.method == "ce" and saved.model.arch == "resnet8_cifar"
-    assert load_checkpoint(trained / "last.pt")["epoch"] == 1
+    assert load_checkpoint(trained / "last.pt")["epoch"] == 2  # the epoch to continue: training is complete
 
 
 def test_eval_reproduces_the_final_test_metrics(trained):
@@ -123,7 +123,7 @@ def test_killed_run_resumes_bitwise(tmp_path, digits_cache, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         main(["train", "--out", str(killed), *args])
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    assert load_checkpoint(killed / "last.pt")["epoch"] == 1 and not (killed / "metrics.json").exists()
+    assert load_checkpoint(killed / "last.pt")["epoch"] == 2 and not (killed / "metrics.json").exists()
 
     assert main(["train", "--out", str(killed), "--resume", *args]) == 0
     a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
@@ -136,9 +136,9 @@ def test_killed_run_resumes_bitwise(tmp_path, digits_cache, monkeypatch):
 
 
 def test_resume_refuses_a_changed_config(trained, capsys):
-    args = [a for a in tiny("x") if not a.startswith("data.root")]
-    cfg_root = load_config(None, trained / "config.yaml").data.root
-    assert main(["train", "--out", str(trained), "--resume", f"data.root={cfg_root}", *args, "method=eo"]) == 2
+    args = [a for a in tiny("x") if not a.startswith("data.cache_dir")]
+    cache = load_config(None, trained / "config.yaml").data.cache_dir
+    assert main(["train", "--out", str(trained), "--resume", f"data.cache_dir={cache}", *args, "method=eo"]) == 2
     assert "config differs" in capsys.readouterr().err
 
 
@@ -175,7 +175,7 @@ def split_root(tmp_path):
 
 
 def _split_args(root):
-    return ["data.dataset=split_files", f"data.root={root}", "data.train_split=train.txt", "data.val_split=val.txt",
+    return ["data.format=split_files", f"data.root={root}", "data.train_split=train.txt", "data.val_split=val.txt",
             "data.test_split=test.txt", "model.arch=resnet8_cifar", "epochs=1", "data.image_size=16",
             "optim.warmup_epochs=0", "run.progress=false", "optim.batch_size=4"]
 
@@ -232,7 +232,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, digits_
     code = main(["train", "--out", str(out), *tiny(digits_cache), "optim.batch_size=16"])
     err = capsys.readouterr().err
     assert code == 1 and "loss is nan at epoch 2, step 8" in err and "last complete checkpoint" in err, err
-    assert load_checkpoint(out / "last.pt")["epoch"] == 0  # epoch 1's checkpoint, intact
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1  # epoch 1's checkpoint, intact
     assert not (out / "metrics.json").exists()
 
     # NaN before the first checkpoint: nothing is left behind.

@@ -7,7 +7,7 @@ from engine.config import Config, ConfigError, available_presets, config_from_di
 
 def test_default_is_the_digits_preset():
     cfg = load_config()
-    assert cfg.method == "eo_uc" and cfg.data.dataset == "digits_lt"
+    assert cfg.method == "eo_uc" and cfg.data.format == "digits_lt"
     assert "digits-lt" in available_presets()
 
 

@@ -223,10 +223,10 @@ def test_fallback_loader_matches_dali_batches(index):
         for (xd, yd), (xt, yt) in zip(bd, bt):
             assert xd.shape == xt.shape and xd.dtype == xt.dtype and xd.stride() == xt.stride()
             assert yd.tolist() == yt.tolist()
-    # The engine's default path is unchanged: EpochShuffleSampler, NCHW float32.
+    # The engine's default path is unchanged: InstanceSampler, NCHW float32.
     tv = make_loader(index, build_transform(True, SIZE, MEAN, STD, crop_padding=4, hflip=True), 8, train=True)
     x, y = next(iter(tv))
-    assert x.shape == (8, 3, SIZE, SIZE) and x.dtype == torch.float32 and type(tv.sampler).__name__ == "EpochShuffleSampler"
+    assert x.shape == (8, 3, SIZE, SIZE) and x.dtype == torch.float32 and type(tv.sampler).__name__ == "InstanceSampler"
 
 
 def test_fallback_loader_names_a_corrupt_file(index, tmp_path):

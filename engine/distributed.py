@@ -1,0 +1,80 @@
+"""torchrun / torch.distributed glue: who am I, which device, how to reduce.
+
+`engine train` started by torchrun (env:// rendezvous: RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT set by torchrun) runs one process per GPU with DDP over NCCL, or per
+CPU process over gloo. A plain `engine train` is world size 1 and uses none of this.
+
+Multi-node (2 nodes × 8 GPUs), on every node:
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 \
+        --rdzv-id RUN_ID -m engine.cli train --preset imagenet-lt-resnext152 data.root=/data/imagenet
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group torchrun set up (no-op for a single process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method="env://")
+    return DistInfo(rank, world_size, local_rank)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum_(*tensors: torch.Tensor) -> None:
+    """In-place sum over ranks (no-op when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a (possibly differently sized) tensor from every rank, in rank order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, tensor.cpu())
+    return torch.cat(gathered)
+
+
+def broadcast_error(message: str | None) -> str | None:
+    """Agree on a failure: if any rank has an error message, every rank gets the first one.
+
+    Used at sync points so one rank's bad input or NaN brings all ranks down with its cause.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return message
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return next((f"rank {r}: {m}" for r, m in enumerate(messages) if m), None)
