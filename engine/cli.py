@@ -1,10 +1,11 @@
-"""Command line: `engine train | eval | rescale`.
+"""Command line: `engine train | eval | rescale | sweep | calibrate | compare | data check`.
 
     engine train [--preset NAME] [--config FILE] [--out DIR] [--resume] [dotted.key=value ...]
     engine eval --checkpoint PATH [--split test|val]
     engine rescale --checkpoint PATH --gamma G          (post-hoc RS, one γ)
     engine rescale --checkpoint PATH --sweep 0:1:0.1    (γ chosen on val, reported on test)
     engine sweep --out DIR --grid method=ce,eo_uc --seeds 0,1,2 [key=value ...]
+    engine data check SPLIT --root DIR [--num-classes N] [--json]
     engine calibrate --checkpoint PATH --method {rs,tau_norm,logit_adjust,crt,lws} [--sweep A:B:S] [--epochs N]
     engine compare RUN... [--out DIR]
 
@@ -64,7 +65,28 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("compare", help="many/medium/few/all table and plot across run folders")
     m.add_argument("runs", nargs="+", help="run folders (or metrics.json files)")
     m.add_argument("--out", default="compare", help="folder for compare.md / compare.json / compare.png")
+
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="scan a split file: missing/corrupt images, labels, class counts, shot groups")
+    dc.add_argument("split", help="split file (`relative/path label` per line)")
+    dc.add_argument("--root", required=True, help="image root the split's paths are relative to")
+    dc.add_argument("--num-classes", type=int, default=None, help="labels must lie in [0, N) (default: inferred)")
+    dc.add_argument("--many", type=int, default=100, help="many-shot: more than this many images")
+    dc.add_argument("--few", type=int, default=20, help="few-shot: fewer than this many images")
+    dc.add_argument("--json", action="store_true", help="print the full report as JSON")
     return p
+
+
+def _cmd_data(args) -> int:
+    """`engine data check`: exit 0 when the split is clean, 1 when it found problems."""
+    import json
+
+    from pipelines.check import check_split, format_check_report
+
+    result = check_split(args.split, args.root, args.num_classes, args.many, args.few)
+    print(json.dumps(result, indent=2) if args.json else format_check_report(result))
+    return 0 if result["ok"] else 1
 
 
 def _cmd_sweep(args) -> int:
@@ -146,7 +168,7 @@ def _parse_sweep(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "rescale": _cmd_rescale, "sweep": _cmd_sweep,
-                "calibrate": _cmd_calibrate, "compare": _cmd_compare}
+                "calibrate": _cmd_calibrate, "compare": _cmd_compare, "data": _cmd_data}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError) as exc:

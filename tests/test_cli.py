@@ -282,3 +282,20 @@ def test_engine_entry_point_runs():
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "engine.cli"]
     out = subprocess.run([*cmd, "train", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--preset" in out.stdout
+
+
+def test_data_check_finds_every_problem(split_root, capsys):
+    (split_root / "c1" / "0.jpg").write_bytes(b"corrupt")
+    (split_root / "c2" / "1.jpg").unlink()
+    split = split_root / "check.txt"
+    split.write_text((split_root / "train.txt").read_text() + "c0/0.jpg nine\n")
+    assert main(["data", "check", str(split), "--root", str(split_root), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"]
+    text = json.dumps(report)
+    assert "c1/0.jpg" in text and "c2/1.jpg" in text and "nine" in text
+    assert main(["data", "check", str(split_root / "val.txt"), "--root", str(split_root)]) == 1  # c1/0.jpg corrupt there too
+    (split_root / "c1" / "0.jpg").unlink()
+    Image.new("RGB", (5, 5)).save(split_root / "c1" / "0.jpg")
+    Image.new("RGB", (5, 5)).save(split_root / "c2" / "1.jpg")
+    assert main(["data", "check", str(split_root / "train.txt"), "--root", str(split_root)]) == 0
