@@ -11,14 +11,7 @@ from engine import calibration as C
 from engine.cli import main
 from engine.evaluate import accuracy_report
 from engine.posthoc import load_run
-
-def tiny(cache) -> list[str]:
-    """tests/test_cli.py's few-second run: ResNet-8, 16 px, 2 epochs, a small Digits-LT."""
-    return [
-        f"data.cache_dir={cache}", "model.arch=resnet8_cifar", "epochs=2", "data.n_max=30", "data.imbalance_ratio=10",
-        "data.val_per_class=5", "data.test_per_class=8", "data.image_size=16", "optim.batch_size=32",
-        "optim.warmup_epochs=0", "eval.many_threshold=20", "eval.few_threshold=5", "run.progress=false",
-    ]
+from helpers import tiny
 
 
 COUNTS = np.array([50, 20, 5, 2])

@@ -15,17 +15,9 @@ import engine.train as train_mod
 from engine.checkpoint import load_checkpoint
 from engine.cli import main
 from engine.config import load_config
+from helpers import tiny
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny(cache) -> list[str]:
-    """A run of a few seconds: ResNet-8, 16 px, 2 epochs, a small Digits-LT."""
-    return [
-        f"data.cache_dir={cache}", "model.arch=resnet8_cifar", "epochs=2", "data.n_max=30", "data.imbalance_ratio=10",
-        "data.val_per_class=5", "data.test_per_class=8", "data.image_size=16", "optim.batch_size=32",
-        "optim.warmup_epochs=0", "eval.many_threshold=20", "eval.few_threshold=5", "run.progress=false",
-    ]
 
 
 @pytest.fixture(scope="module")

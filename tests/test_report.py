@@ -6,18 +6,10 @@ import math
 import pytest
 
 from engine.cli import main
+from helpers import tiny
 
 PLOTS = ("curves.png", "per_class.png", "cumulative_fp.png", "confusion.png")
 DIAGNOSTIC_PLOTS = ("prior.png", "offsets.png", "weight_norms.png")
-
-
-def tiny(cache) -> list[str]:
-    """tests/test_cli.py's few-second run: ResNet-8, 16 px, 2 epochs, a small Digits-LT."""
-    return [
-        f"data.cache_dir={cache}", "model.arch=resnet8_cifar", "epochs=2", "data.n_max=30", "data.imbalance_ratio=10",
-        "data.val_per_class=5", "data.test_per_class=8", "data.image_size=16", "optim.batch_size=32",
-        "optim.warmup_epochs=0", "eval.many_threshold=20", "eval.few_threshold=5", "run.progress=false",
-    ]
 
 
 @pytest.fixture(scope="module")

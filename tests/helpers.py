@@ -1,0 +1,10 @@
+"""Shared test helpers (importable from test modules: pytest puts tests/ on sys.path)."""
+
+
+def tiny(cache) -> list[str]:
+    """Overrides for a run of a few seconds: ResNet-8, 16 px, 2 epochs, a small Digits-LT in `cache`."""
+    return [
+        f"data.cache_dir={cache}", "model.arch=resnet8_cifar", "epochs=2", "data.n_max=30", "data.imbalance_ratio=10",
+        "data.val_per_class=5", "data.test_per_class=8", "data.image_size=16", "optim.batch_size=32",
+        "optim.warmup_epochs=0", "eval.many_threshold=20", "eval.few_threshold=5", "run.progress=false",
+    ]
