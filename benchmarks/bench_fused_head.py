@@ -9,10 +9,14 @@ Every case records in `benchmark.extra_info`:
     peak_mem_bytes  peak CUDA memory allocated during one fwd+bwd above the inputs (CUDA only)
     flops           6·B·K·d  (logits, dF = dz·W, dW = dzᵀ·F; the O(B·K + K·d) rest is ignored)
     bytes           minimum traffic: read F, W, C once, write dF, dW, dC once
-    matmul_flops_s  measured rate of a plain large matmul in the case's dtype
+    matmul_flops_s  measured rate of a plain large matmul in the case's dtype (fp32: TF32 only when
+                    torch.backends.cuda.matmul.allow_tf32, as the kernels decide)
     copy_bytes_s    measured bandwidth of a plain large copy (read + write counted)
+    limits_source   where those two came from: "native" (the cuBLASLt / copy probe), "torch" (see
+                    benchmarks/device_limits.py)
     roofline_floor_s max(flops / matmul_flops_s, bytes / copy_bytes_s)
     roofline_frac   roofline_floor_s / time_s  (1.0 = as fast as the machine's own matmul/copy)
+    tflop_s, gb_s   flops / time_s / 1e12, bytes / time_s / 1e9
 
 On CPU the shapes are scaled down (B/8, d/8, K/8) and only the reference backends run; the
 Triton cases skip (the interpreter is for correctness, not speed), and the compiled reference
@@ -27,6 +31,7 @@ import time
 import pytest
 import torch
 
+from device_limits import copy_rate, device_limits, matmul_rate
 from kernels import fused_head, reference
 
 CUDA = torch.cuda.is_available()
@@ -57,19 +62,10 @@ def _time(fn, reps):
 
 @pytest.fixture(scope="session")
 def machine_rates():
-    """Measured matmul FLOP/s per dtype and copy bandwidth (bytes/s, read + write)."""
-    n = 8192 if CUDA else 512
-    rates = {}
-    for dt in DTYPES:
-        a = torch.randn(n, n, device=DEVICE).to(dt)
-        b = torch.randn(n, n, device=DEVICE).to(dt)
-        reps = 10 if CUDA else 3
-        rates[dt] = 2 * n**3 / _time(lambda: torch.mm(a, b), reps)
-    numel = (256 if CUDA else 8) * 2**20 // 4
-    src = torch.randn(numel, device=DEVICE)
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() * 4 / _time(lambda: dst.copy_(src), 10 if CUDA else 3)
-    return rates, bw
+    """Measured matmul FLOP/s per dtype and copy bandwidth (bytes/s, read + write): benchmarks/device_limits.py
+    (the native probe's figures on a GPU, torch-measured ones on CPU)."""
+    limits = device_limits()
+    return {dt: matmul_rate(limits, dt) for dt in DTYPES}, copy_rate(limits), limits
 
 
 _COMPILED: dict = {}
@@ -136,7 +132,7 @@ def test_head_fwd_bwd(benchmark, machine_rates, shape, dtype, impl):
     stats = getattr(benchmark, "stats", None)
     t = stats.stats.median if stats is not None else t_first  # --benchmark-disable: the single call
 
-    rates, bw = machine_rates
+    rates, bw, limits = machine_rates
     esize = torch.finfo(dtype).bits // 8
     flops = 6 * B * K * d
     nbytes = 2 * (B * d + 2 * K * d) * esize
@@ -152,7 +148,10 @@ def test_head_fwd_bwd(benchmark, machine_rates, shape, dtype, impl):
         bytes=nbytes,
         matmul_flops_s=rates[dtype],
         copy_bytes_s=bw,
+        limits_source=limits["source"],
         roofline_floor_s=floor,
         roofline_frac=floor / t,
+        tflop_s=flops / t / 1e12,
+        gb_s=nbytes / t / 1e9,
     )
     assert torch.isfinite(f.grad).all() and torch.isfinite(w.grad).all()
