@@ -24,7 +24,7 @@ from engine import report
 from engine.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from engine.config import Config, ConfigError, to_dict, to_yaml
 from engine.data import Data, load_data, make_loaders, train_features_loader
-from engine.distributed import DistInfo, all_gather_cat, all_reduce_sum_, init_distributed, shutdown
+from engine.distributed import DistInfo, all_gather_cat, all_reduce_sum_, broadcast_error, init_distributed, shutdown
 from engine.evaluate import Features, accuracy_report, collect_features, format_table, head_logits, scalars
 from engine.losses import head_loss_kwargs
 from engine.models import Classifier, build_model
@@ -92,14 +92,21 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
 
 
 def prepare_run_dir(out_dir: Path, resume: bool, is_main: bool) -> bool:
-    """Check the run folder can take this run; returns whether it was created now (rank 0 only)."""
-    if resume:
-        if not (out_dir / "last.pt").is_file():
-            raise TrainingError(f"--resume: {out_dir / 'last.pt'} does not exist; nothing to resume")
-        return False
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise TrainingError(f"run folder {out_dir} already holds files; choose another --out or pass --resume")
-    if not is_main:
+    """Check the run folder can take this run; returns whether it was created now (rank 0 only).
+
+    Rank 0 checks and every rank waits for its verdict (a sync point): were each rank to look
+    on its own, a slower rank would find the files rank 0 has started writing and stop.
+    """
+    error = None
+    if is_main:
+        if resume and not (out_dir / "last.pt").is_file():
+            error = f"--resume: {out_dir / 'last.pt'} does not exist; nothing to resume"
+        elif not resume and out_dir.exists() and any(out_dir.iterdir()):
+            error = f"run folder {out_dir} already holds files; choose another --out or pass --resume"
+    error = broadcast_error(error)
+    if error:
+        raise TrainingError(error)
+    if resume or not is_main:
         return False
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,10 +219,16 @@ def train_epochs(run: Run, train_loader, val_loader, state: dict | None) -> list
     """The epoch loop; returns the log history. Rank 0 writes config.yaml, metrics.jsonl, last.pt."""
     cfg, out_dir = run.cfg, run.out_dir
     epoch, position, history, totals = 0, 0, [], (0.0, 0)
+    resume_rng = None
     if state is not None:
         epoch, position, history, totals = restore(run, state)
         train_loader.sampler.set_epoch(epoch)
         train_loader.sampler.set_position(position * (cfg.optim.batch_size // run.dist.world_size))
+        if position:
+            # Mid-epoch: the interrupted run had created this epoch's loader iterator (which draws its
+            # base seed from the global RNG) before the checkpoint; re-apply the saved RNG state after
+            # the new iterator is created so the augmentations continue bit for bit.
+            resume_rng = state["rng"], state["cuda_rng"]
     log_path = out_dir / "metrics.jsonl"
     if run.dist.is_main:
         atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
@@ -230,7 +243,11 @@ def train_epochs(run: Run, train_loader, val_loader, state: dict | None) -> list
             train_loader.sampler.set_epoch(epoch)
         run.model.head.set_epoch(epoch)  # DRW (ldam_drw) switches its class weights on at loss.drw_epoch
         t0, (loss_sum, seen) = time.perf_counter(), totals
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=position,
+        batches = iter(train_loader)
+        if resume_rng is not None:
+            _set_rng(run, *resume_rng)
+            resume_rng = None
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=position,
                    total=run.steps_per_epoch, disable=not (cfg.run.progress and run.dist.is_main), leave=False)
         for x, y in bar:
             step = epoch * run.steps_per_epoch + position
@@ -343,10 +360,14 @@ def restore(run: Run, state: dict) -> tuple[int, int, list[dict], tuple[float, i
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] and run.device.type == "cuda":
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    _set_rng(run, state["rng"], state["cuda_rng"])
     return state["epoch"], state["position"], state["history"], (state["epoch_loss_sum"], state["epoch_seen"])
+
+
+def _set_rng(run: Run, rng: torch.Tensor, cuda_rng: list) -> None:
+    torch.set_rng_state(rng)
+    if cuda_rng and run.device.type == "cuda":
+        torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def _tensorboard(run: Run):
