@@ -1,4 +1,4 @@
-"""Command line: `engine train | eval | rescale | sweep | calibrate | compare | data check`.
+"""Command line: `engine train | eval | rescale | sweep | calibrate | compare | study | data check`.
 
     engine train [--preset NAME] [--config FILE] [--out DIR] [--resume] [dotted.key=value ...]
     engine eval --checkpoint PATH [--split test|val]
@@ -8,6 +8,7 @@
     engine data check SPLIT --root DIR [--num-classes N] [--json]
     engine calibrate --checkpoint PATH --method {rs,tau_norm,logit_adjust,crt,lws} [--sweep A:B:S] [--epochs N]
     engine compare RUN... [--out DIR]
+    engine study [--out docs/study] [--seeds 0,1,2] [--ratios 10,50,100] [--profiles exp,step] [key=value ...]
 
 Errors in the user's input (config, data, checkpoint) print one clear line and exit 2.
 """
@@ -66,6 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("runs", nargs="+", help="run folders (or metrics.json files)")
     m.add_argument("--out", default="compare", help="folder for compare.md / compare.json / compare.png")
 
+    st = sub.add_parser("study", help="the papers' ablation study (all methods × ratios × profiles × seeds) + claims check")
+    st.add_argument("--out", default="docs/study", help="study folder (runs under OUT/runs are re-used; default docs/study)")
+    st.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    st.add_argument("--ratios", default="10,50,100", help="comma-separated imbalance ratios")
+    st.add_argument("--profiles", default="exp,step", help="comma-separated imbalance profiles (exp, step)")
+    st.add_argument("--epochs", type=int, default=None, help="training epochs per run (default: the study's recipe)")
+    st.add_argument("--arch", default=None, help="model.arch (default: the study's recipe)")
+    st.add_argument("--image-size", type=int, default=None, help="data.image_size (default: the study's recipe)")
+    st.add_argument("--format", default="digits_lt", choices=("digits_lt", "cifar10_lt", "cifar100_lt"),
+                    help="data set (cifar*_lt: give --root with the CIFAR python pickles)")
+    st.add_argument("--root", default="", help="data.root for --format cifar10_lt / cifar100_lt")
+    st.add_argument("--jobs", type=int, default=1, help="training processes in parallel (1 torch thread each)")
+    st.add_argument("overrides", nargs="*", help="dotted.key=value applied to every run")
+
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="scan a split file: missing/corrupt images, labels, class counts, shot groups")
@@ -97,6 +112,32 @@ def _cmd_sweep(args) -> int:
     except ValueError:
         raise ConfigError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
     run_sweep(Path(args.out), args.preset, parse_grid(args.grid), seeds, args.overrides, args.select_by)
+    return 0
+
+
+def _cmd_study(args) -> int:
+    import shlex
+
+    from engine import study
+
+    try:
+        seeds = [int(v) for v in args.seeds.split(",")]
+        ratios = [float(v) for v in args.ratios.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds expects integers and --ratios numbers, comma-separated; got {args.seeds!r}, "
+                          f"{args.ratios!r}") from None
+    profiles = args.profiles.split(",")
+    epochs = args.epochs or study.DEFAULT_EPOCHS
+    arch = args.arch or study.DEFAULT_ARCH
+    size = args.image_size or study.DEFAULT_IMAGE_SIZE[args.format]
+    words = ["engine", "study", "--out", args.out, "--seeds", args.seeds, "--ratios", args.ratios, "--profiles",
+             args.profiles, "--epochs", str(epochs), "--arch", arch, "--image-size", str(size)]
+    if args.format != "digits_lt":
+        words += ["--format", args.format, "--root", args.root]
+    if args.jobs != 1:
+        words += ["--jobs", str(args.jobs)]
+    study.run_study(args.out, seeds, ratios, profiles, epochs, arch, size, args.overrides, args.format, args.root,
+                    args.jobs, " ".join(shlex.quote(w) for w in [*words, *args.overrides]))
     return 0
 
 
@@ -168,7 +209,7 @@ def _parse_sweep(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "rescale": _cmd_rescale, "sweep": _cmd_sweep,
-                "calibrate": _cmd_calibrate, "compare": _cmd_compare, "data": _cmd_data}
+                "calibrate": _cmd_calibrate, "compare": _cmd_compare, "data": _cmd_data, "study": _cmd_study}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError) as exc:
