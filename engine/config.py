@@ -176,6 +176,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off (yes/no) as a boolean
+            return "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
         return value

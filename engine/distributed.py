@@ -61,11 +61,16 @@ def all_reduce_sum_(*tensors: torch.Tensor) -> None:
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a (possibly differently sized) tensor from every rank, in rank order."""
+    return torch.cat(all_gather_objects(tensor.cpu()))
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order ([obj] when not distributed)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return tensor
+        return [obj]
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, tensor.cpu())
-    return torch.cat(gathered)
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def broadcast_error(message: str | None) -> str | None:
@@ -75,6 +80,4 @@ def broadcast_error(message: str | None) -> str | None:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return message
-    messages: list = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, message)
-    return next((f"rank {r}: {m}" for r, m in enumerate(messages) if m), None)
+    return next((f"rank {r}: {m}" for r, m in enumerate(all_gather_objects(message)) if m), None)

@@ -24,7 +24,9 @@ from engine import report
 from engine.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from engine.config import Config, ConfigError, to_dict, to_yaml
 from engine.data import Data, load_data, make_loaders, train_features_loader
-from engine.distributed import DistInfo, all_gather_cat, all_reduce_sum_, broadcast_error, init_distributed, shutdown
+from engine.distributed import (
+    DistInfo, all_gather_cat, all_gather_objects, all_reduce_sum_, broadcast_error, init_distributed, shutdown,
+)
 from engine.evaluate import Features, accuracy_report, collect_features, format_table, head_logits, scalars
 from engine.losses import head_loss_kwargs
 from engine.models import Classifier, build_model
@@ -173,6 +175,10 @@ def _train(cfg: Config, out_dir: Path, resume: bool, dist: DistInfo) -> dict:
         center_alpha=cfg.loss.center_alpha, label_smoothing=cfg.loss.label_smoothing,
         **head_loss_kwargs(cfg, data.class_counts),  # class counts + baseline-loss settings
     ).to(device, memory_format=torch.channels_last if speed.channels_last else torch.contiguous_format)
+    if dist.enabled:
+        # DDP copies rank 0's initial weights to every rank; from here on each rank draws its
+        # own augmentations (the same seed everywhere would give every rank the same crops).
+        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
     optimizer = build_optimizer(cfg, model, speed.fused_sgd)
     steps_per_epoch = len(train_loader)
     step_model: torch.nn.Module = model
@@ -228,7 +234,7 @@ def train_epochs(run: Run, train_loader, val_loader, state: dict | None) -> list
             # Mid-epoch: the interrupted run had created this epoch's loader iterator (which draws its
             # base seed from the global RNG) before the checkpoint; re-apply the saved RNG state after
             # the new iterator is created so the augmentations continue bit for bit.
-            resume_rng = state["rng"], state["cuda_rng"]
+            resume_rng = _rank_rng(run, state)
     log_path = out_dir / "metrics.jsonl"
     if run.dist.is_main:
         atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
@@ -333,7 +339,10 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int
 
 
 def checkpoint(run: Run, epoch: int, position: int, history: list[dict], totals: tuple[float, int]) -> None:
-    """last.pt (atomic; rank 0): resume restarts at optimizer step `position` of epoch `epoch`."""
+    """last.pt (atomic; rank 0): resume restarts at optimizer step `position` of epoch `epoch`.
+    Every rank's RNG state is gathered into it, so each rank continues its own augmentations."""
+    rank_rngs = all_gather_objects((torch.get_rng_state(),
+                                    torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []))
     if not run.dist.is_main:
         return
     save_checkpoint(run.out_dir / "last.pt", {
@@ -344,8 +353,8 @@ def checkpoint(run: Run, epoch: int, position: int, history: list[dict], totals:
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else [],
+        "rng": [r[0] for r in rank_rngs],  # per rank
+        "cuda_rng": [r[1] for r in rank_rngs],
         "class_counts": run.data.class_counts.tolist(),
         "history": history,
         "epoch_loss_sum": totals[0],
@@ -360,8 +369,15 @@ def restore(run: Run, state: dict) -> tuple[int, int, list[dict], tuple[float, i
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
-    _set_rng(run, state["rng"], state["cuda_rng"])
+    _set_rng(run, *_rank_rng(run, state))
     return state["epoch"], state["position"], state["history"], (state["epoch_loss_sum"], state["epoch_seen"])
+
+
+def _rank_rng(run: Run, state: dict) -> tuple[torch.Tensor, list]:
+    if len(state["rng"]) != run.dist.world_size:
+        raise CheckpointError(f"--resume: the checkpoint was written by {len(state['rng'])} ranks, this run has "
+                              f"{run.dist.world_size}; resume with the same number of processes")
+    return state["rng"][run.dist.rank], state["cuda_rng"][run.dist.rank]
 
 
 def _set_rng(run: Run, rng: torch.Tensor, cuda_rng: list) -> None:

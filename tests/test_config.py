@@ -19,6 +19,11 @@ def test_overrides_are_typed():
     assert cfg.data.imbalance_profile == "step" and cfg.optim.milestones == [2, 4] and cfg.data.hflip is True
 
 
+def test_bare_on_off_reach_string_keys():
+    cfg = load_config(overrides=["run.compile=on", "run.channels_last=off", "optim.fused=auto"])
+    assert (cfg.run.compile, cfg.run.channels_last, cfg.optim.fused) == ("on", "off", "auto")
+
+
 def test_parse_override():
     assert parse_override("optim.lr=0.05") == {"optim": {"lr": 0.05}}
     with pytest.raises(ConfigError, match="not of the form dotted.key=value"):
