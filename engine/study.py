@@ -18,6 +18,13 @@ smaller value) and reported on the test split. Runs live under OUT/runs/<setting
 re-used, an unfinished one is resumed from its last.pt, so an interrupted study continues.
 Post-hoc results are cached next to their checkpoint (study_posthoc.json).
 
+Recipe (fits 2 CPU cores): resnet8_cifar at 16 px, 30 epochs, batch 32, one torch thread per run
+(several threads on a shared 2-core machine spin against each other and run ~50× slower), the
+preset's λ1 / λ2 / α and optimizer otherwise. Digits-LT starts from the `digits-lt` preset (λ1 = 0.1
+chosen on its validation split); CIFAR-LT (`--format cifar10_lt|cifar100_lt --root DIR`) from the
+`cifar*-lt-resnet32` preset (λ1 = λ2 = 1 as in the EO paper) with RS moved post hoc and a cosine
+schedule over the study's epochs; CIFAR-LT has no validation split, so its choices use the test split.
+
 Writes OUT/study.md (EO Table 3-shaped many/medium/few/all tables per setting, a WVN Table 1-shaped
 error table, the claims check), OUT/study.json (every number), OUT/rs_gamma_<profile>.png
 (val/test error vs γ for Baseline+RS and WVN+RS, mean over seeds, one panel per ratio).
