@@ -20,8 +20,8 @@ Post-hoc results are cached next to their checkpoint (study_posthoc.json).
 
 Recipe (fits 2 CPU cores): resnet8_cifar at 16 px, 30 epochs, batch 32, one torch thread per run
 (several threads on a shared 2-core machine spin against each other and run ~50× slower), the
-preset's λ1 / λ2 / α and optimizer otherwise. Digits-LT starts from the `digits-lt` preset (λ1 = 0.1
-chosen on its validation split); CIFAR-LT (`--format cifar10_lt|cifar100_lt --root DIR`) from the
+preset's λ1 / λ2 / α and optimizer otherwise. Digits-LT starts from the `digits-lt` preset (its λ1 was
+chosen on the validation split); CIFAR-LT (`--format cifar10_lt|cifar100_lt --root DIR`) from the
 `cifar*-lt-resnet32` preset (λ1 = λ2 = 1 as in the EO paper) with RS moved post hoc and a cosine
 schedule over the study's epochs; CIFAR-LT has no validation split, so its choices use the test split.
 
@@ -201,7 +201,9 @@ def train_one(cfg_dict: dict, run_dir: str) -> tuple[str, float, float]:
                 raise
             shutil.rmtree(path, ignore_errors=True)  # an unreadable last.pt: start over
             metrics = train(cfg, path)
-    return run_dir, time.perf_counter() - t0, metrics["top1"]
+    seconds = time.perf_counter() - t0
+    atomic_write_text(path / "study_time.json", json.dumps({"train_seconds": seconds, "resumed": resume}))
+    return run_dir, seconds, metrics["top1"]
 
 
 def train_all(configs: dict, out: Path, jobs: int = 1) -> dict:
@@ -352,9 +354,17 @@ def collect_setting(out: Path, setting: str, seeds: list[int]) -> dict:
     log_n = [math.log(n) for n in counts]
     bias_runs = []
     for s, r in runs["ce_bias"].items():
-        bias = (r.get("diagnostics") or {}).get("bias")
+        diag = r.get("diagnostics") or {}
+        bias, emp = diag.get("bias"), diag.get("empirical_offset")
+        log_n_s = [math.log(n) for n in r["class_counts"]]
         bias_runs.append({"seed": s, "bias": bias, "class_counts": r["class_counts"],
-                          "pearson_r": pearson(bias, [math.log(n) for n in r["class_counts"]]) if bias else None})
+                          "pearson_r": pearson(bias, log_n_s) if bias else None,
+                          # EO Fig. 1c: the empirical offset ½μ̃_k·w_k of the same model (supplementary)
+                          "empirical_offset": emp, "empirical_offset_r": pearson(emp, log_n_s) if emp else None})
+    for c in curves.values():  # WVN Fig. 10: how much the test error moves over the γ range
+        c["test_error_spread"] = float(max(c["test_error_mean"]) - min(c["test_error_mean"]))
+        c["test_error_at_0"] = c["test_error_mean"][0]
+        c["test_error_min"] = float(min(c["test_error_mean"]))
     profile, _, ratio = setting.partition("-if")
     ev = cfg0.get("eval", {})
     return {
@@ -379,12 +389,14 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("holds" if ok else "fails")
 
 
-def _claim_a(rs: list[float | None]) -> dict:
-    vals = [r for r in rs if r is not None]
+def _claim_a(runs: list[dict]) -> dict:
+    vals = [r["pearson_r"] for r in runs if r.get("pearson_r") is not None]
+    emp = [r["empirical_offset_r"] for r in runs if r.get("empirical_offset_r") is not None]
+    out = {"empirical_offset_mean_r": float(np.mean(emp)) if emp else None}  # supplementary, not the verdict
     if not vals:
-        return {"verdict": "n/a", "mean_r": None, "runs": len(rs)}
+        return {"verdict": "n/a", "mean_r": None, "runs": 0, **out}
     mean_r = float(np.mean(vals))
-    return {"verdict": _verdict(mean_r >= R_MIN), "mean_r": mean_r, "runs": len(vals)}
+    return {"verdict": _verdict(mean_r >= R_MIN), "mean_r": mean_r, "runs": len(vals), **out}
 
 
 def _claim_b(few: dict[str, float | None]) -> dict:
@@ -418,7 +430,7 @@ def check_claims(settings: list[dict]) -> dict:
     for st in settings:
         rows = st["rows"]
         per_setting[st["name"]] = {
-            "a": _claim_a([r["pearson_r"] for r in st["ce_bias"]]),
+            "a": _claim_a(st["ce_bias"]),
             "b": _claim_b({m: _mean(rows[m], "few") for m in TRAINED}),
             "c": _claim_chain({m: _mean(rows[m]) for m in ORDER_C}, ORDER_C, strict=True),
             "d": _claim_chain({m: _mean(rows[m]) for m in ORDER_D}, ORDER_D, strict=False),
@@ -429,7 +441,7 @@ def check_claims(settings: list[dict]) -> dict:
 
     with_few = [st for st in settings if all(_mean(st["rows"][m], "few") is not None for m in TRAINED)]
     overall = {
-        "a": _claim_a([r["pearson_r"] for st in settings for r in st["ce_bias"]]),
+        "a": _claim_a([r for st in settings for r in st["ce_bias"]]),
         "b": _claim_b({m: over_settings(m, "few", with_few) for m in TRAINED}) if with_few
         else {"verdict": "n/a", "reason": "no setting has a few-shot class", "lift_over_ce": None},
         "c": _claim_chain({m: over_settings(m) for m in ORDER_C}, ORDER_C, strict=True),
@@ -455,7 +467,11 @@ def _claim_numbers(key: str, c: dict) -> str:
     if c["verdict"] == "n/a" and key != "a":
         return c.get("reason", "")
     if key == "a":
-        return "no trained bias recorded" if c["mean_r"] is None else f"mean r = {c['mean_r']:.3f} over {c['runs']} runs"
+        if c["mean_r"] is None:
+            return "no trained bias recorded"
+        emp = c.get("empirical_offset_mean_r")
+        return f"mean r = {c['mean_r']:.3f} over {c['runs']} runs" + (
+            "" if emp is None else f" (empirical offset ½μ̃·w: r = {emp:.3f})")
     if key == "b":
         return ", ".join(f"{LABELS[m]} {v:+.1f}" for m, v in c["lift_over_ce"].items())
     return " vs ".join(f"{LABELS[m]} {v:.2f}" for m, v in c["top1"].items())
@@ -477,9 +493,11 @@ def markdown(summary: dict) -> str:
         f"- Data: {summary['data']}; seeds {summary['seeds']}; test accuracies in %, mean ± std over seeds "
         "(population std, as `engine sweep`).",
         f"- Recipe: {summary['recipe']}.",
-        f"- Wall time of this invocation: {summary['wall_seconds'] / 60:.1f} min ({summary['runs']['trained']} runs "
-        f"trained in {summary['runs']['train_seconds'] / 60:.1f} min, {summary['runs']['reused']} re-used; "
-        f"post hoc + outputs {summary['posthoc_seconds'] / 60:.1f} min) on {summary['machine']}.",
+        f"- Wall time of this invocation: {summary['wall_seconds'] / 60:.1f} min on {summary['machine']}: "
+        f"{summary['runs']['trained']} runs trained, {summary['runs']['reused']} re-used; post hoc + outputs "
+        f"{summary['posthoc_seconds'] / 60:.1f} min. Training time summed over all runs: "
+        + (f"{summary['runs']['train_seconds_all_runs'] / 60:.1f} min" if summary["runs"].get("train_seconds_all_runs")
+           is not None else "unknown (runs from an older version)") + " (≈ the wall time with one process).",
         "- Post-hoc rows are computed on the trained checkpoints (Baseline+RS, τ-norm, logit adjustment and cRT on "
         "the `ce` run, WVN+RS on the `wvn` run); each hyper-parameter (RS γ ∈ "
         f"{_grid_text('rs')}, τ-norm τ ∈ {_grid_text('tau_norm')}, logit-adjustment τ ∈ {_grid_text('logit_adjust')}, "
@@ -511,7 +529,15 @@ def markdown(summary: dict) -> str:
     for profile in summary["profiles"]:
         lines.append(f"![RS γ sensitivity, {profile} profile](rs_gamma_{profile}.png)")
     lines += ["", "Validation and test error vs γ of post-hoc RS on the `ce` checkpoint (Baseline+RS) and on the `wvn` "
-              "checkpoint (WVN+RS), mean over seeds; γ = 0 is the model without RS.", ""]
+              "checkpoint (WVN+RS), mean over seeds; γ = 0 is the model without RS. Spread = max − min of the mean "
+              "test error over the γ grid (smaller = less sensitive to γ):", "",
+              "| setting | Baseline+RS: error at γ=0 / min / spread | WVN+RS: error at γ=0 / min / spread |",
+              "|---|---|---|"]
+    for st in settings:
+        cells = [f"{c['test_error_at_0']:.1f} / {c['test_error_min']:.1f} / {c['test_error_spread']:.1f}"
+                 for c in (st["rs_curves"]["ce"], st["rs_curves"]["wvn"])]
+        lines.append(f"| {st['name']} | {cells[0]} | {cells[1]} |")
+    lines.append("")
     claims = summary["claims"]
     lines += ["## Claims check (computed from study.json)", "",
               "| claim | overall | numbers (overall) | settings: holds / fails / n/a |", "|---|---|---|---|"]
@@ -588,6 +614,7 @@ def run_study(out: str | Path = "docs/study", seeds: list[int] = (0, 1, 2), rati
     if threads:
         torch.set_num_threads(threads)
     settings = [collect_setting(out, setting_name(p, r), seeds) for p in profiles for r in ratios]
+    stats["train_seconds_all_runs"] = _all_train_seconds(out, configs)
     cfg0 = next(iter(configs.values()))
     notes = []
     for st in settings:
@@ -631,6 +658,17 @@ def run_study(out: str | Path = "docs/study", seeds: list[int] = (0, 1, 2), rati
     for key, c in summary["claims"]["overall"].items():
         print(f"  claim ({key}) {CLAIMS[key]}: {c['verdict']} — {_claim_numbers(key, c)}", flush=True)
     return summary
+
+
+def _all_train_seconds(out: Path, configs: dict) -> float | None:
+    """Training time summed over every run of the study, including runs trained by earlier invocations."""
+    total = 0.0
+    for key in configs:
+        try:
+            total += json.loads((run_dir_of(out, key) / "study_time.json").read_text())["train_seconds"]
+        except (OSError, ValueError, KeyError):
+            return None
+    return total
 
 
 def _machine() -> str:
