@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.evaluate import Features, accuracy_report, format_table, head_logits, scalars
+from engine.evaluate import Features, format_table, head_logits, reporter, scalars
 from engine.heads import rescale_factors
 from engine.losses import log_prior
 from pipelines.samplers import ClassAwareSampler
@@ -56,6 +56,11 @@ class CalibrationError(ValueError):
 
 
 # --------------------------------------------------------------------------- formulas
+
+
+def inclusive_range(start: float, stop: float, step: float) -> list[float]:
+    """start, start + step, …, stop (both ends included), rounded against float drift."""
+    return [round(start + i * step, 10) for i in range(int(round((stop - start) / step)) + 1)]
 
 
 def rs_weight(weight: Tensor, class_counts: np.ndarray, gamma: float) -> Tensor:
@@ -174,17 +179,13 @@ def retrain_classifier(method: str, model, feats: dict[str, Features], class_cou
 def calibrate(model, cfg, data, device, method: str, values: list[float] | None = None, epochs: int = 10,
               lr: float = 0.1, batch_size: int = 128, seed: int = 0) -> dict:
     """Run one calibration method on a loaded model; the model itself is left untouched."""
-    from engine.data import train_features_loader
-    from engine.distributed import DistInfo
-    from engine.posthoc import _split_features
+    from engine.posthoc import split_features
 
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
     counts = data.class_counts
-    feats = _split_features(cfg, data, model, device)
-
-    def report(logits: Tensor, labels: Tensor) -> dict:
-        return accuracy_report(logits, labels, counts, cfg.eval.many_threshold, cfg.eval.few_threshold)
+    feats = split_features(cfg, data, model, device, ("val", "test") if method in SWEEPS else ("val", "test", "train"))
+    report = reporter(cfg, counts)
 
     before = {s: report(head_logits(model, feats[s]), feats[s].labels) for s in ("val", "test")}
     name = PARAM_NAME[method]
@@ -192,14 +193,11 @@ def calibrate(model, cfg, data, device, method: str, values: list[float] | None 
     if method in SWEEPS:
         if values is None:
             start, stop, step = DEFAULT_SWEEP[method]
-            values = [round(start + i * step, 10) for i in range(int(round((stop - start) / step)) + 1)]
+            values = inclusive_range(start, stop, step)
         if any(v < 0 for v in values):
             raise CalibrationError(f"{method}: parameter values must be ≥ 0, got {values}")
         rows, chosen = sweep(values, sweep_logits_fn(method, model, counts), feats, report, name)
     else:
-        from engine.evaluate import collect_features
-
-        feats["train"] = collect_features(model, train_features_loader(cfg, data, DistInfo()), device)
         rows, chosen, state = retrain_classifier(method, model, feats, counts, report, epochs, lr, batch_size, seed)
         result.update({"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
                        "sampler": "class_aware (on collected features; no data augmentation)",

@@ -202,8 +202,9 @@ def _parse_sweep(text: str) -> list[float]:
         raise ConfigError(f"--sweep expects START:STOP:STEP, e.g. 0:1:0.1; got {text!r}") from None
     if step <= 0 or stop < start or start < 0:
         raise ConfigError(f"--sweep {text!r}: expected 0 ≤ START ≤ STOP and STEP > 0")
-    n = int(round((stop - start) / step)) + 1
-    return [round(start + i * step, 10) for i in range(n)]
+    from engine.calibration import inclusive_range
+
+    return inclusive_range(start, stop, step)
 
 
 def main(argv: list[str] | None = None) -> int:

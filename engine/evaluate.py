@@ -84,6 +84,14 @@ def accuracy_report(
     return report
 
 
+def reporter(cfg, class_counts: np.ndarray):
+    """`accuracy_report` with the run's class counts and shot thresholds: (logits, labels) → report."""
+    def report(logits: Tensor, labels: Tensor) -> dict:
+        return accuracy_report(logits, labels, class_counts, cfg.eval.many_threshold, cfg.eval.few_threshold)
+
+    return report
+
+
 def scalars(report: dict) -> dict:
     """The report without its per-class lists and matrices (epoch logs, summaries)."""
     return {k: v for k, v in report.items() if not isinstance(v, (list, dict))}

@@ -16,9 +16,9 @@ import torch
 
 from engine.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from engine.config import config_from_dict
-from engine.data import load_data, make_loaders
+from engine.data import load_data, make_loaders, train_features_loader
 from engine.distributed import DistInfo
-from engine.evaluate import accuracy_report, collect_features, format_table, head_logits, scalars
+from engine.evaluate import collect_features, format_table, head_logits, reporter, scalars
 from engine.losses import head_loss_kwargs
 from engine.models import build_model
 from engine.train import resolve_device
@@ -45,21 +45,24 @@ def load_run(checkpoint: str | Path):
     return state, cfg, data, model, device
 
 
-def _split_features(cfg, data, model, device, splits=("val", "test")):
-    _, val_loader, test_loader = make_loaders(cfg, data, DistInfo(), device.type)
-    loaders = {"val": val_loader, "test": test_loader}
+def split_features(cfg, data, model, device, splits=("val", "test")) -> dict:
+    """Backbone features of the named splits ("val", "test", and "train" without augmentation),
+    collected once so that every post-hoc variant of the head re-uses them."""
+    loaders = {}
+    if "val" in splits or "test" in splits:
+        _, loaders["val"], loaders["test"] = make_loaders(cfg, data, DistInfo(), device.type)
+    if "train" in splits:
+        loaders["train"] = train_features_loader(cfg, data, DistInfo())
     return {s: collect_features(model, loaders[s], device) for s in splits}
 
 
 def _report(cfg, data, model, feats, weight=None) -> dict:
-    return accuracy_report(
-        head_logits(model, feats, weight), feats.labels, data.class_counts, cfg.eval.many_threshold, cfg.eval.few_threshold
-    )
+    return reporter(cfg, data.class_counts)(head_logits(model, feats, weight), feats.labels)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test") -> dict:
     state, cfg, data, model, device = load_run(checkpoint)
-    feats = _split_features(cfg, data, model, device, (split,))[split]
+    feats = split_features(cfg, data, model, device, (split,))[split]
     result = {**_report(cfg, data, model, feats), "split": split, "checkpoint": str(checkpoint), "epoch": state["epoch"]}
     out = Path(checkpoint).parent / f"eval_{split}.json"
     atomic_write_text(out, json.dumps(result, indent=2))
@@ -72,7 +75,7 @@ def rescale_checkpoint(checkpoint: str | Path, gamma: float, save: str | Path | 
     from engine.calibration import rs_weight
 
     state, cfg, data, model, device = load_run(checkpoint)
-    feats = _split_features(cfg, data, model, device)
+    feats = split_features(cfg, data, model, device)
     weight = rs_weight(model.head.weight.detach().float().cpu(), data.class_counts, gamma)
     result = {
         "gamma": gamma,
@@ -98,12 +101,10 @@ def sweep_checkpoint(checkpoint: str | Path, gammas: list[float]) -> dict:
     from engine.calibration import sweep, sweep_logits_fn
 
     _, cfg, data, model, device = load_run(checkpoint)
-    feats = _split_features(cfg, data, model, device)
+    feats = split_features(cfg, data, model, device)
 
-    def report(logits, labels):
-        return accuracy_report(logits, labels, data.class_counts, cfg.eval.many_threshold, cfg.eval.few_threshold)
-
-    full, best = sweep(gammas, sweep_logits_fn("rs", model, data.class_counts), feats, report, "gamma")
+    full, best = sweep(gammas, sweep_logits_fn("rs", model, data.class_counts), feats, reporter(cfg, data.class_counts),
+                       "gamma")
     rows = [{"gamma": r["gamma"], "val": scalars(r["val"]), "test": scalars(r["test"])} for r in full]
     result = {"method": cfg.method, "chosen_gamma": best["gamma"], "chosen_by": "val top1", "rows": rows,
               "test_at_chosen": best["test"]}

@@ -243,8 +243,9 @@ def train_all(configs: dict, out: Path, jobs: int = 1) -> dict:
 
 
 def sweep_values(method: str) -> list[float]:
-    start, stop, step = SWEEP_GRIDS[method]
-    return [round(start + i * step, 10) for i in range(int(round((stop - start) / step)) + 1)]
+    from engine.calibration import inclusive_range
+
+    return inclusive_range(*SWEEP_GRIDS[method])
 
 
 def _slim(report: dict) -> dict:
@@ -262,19 +263,13 @@ def posthoc(run_dir: Path, methods: list[str], seed: int) -> dict:
             return cached
 
     from engine.calibration import SWEEPS, retrain_classifier, sweep, sweep_logits_fn
-    from engine.data import train_features_loader
-    from engine.distributed import DistInfo
-    from engine.evaluate import accuracy_report, collect_features, scalars
-    from engine.posthoc import _split_features, load_run
+    from engine.evaluate import reporter, scalars
+    from engine.posthoc import load_run, split_features
 
     _, cfg, data, model, device = load_run(run_dir / "last.pt")
     counts = data.class_counts
-    feats = _split_features(cfg, data, model, device)
-    if "crt" in methods:
-        feats["train"] = collect_features(model, train_features_loader(cfg, data, DistInfo()), device)
-
-    def report(logits, labels):
-        return accuracy_report(logits, labels, counts, cfg.eval.many_threshold, cfg.eval.few_threshold)
+    feats = split_features(cfg, data, model, device, ("val", "test", "train") if "crt" in methods else ("val", "test"))
+    report = reporter(cfg, counts)
 
     results = {}
     for method in methods:

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -27,7 +26,7 @@ from engine.data import Data, load_data, make_loaders, train_features_loader
 from engine.distributed import (
     DistInfo, all_gather_cat, all_gather_objects, all_reduce_sum_, broadcast_error, init_distributed, shutdown,
 )
-from engine.evaluate import Features, accuracy_report, collect_features, format_table, head_logits, scalars
+from engine.evaluate import Features, collect_features, format_table, head_logits, reporter, scalars
 from engine.losses import head_loss_kwargs
 from engine.models import Classifier, build_model
 
@@ -405,8 +404,7 @@ def _gathered_features(run: Run, loader) -> Features:
 
 def evaluate(run: Run, loader) -> dict:
     feats = _gathered_features(run, loader)
-    return accuracy_report(head_logits(run.model, feats), feats.labels, run.data.class_counts,
-                           run.cfg.eval.many_threshold, run.cfg.eval.few_threshold)
+    return reporter(run.cfg, run.data.class_counts)(head_logits(run.model, feats), feats.labels)
 
 
 @torch.no_grad()

@@ -56,9 +56,9 @@ def test_class_aware_batches_balance_the_classes():
 def test_sweeps_match_the_direct_formula_and_choose_on_val(loaded, method, values):
     _, cfg, data, model, device = loaded
     res = C.calibrate(model, cfg, data, device, method, values)
-    from engine.posthoc import _split_features
+    from engine.posthoc import split_features
 
-    feats = _split_features(cfg, data, model, device)
+    feats = split_features(cfg, data, model, device)
     w, b = model.head.weight.detach().double(), model.head.bias.detach().double()
     prior = np.log(data.class_counts / data.class_counts.sum())
     for row, v in zip(res["rows"], values):
