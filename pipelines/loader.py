@@ -12,7 +12,7 @@ counterpart of the DALI graph (random-resized crop / resize + center crop).
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
