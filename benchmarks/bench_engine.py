@@ -35,7 +35,8 @@ from PIL import Image
 
 from engine.config import load_config
 from engine.data import _use_dali
-from engine.train import resolve_device, resolve_speed, train
+from engine.device import resolve_device, resolve_speed
+from engine.train import train
 
 CUDA = torch.cuda.is_available()
 if CUDA:

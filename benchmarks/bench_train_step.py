@@ -32,13 +32,14 @@ import time
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.config import Config
 from engine.distributed import DistInfo
-from engine.models import build_model
-from engine.train import Run, build_optimizer, build_scheduler, resolve_speed, train_step
+from engine.device import resolve_speed
+from engine.train import Run, build_run, train_step
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -107,16 +108,10 @@ def _make_run(arch: str, mode: str, layout: str, dtype: str, tmp: Path) -> Run:
     cfg.run.amp = "bf16" if dtype == "bf16" else "off"
     cfg.run.channels_last = "on" if layout == "channels_last" else "off"
     cfg.run.compile = "on" if mode == "compiled" else "off"
-    speed = resolve_speed(cfg, DEVICE)
     torch.manual_seed(0)
-    model = build_model(arch, NUM_CLASSES, "eo_uc", lambda_center=cfg.loss.lambda_center,
-                        lambda_uniform=cfg.loss.lambda_uniform, center_alpha=cfg.loss.center_alpha).to(
-        DEVICE, memory_format=torch.channels_last if speed.channels_last else torch.contiguous_format)
-    optimizer = build_optimizer(cfg, model, speed.fused_sgd)
-    step_model = torch.compile(model) if speed.compile else model
-    return Run(cfg, tmp, DistInfo(), DEVICE, speed, None, model, step_model, optimizer,
-               build_scheduler(cfg, optimizer, 1000), torch.amp.GradScaler(DEVICE.type, enabled=speed.grad_scaler),
-               torch.full((NUM_CLASSES,), 100.0, device=DEVICE), 1000)
+    # The training loop's own builder: model + optimizer + schedule (1000 steps per epoch), 100 images per class.
+    return build_run(cfg, tmp, DistInfo(), DEVICE, resolve_speed(cfg, DEVICE), None, 1000,
+                     class_counts=np.full(NUM_CLASSES, 100))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

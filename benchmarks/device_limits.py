@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from engine.errors import EngineError
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_JSON = ROOT / "benchmarks" / "results" / "device_limits.json"
 PROBE = ROOT / "build" / "native" / "device_limits"
@@ -42,7 +44,7 @@ _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.fl
 _CACHE: dict | None = None
 
 
-class DeviceLimitsError(RuntimeError):
+class DeviceLimitsError(EngineError, RuntimeError):
     """A limits file that was asked for ($LT_DEVICE_LIMITS) cannot be used."""
 
 

@@ -10,19 +10,26 @@
     engine compare RUN... [--out DIR]
     engine study [--out docs/study] [--seeds 0,1,2] [--ratios 10,50,100] [--profiles exp,step] [key=value ...]
 
-Errors in the user's input (config, data, checkpoint) print one clear line and exit 2.
+Each command parses its arguments and calls one function; what it prints is the command's output
+(progress and notes go through `logging`, set up once here). Every `EngineError` prints one clear
+line and exits with its `exit_code` (2: bad input — config, data, checkpoint; 1: training stopped).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from engine.checkpoint import CheckpointError
-from engine.config import DEFAULT_PRESET, ConfigError, available_presets, load_config
-from pipelines.splits import DataError
+from engine.config import DEFAULT_PRESET, available_presets, load_config
+from engine.errors import ConfigError, EngineError
+from engine.experiments.study_design import PRESETS as STUDY_PRESETS
+from engine.logs import setup_logging
+from engine.posthoc import METHODS as CALIBRATIONS
+from engine.posthoc import SWEEPS, inclusive_range
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", choices=("test", "val"), default="test")
 
-    r = sub.add_parser("rescale", help="post-hoc re-scaling w_i ← (n_1/n_i)^γ w_i of a trained checkpoint")
+    r = sub.add_parser("rescale", help="post-hoc re-scaling w_i ← (n_1/n_i)^γ w_i (= engine calibrate --method rs)")
     r.add_argument("--checkpoint", required=True)
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--gamma", type=float, help="one γ: report val and test")
@@ -52,12 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     s.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (repeatable)")
     s.add_argument("--select-by", default="method", help="grid key whose values each get their own choice")
+    s.add_argument("--jobs", type=int, default=1, help="training processes in parallel")
     s.add_argument("overrides", nargs="*", help="dotted.key=value applied to every run")
 
     c = sub.add_parser("calibrate", help="post-hoc calibration of a checkpoint, chosen on val, reported on test")
     c.add_argument("--checkpoint", required=True)
-    c.add_argument("--method", required=True, choices=("rs", "tau_norm", "logit_adjust", "crt", "lws"))
-    c.add_argument("--sweep", default=None, help="rs/tau_norm/logit_adjust: START:STOP:STEP (default 0:1:0.1 for rs, 0:2:0.1)")
+    c.add_argument("--method", required=True, choices=CALIBRATIONS)
+    c.add_argument("--sweep", default=None,
+                   help="rs/tau_norm/logit_adjust: START:STOP:STEP (default 0:1:0.05 for rs, 0:2:0.1)")
     c.add_argument("--epochs", type=int, default=10, help="crt/lws: epochs on the collected training features")
     c.add_argument("--lr", type=float, default=0.1, help="crt/lws: SGD learning rate (cosine schedule)")
     c.add_argument("--batch-size", type=int, default=128, help="crt/lws: class-aware batch size")
@@ -75,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--epochs", type=int, default=None, help="training epochs per run (default: the study's recipe)")
     st.add_argument("--arch", default=None, help="model.arch (default: the study's recipe)")
     st.add_argument("--image-size", type=int, default=None, help="data.image_size (default: the study's recipe)")
-    st.add_argument("--format", default="digits_lt", choices=("digits_lt", "cifar10_lt", "cifar100_lt"),
+    st.add_argument("--format", default="digits_lt", choices=tuple(STUDY_PRESETS),
                     help="data set (cifar*_lt: give --root with the CIFAR python pickles)")
     st.add_argument("--root", default="", help="data.root for --format cifar10_lt / cifar100_lt")
     st.add_argument("--jobs", type=int, default=1, help="training processes in parallel (1 torch thread each)")
@@ -93,106 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cmd_data(args) -> int:
-    """`engine data check`: exit 0 when the split is clean, 1 when it found problems."""
-    import json
-
-    from pipelines.check import check_split, format_check_report
-
-    result = check_split(args.split, args.root, args.num_classes, args.many, args.few)
-    print(json.dumps(result, indent=2) if args.json else format_check_report(result))
-    return 0 if result["ok"] else 1
-
-
-def _cmd_sweep(args) -> int:
-    from engine.sweep import parse_grid, run_sweep
-
+def _ints(text: str, flag: str) -> list[int]:
     try:
-        seeds = [int(s) for s in args.seeds.split(",")]
+        return [int(v) for v in text.split(",")]
     except ValueError:
-        raise ConfigError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
-    run_sweep(Path(args.out), args.preset, parse_grid(args.grid), seeds, args.overrides, args.select_by)
-    return 0
-
-
-def _cmd_study(args) -> int:
-    import shlex
-
-    from engine import study
-
-    try:
-        seeds = [int(v) for v in args.seeds.split(",")]
-        ratios = [float(v) for v in args.ratios.split(",")]
-    except ValueError:
-        raise ConfigError(f"--seeds expects integers and --ratios numbers, comma-separated; got {args.seeds!r}, "
-                          f"{args.ratios!r}") from None
-    profiles = args.profiles.split(",")
-    epochs = args.epochs or study.DEFAULT_EPOCHS
-    arch = args.arch or study.DEFAULT_ARCH
-    size = args.image_size or study.DEFAULT_IMAGE_SIZE[args.format]
-    words = ["engine", "study", "--out", args.out, "--seeds", args.seeds, "--ratios", args.ratios, "--profiles",
-             args.profiles, "--epochs", str(epochs), "--arch", arch, "--image-size", str(size)]
-    if args.format != "digits_lt":
-        words += ["--format", args.format, "--root", args.root]
-    if args.jobs != 1:
-        words += ["--jobs", str(args.jobs)]
-    study.run_study(args.out, seeds, ratios, profiles, epochs, arch, size, args.overrides, args.format, args.root,
-                    args.jobs, " ".join(shlex.quote(w) for w in [*words, *args.overrides]))
-    return 0
-
-
-def _cmd_train(args) -> int:
-    from engine.train import train
-
-    preset = args.preset if (args.preset or args.config) else DEFAULT_PRESET
-    cfg = load_config(preset, args.config, args.overrides)
-    if args.resume and not args.out:
-        raise ConfigError("--resume needs --out DIR (the run folder to continue)")
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train(cfg, out, resume=args.resume)
-    print(f"run folder: {out}")
-    return 0
-
-
-def _cmd_calibrate(args) -> int:
-    from engine.calibration import SWEEPS, CalibrationError, calibrate_checkpoint
-
-    if args.sweep is not None and args.method not in SWEEPS:
-        raise ConfigError(f"--sweep goes with --method {'/'.join(SWEEPS)}, got --method {args.method}")
-    values = _parse_sweep(args.sweep) if args.sweep is not None else None
-    try:
-        calibrate_checkpoint(args.checkpoint, args.method, values, args.epochs, args.lr, args.batch_size, args.seed)
-    except CalibrationError as exc:
-        raise ConfigError(str(exc)) from None
-    return 0
-
-
-def _cmd_compare(args) -> int:
-    from engine.report import compare_runs
-
-    compare_runs([Path(r) for r in args.runs], Path(args.out))
-    return 0
-
-
-def _cmd_eval(args) -> int:
-    from engine.posthoc import evaluate_checkpoint
-
-    evaluate_checkpoint(args.checkpoint, args.split)
-    return 0
-
-
-def _cmd_rescale(args) -> int:
-    from engine.posthoc import rescale_checkpoint, sweep_checkpoint
-
-    if args.gamma is not None:
-        if args.gamma < 0:
-            raise ConfigError(f"--gamma must be ≥ 0, got {args.gamma}")
-        rescale_checkpoint(args.checkpoint, args.gamma, args.save)
-    else:
-        if args.save:
-            raise ConfigError("--save goes with --gamma (re-run with the γ the sweep chose)")
-        sweep_checkpoint(args.checkpoint, _parse_sweep(args.sweep))
-    return 0
+        raise ConfigError(f"{flag} expects comma-separated integers, got {text!r}") from None
 
 
 def _parse_sweep(text: str) -> list[float]:
@@ -202,27 +116,112 @@ def _parse_sweep(text: str) -> list[float]:
         raise ConfigError(f"--sweep expects START:STOP:STEP, e.g. 0:1:0.1; got {text!r}") from None
     if step <= 0 or stop < start or start < 0:
         raise ConfigError(f"--sweep {text!r}: expected 0 ≤ START ≤ STOP and STEP > 0")
-    from engine.calibration import inclusive_range
-
     return inclusive_range(start, stop, step)
+
+
+def _cmd_train(args) -> list[str]:
+    from engine.evaluate import format_table
+    from engine.train import train
+
+    preset = args.preset if (args.preset or args.config) else DEFAULT_PRESET
+    cfg = load_config(preset, args.config, args.overrides)
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out DIR (the run folder to continue)")
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    metrics = train(cfg, out, resume=args.resume)
+    return [format_table({f"test ({cfg.method})": metrics}), f"run folder: {out}"]
+
+
+def _cmd_eval(args) -> list[str]:
+    from engine.experiments.posthoc import evaluate_checkpoint
+
+    return evaluate_checkpoint(args.checkpoint, args.split)[1]
+
+
+def _cmd_calibrate(args) -> list[str]:
+    from engine.experiments.posthoc import calibrate_checkpoint
+
+    if args.sweep is not None and args.method not in SWEEPS:
+        raise ConfigError(f"--sweep goes with --method {'/'.join(SWEEPS)}, got --method {args.method}")
+    values = _parse_sweep(args.sweep) if args.sweep is not None else None
+    return calibrate_checkpoint(args.checkpoint, args.method, values, args.epochs, args.lr, args.batch_size,
+                                args.seed)[1]
+
+
+def _cmd_rescale(args) -> list[str]:
+    """`engine rescale` = `engine calibrate --method rs` (--gamma: a one-value sweep; --save: that γ's checkpoint)."""
+    from engine.experiments.posthoc import calibrate_checkpoint
+
+    if args.gamma is not None and args.gamma < 0:
+        raise ConfigError(f"--gamma must be ≥ 0, got {args.gamma}")
+    if args.save and args.gamma is None:
+        raise ConfigError("--save goes with --gamma (re-run with the γ the sweep chose)")
+    values = [args.gamma] if args.gamma is not None else _parse_sweep(args.sweep)
+    return calibrate_checkpoint(args.checkpoint, "rs", values, save=args.save)[1]
+
+
+def _cmd_sweep(args) -> list[str]:
+    from engine.experiments.sweep import markdown, parse_grid, run_sweep
+
+    summary = run_sweep(Path(args.out), args.preset, parse_grid(args.grid), _ints(args.seeds, "--seeds"),
+                        args.overrides, args.select_by, args.jobs)
+    return [markdown(summary)]
+
+
+def _cmd_compare(args) -> list[str]:
+    from engine.experiments.compare import compare_runs
+
+    result = compare_runs([Path(r) for r in args.runs], Path(args.out))
+    return [result["table"], "written: " + ", ".join(map(str, result["written"]))]
+
+
+def _cmd_study(args) -> list[str]:
+    from engine.experiments import study, study_design
+
+    seeds = _ints(args.seeds, "--seeds")
+    try:
+        ratios = [float(v) for v in args.ratios.split(",")]
+    except ValueError:
+        raise ConfigError(f"--ratios expects comma-separated numbers, got {args.ratios!r}") from None
+    epochs = args.epochs or study_design.DEFAULT_EPOCHS
+    arch = args.arch or study_design.DEFAULT_ARCH
+    size = args.image_size or study_design.DEFAULT_IMAGE_SIZE[args.format]
+    words = ["engine", "study", "--out", args.out, "--seeds", args.seeds, "--ratios", args.ratios, "--profiles",
+             args.profiles, "--epochs", str(epochs), "--arch", arch, "--image-size", str(size)]
+    if args.format != "digits_lt":
+        words += ["--format", args.format, "--root", args.root]
+    if args.jobs != 1:
+        words += ["--jobs", str(args.jobs)]
+    summary = study.run_study(args.out, seeds, ratios, args.profiles.split(","), epochs, arch, size, args.overrides,
+                              args.format, args.root, args.jobs,
+                              " ".join(shlex.quote(w) for w in [*words, *args.overrides]))
+    return study.summary_lines(summary, Path(args.out))
+
+
+def _cmd_data(args) -> tuple[list[str], int]:
+    """`engine data check`: exit 0 when the split is clean, 1 when it found problems."""
+    from pipelines.check import check_split, format_check_report
+
+    result = check_split(args.split, args.root, args.num_classes, args.many, args.few)
+    return [json.dumps(result, indent=2) if args.json else format_check_report(result)], 0 if result["ok"] else 1
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "rescale": _cmd_rescale, "sweep": _cmd_sweep,
+            "calibrate": _cmd_calibrate, "compare": _cmd_compare, "data": _cmd_data, "study": _cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "rescale": _cmd_rescale, "sweep": _cmd_sweep,
-                "calibrate": _cmd_calibrate, "compare": _cmd_compare, "data": _cmd_data, "study": _cmd_study}
+    setup_logging()
     try:
-        return commands[args.command](args)
-    except (ConfigError, DataError, CheckpointError) as exc:
+        output = COMMANDS[args.command](args)
+    except EngineError as exc:
         print(f"engine {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from engine.train import TrainingError
-
-        if isinstance(exc, TrainingError):
-            print(f"engine {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+        return exc.exit_code
+    lines, code = output if isinstance(output, tuple) else (output, 0)
+    for line in lines:
+        print(line, flush=True)
+    return code
 
 
 if __name__ == "__main__":

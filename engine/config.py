@@ -17,15 +17,24 @@ from typing import Any
 
 import yaml
 
+from engine.errors import ConfigError
+from engine.methods import METHODS, LossConfig
+from pipelines import formats
+from pipelines.long_tail import PROFILES
+from pipelines.samplers import SAMPLERS
+
+__all__ = ["Config", "ConfigError", "LossConfig", "load_config", "config_from_dict", "to_dict", "to_yaml"]
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "digits-lt"
-FORMATS = ("digits_lt", "split_files", "inat", "image_folder", "cifar10_lt", "cifar100_lt")
-SAMPLERS = ("instance", "class_aware", "sqrt", "progressive")
+# Choice lists: each defined once, next to the code that serves it.
+FORMATS = ("digits_lt", *formats.FORMATS)  # digits_lt: pipelines/digits_lt.py; the rest: pipelines/formats.py
+AUGMENTS = ("pad_crop", "random_resized_crop")  # pad_crop: CIFAR; random_resized_crop: ImageNet
+LOADERS = ("auto", "dali", "torchvision")
+SCHEDULES = ("cosine", "multistep")
+AMP = ("auto", "off", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
 AUTO_ON_OFF = ("auto", "on", "off")
-
-
-class ConfigError(ValueError):
-    """A config key, type or value that cannot be used; the message says which and why."""
 
 
 @dataclass
@@ -66,21 +75,6 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet32_cifar"
     pretrained: str = ""  # local torchvision/timm-style state_dict for the backbone ("" = random init)
-
-
-@dataclass
-class LossConfig:
-    lambda_center: float = 1.0  # λ1 (estimated-offset paper fixes λ1 = λ2 = 1)
-    lambda_uniform: float = 1.0  # λ2
-    center_alpha: float = 0.5  # α of Wen et al.'s center update
-    label_smoothing: float = 0.0
-    # Baseline losses (engine/losses.py); each is read only by its own method.
-    focal_gamma: float = 2.0  # focal, cb_focal: (1 − p_y)^γ (Lin et al.)
-    cb_beta: float = 0.9999  # cb_ce, cb_focal, ldam_drw's DRW weights: effective-number β (Cui et al.)
-    ldam_max_margin: float = 0.5  # ldam_drw: margin C of the rarest class (Cao et al.)
-    ldam_scale: float = 30.0  # ldam_drw: s of the normalized logits
-    drw_epoch: int = 0  # ldam_drw: 0-based epoch re-weighting starts (0 = ⌊0.8·epochs⌋, Cao's 160 of 200)
-    logit_adjust_tau: float = 1.0  # logit_adjusted: τ of z + τ·log π (balanced_softmax: τ = 1)
 
 
 @dataclass
@@ -288,24 +282,26 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {expected}")
 
 
+def _one_of(value: Any, choices, key: str) -> None:
+    _check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
-    from engine.heads import METHODS  # local import: heads imports nothing from config
-    from engine.models import ARCHS
+    from engine.models import ARCHS  # local import: keeps `import engine.config` free of the backbones
 
-    _check(cfg.method in METHODS, "method", cfg.method, f"one of {', '.join(METHODS)}")
+    _one_of(cfg.method, METHODS, "method")
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "an integer ≥ 1")
     d = cfg.data
-    _check(d.format in FORMATS, "data.format", d.format, f"one of {', '.join(FORMATS)}")
-    _check(d.sampler in SAMPLERS, "data.sampler", d.sampler, f"one of {', '.join(SAMPLERS)}")
+    _one_of(d.format, FORMATS, "data.format")
+    _one_of(d.sampler, SAMPLERS, "data.sampler")
     _check(d.sampler_epoch_length >= 0, "data.sampler_epoch_length", d.sampler_epoch_length, "an integer ≥ 0")
     _check(d.samples_per_class >= 1, "data.samples_per_class", d.samples_per_class, "an integer ≥ 1")
-    _check(d.loader in ("auto", "dali", "torchvision"), "data.loader", d.loader, "'auto', 'dali' or 'torchvision'")
-    _check(d.augment in ("pad_crop", "random_resized_crop"), "data.augment", d.augment,
-           "'pad_crop' or 'random_resized_crop'")
+    _one_of(d.loader, LOADERS, "data.loader")
+    _one_of(d.augment, AUGMENTS, "data.augment")
     _check(d.resize_size == 0 or d.resize_size >= d.image_size, "data.resize_size", d.resize_size,
            f"0 or ≥ data.image_size ({d.image_size})")
-    _check(d.imbalance_profile in ("exp", "step"), "data.imbalance_profile", d.imbalance_profile, "'exp' or 'step'")
+    _one_of(d.imbalance_profile, PROFILES, "data.imbalance_profile")
     _check(d.imbalance_ratio >= 1, "data.imbalance_ratio", d.imbalance_ratio, "a number ≥ 1")
     _check(d.n_max >= 1, "data.n_max", d.n_max, "an integer ≥ 1")
     _check(d.val_per_class >= 1, "data.val_per_class", d.val_per_class, "an integer ≥ 1")
@@ -321,7 +317,7 @@ def validate(cfg: Config) -> None:
     if d.format in ("split_files", "inat", "image_folder"):
         for key in ("train_split", "val_split"):
             _check(bool(getattr(d, key)), f"data.{key}", getattr(d, key), f"a split path (data.format={d.format})")
-    _check(cfg.model.arch in ARCHS, "model.arch", cfg.model.arch, f"one of {', '.join(ARCHS)}")
+    _one_of(cfg.model.arch, ARCHS, "model.arch")
     lo = cfg.loss
     _check(lo.lambda_center >= 0, "loss.lambda_center", lo.lambda_center, "a number ≥ 0")
     _check(lo.lambda_uniform >= 0, "loss.lambda_uniform", lo.lambda_uniform, "a number ≥ 0")
@@ -337,11 +333,11 @@ def validate(cfg: Config) -> None:
     o = cfg.optim
     _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "an integer ≥ 1")
     _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
-    _check(o.schedule in ("cosine", "multistep"), "optim.schedule", o.schedule, "'cosine' or 'multistep'")
+    _one_of(o.schedule, SCHEDULES, "optim.schedule")
     _check(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, "an integer ≥ 1")
     _check(o.batch_size % o.grad_accum == 0, "optim.batch_size", o.batch_size,
            f"a multiple of optim.grad_accum ({o.grad_accum})")
-    _check(o.fused in AUTO_ON_OFF, "optim.fused", o.fused, "'auto', 'on' or 'off'")
+    _one_of(o.fused, AUTO_ON_OFF, "optim.fused")
     _check(0 <= o.warmup_epochs < cfg.epochs, "optim.warmup_epochs", o.warmup_epochs, f"0 ≤ warmup < epochs ({cfg.epochs})")
     _check(all(0 < m < cfg.epochs for m in o.milestones), "optim.milestones", o.milestones, f"epochs in (0, {cfg.epochs})")
     _check(cfg.rescale.gamma >= 0, "rescale.gamma", cfg.rescale.gamma, "a number ≥ 0")
@@ -353,8 +349,8 @@ def validate(cfg: Config) -> None:
            f"≤ eval.many_threshold + 1 ({e.many_threshold + 1})")
     _check(e.every >= 1, "eval.every", e.every, "an integer ≥ 1")
     r = cfg.run
-    _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "'auto', 'cpu' or 'cuda'")
-    _check(r.amp in ("auto", "off", "bf16", "fp16"), "run.amp", r.amp, "'auto', 'off', 'bf16' or 'fp16'")
-    _check(r.channels_last in AUTO_ON_OFF, "run.channels_last", r.channels_last, "'auto', 'on' or 'off'")
-    _check(r.compile in AUTO_ON_OFF, "run.compile", r.compile, "'auto', 'on' or 'off'")
+    _one_of(r.device, DEVICES, "run.device")
+    _one_of(r.amp, AMP, "run.amp")
+    _one_of(r.channels_last, AUTO_ON_OFF, "run.channels_last")
+    _one_of(r.compile, AUTO_ON_OFF, "run.compile")
     _check(r.checkpoint_every >= 0, "run.checkpoint_every", r.checkpoint_every, "an integer ≥ 0")

@@ -3,7 +3,8 @@ and the imbalance metrics of engine/metrics.py (GM, precision/recall/F1, G-mean,
 cumulative false positives, confusion matrix).
 
 Features are collected once per split so that post-hoc changes to the head
-(re-scaling sweeps) re-use them instead of running the backbone again.
+(re-scaling sweeps) re-use them instead of running the backbone again; the logits always
+come from the head's own `Head.logits`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-import kernels
 from engine.metrics import confusion_matrix, imbalance_metrics
 from engine.models import Classifier
+
+
+GROUPS = ("many", "medium", "few", "top1")  # the shot groups of every report, and the whole test split
 
 
 @dataclass
@@ -36,21 +39,6 @@ def collect_features(model: Classifier, loader: DataLoader, device: torch.device
         labels.append(y)
     model.train(was_training)
     return Features(torch.cat(feats), torch.cat(labels))
-
-
-@torch.no_grad()
-def head_logits(model: Classifier, feats: Features, weight: Tensor | None = None) -> Tensor:
-    """Logits of the head on collected features; `weight` replaces the head's (re-scaled heads).
-
-    A cosine head (`ldam_drw`) scores s·(f/‖f‖)·(w_k/‖w_k‖), as its forward does."""
-    head = model.head
-    w = (head.weight if weight is None else weight).detach().float().cpu()
-    f = feats.features
-    if getattr(head.spec, "cosine", False):
-        f = torch.nn.functional.normalize(f, dim=1)
-        w = head.cosine_scale * torch.nn.functional.normalize(w, dim=1)
-    bias = head.bias.detach().float().cpu() if head.bias is not None else None
-    return kernels.head_logits(f, w, head.centers.float().cpu(), bias, use_offset=head.spec.offset)
 
 
 def shot_groups(class_counts: np.ndarray, many_threshold: int, few_threshold: int) -> dict[str, np.ndarray]:

@@ -1,27 +1,10 @@
 """The classifier head: where both papers' methods live.
 
-One `method=` switch selects what the head does:
-
-| method   | logits              | loss terms                     | after each optimizer step          |
-|----------|---------------------|--------------------------------|------------------------------------|
-| ce       | w·f                 | CE                             | –                                  |
-| ce_bias  | w·f + b             | CE                             | –                                  |
-| eo       | w·f − õ             | CE + λ1·center                 | Wen center update                  |
-| uc_only  | w·f                 | CE + λ1·center + λ2·UC(õ)      | Wen center update                  |
-| eo_uc    | w·f − õ             | CE + λ1·center + λ2·UC(õ)      | Wen center update                  |
-| wvn      | w·f                 | CE                             | ‖w_k‖ = 1 (+ Algorithm 1 RS)       |
-
-Baselines the papers compare against (loss math in engine/losses.py; they need the
-training class counts, passed in at construction):
-
-| method           | logits (predict)    | training loss                                        |
-|------------------|---------------------|------------------------------------------------------|
-| focal            | w·f                 | focal, γ = loss.focal_gamma (Lin et al.)             |
-| cb_ce            | w·f                 | class-balanced CE, β = loss.cb_beta (Cui et al.)     |
-| cb_focal         | w·f                 | class-balanced focal (Cui et al.)                    |
-| ldam_drw         | s·cos(f, w)         | LDAM margins + DRW from loss.drw_epoch (Cao et al.)  |
-| balanced_softmax | w·f                 | CE on w·f + log π (Ren et al.)                       |
-| logit_adjusted   | w·f                 | CE on w·f + τ·log π, τ = loss.logit_adjust_tau (Menon et al.) |
+`Head(in_features, num_classes, METHODS[cfg.method], cfg.loss, class_counts)`: the method
+(engine/methods.py) picks the logit transform (w·f, + b, − õ, or s·cos(f, w)), the loss (a
+function of LOSSES below; the baselines' math is in engine/losses.py and needs the training
+class counts) and the after-step work (Wen center update, WVN). The method table is
+`engine.methods.method_table()`, copied into README.md.
 
 õ_k = ½ c_k·w_k (estimated offset). `eo` is the paper's "Ours w/o UC" and `uc_only`
 its "UC only" ablation (Table 3); both keep the center loss, since it is what
@@ -33,7 +16,7 @@ follows that protocol), so the offset and UC gradients shape w and f, not c.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,96 +25,59 @@ from torch import Tensor, nn
 
 import kernels
 from engine import losses
+from engine.methods import METHODS, LossConfig, Method
+
+__all__ = ["Head", "LOSSES", "METHODS", "Method", "OffsetHead", "rescale_factors"]
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    bias: bool = False  # trained per-class bias added to the logits
-    offset: bool = False  # estimated offset subtracted from the logits
-    center: bool = False  # λ1 center loss + Wen center update
-    uniform: bool = False  # λ2 uniform constraint on the estimated offset
-    wvn: bool = False  # unit-norm weight vectors after every step
-    loss: str = "offset"  # "offset" (kernels.offset_head_loss) or a baseline loss of engine/losses.py
-    cosine: bool = False  # logits s·cos(f, w) (LDAM's normalized classifier)
+class Head(nn.Module):
+    """Linear classifier with optional bias, estimated offset, center loss, uniform constraint, WVN.
 
+    `Head(in_features, num_classes, METHODS[cfg.method], cfg.loss, class_counts)`; `method` may
+    also be given by name. The baselines' per-class tensors are built from `class_counts`."""
 
-METHODS: dict[str, MethodSpec] = {
-    "ce": MethodSpec(),
-    "ce_bias": MethodSpec(bias=True),
-    "eo": MethodSpec(offset=True, center=True),
-    "uc_only": MethodSpec(center=True, uniform=True),
-    "eo_uc": MethodSpec(offset=True, center=True, uniform=True),
-    "wvn": MethodSpec(wvn=True),
-    "focal": MethodSpec(loss="focal"),
-    "cb_ce": MethodSpec(loss="cb_ce"),
-    "cb_focal": MethodSpec(loss="cb_focal"),
-    "ldam_drw": MethodSpec(loss="ldam_drw", cosine=True),
-    "balanced_softmax": MethodSpec(loss="logit_adjusted"),
-    "logit_adjusted": MethodSpec(loss="logit_adjusted"),
-}
-
-
-class OffsetHead(nn.Module):
-    """Linear classifier with optional bias, estimated offset, center loss, uniform constraint, WVN."""
-
-    def __init__(
-        self,
-        in_features: int,
-        num_classes: int,
-        method: str,
-        lambda_center: float = 1.0,
-        lambda_uniform: float = 1.0,
-        center_alpha: float = 0.5,
-        label_smoothing: float = 0.0,
-        class_counts: Tensor | np.ndarray | None = None,
-        focal_gamma: float = 2.0,
-        cb_beta: float = 0.9999,
-        ldam_max_margin: float = 0.5,
-        ldam_scale: float = 30.0,
-        drw_epoch: int = 0,
-        logit_adjust_tau: float = 1.0,
-    ) -> None:
+    def __init__(self, in_features: int, num_classes: int, method: Method | str, loss: LossConfig | None = None,
+                 class_counts: Tensor | np.ndarray | None = None) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-        self.method = method
-        self.spec = METHODS[method]
+        if isinstance(method, str):
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+            method = METHODS[method]
+        loss = loss if loss is not None else LossConfig()
+        self.spec = method
+        self.method = method.name
         self.num_classes = num_classes
-        self.lambda_center = lambda_center if self.spec.center else 0.0
-        self.lambda_uniform = lambda_uniform if self.spec.uniform else 0.0
-        self.center_alpha = center_alpha
-        self.label_smoothing = label_smoothing
+        self.lambda_center = loss.lambda_center if method.center else 0.0
+        self.lambda_uniform = loss.lambda_uniform if method.uniform else 0.0
+        self.center_alpha = loss.center_alpha
+        self.label_smoothing = loss.label_smoothing
+        self.focal_gamma, self.drw_epoch, self.cosine_scale = loss.focal_gamma, loss.drw_epoch, loss.ldam_scale
+        self.epoch = 0
 
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init
-        if self.spec.bias:
+        if method.bias:
             self.bias = nn.Parameter(torch.zeros(num_classes))
         else:
             self.register_parameter("bias", None)
         # Centers start at the origin (õ = 0); Wen's update pulls each to its class mean.
         self.register_buffer("centers", torch.zeros(num_classes, in_features))
-        if self.spec.wvn:
+        if method.wvn:
             self.normalize_weights()
-        self._init_baseline_loss(class_counts, focal_gamma, cb_beta, ldam_max_margin, ldam_scale, drw_epoch,
-                                 logit_adjust_tau)
+        if method.loss != "offset":
+            self._register_class_tensors(loss, class_counts)
 
-    def _init_baseline_loss(self, class_counts, focal_gamma, cb_beta, ldam_max_margin, ldam_scale, drw_epoch,
-                            logit_adjust_tau) -> None:
+    def _register_class_tensors(self, loss: LossConfig, class_counts) -> None:
         """Fixed per-class tensors of the baseline losses: non-persistent buffers (they follow .to(),
         stay out of the state_dict: they are a function of the class counts and the config)."""
-        self.focal_gamma, self.cb_beta, self.drw_epoch = focal_gamma, cb_beta, drw_epoch
-        self.cosine_scale = ldam_scale
-        self.epoch = 0
-        if self.spec.loss == "offset":
-            return
         if class_counts is None:
             raise ValueError(f"method {self.method!r} needs the training class counts; received class_counts=None")
         if len(class_counts) != self.num_classes:
             raise ValueError(f"class_counts has {len(class_counts)} entries, expected num_classes={self.num_classes}")
-        tau = 1.0 if self.method == "balanced_softmax" else logit_adjust_tau
+        tau = self.spec.prior_tau if self.spec.prior_tau is not None else loss.logit_adjust_tau
         fixed = {
-            "class_weight": losses.class_balanced_weights(class_counts, cb_beta),
-            "margins": losses.ldam_margins(class_counts, ldam_max_margin),
+            "class_weight": losses.class_balanced_weights(class_counts, loss.cb_beta),
+            "margins": losses.ldam_margins(class_counts, loss.ldam_max_margin),
             "prior_bias": tau * losses.log_prior(class_counts),
         }
         for name, value in fixed.items():
@@ -141,44 +87,33 @@ class OffsetHead(nn.Module):
         """Called by the training loop at the start of every epoch (0-based); DRW switches on it."""
         self.epoch = int(epoch)
 
-    def forward(self, features: Tensor) -> Tensor:
-        """Logits used for prediction: w·f − õ (+ b); s·cos(f, w) for a cosine head."""
-        if self.spec.cosine:
-            return self.cosine_scale * self._cosine(features)
-        return kernels.head_logits(features, self.weight, self.centers, self.bias, use_offset=self.spec.offset)
+    def logits(self, features: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Logits used for prediction: w·f − õ (+ b); s·cos(f, w) for a cosine head.
 
-    def _cosine(self, features: Tensor) -> Tensor:
-        return F.normalize(features.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).t()
+        `weight` replaces the head's classifier (post-hoc RS / τ-norm); the head's tensors follow
+        `features` to its device, so evaluation can score features collected on the CPU."""
+        w = self.weight if weight is None else weight
+        if features.device != w.device:
+            w = w.to(features.device)
+        if self.spec.cosine:
+            return self.cosine_scale * _cosine(features, w)
+        centers, bias = self.centers.to(features.device), self.bias
+        if bias is not None:
+            bias = bias.to(features.device)
+        return kernels.head_logits(features, w, centers, bias, use_offset=self.spec.offset)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.logits(features)
 
     def loss(self, features: Tensor, labels: Tensor) -> Tensor:
         """Training loss of the selected method (mean over the batch)."""
-        kind = self.spec.loss
-        if kind == "logit_adjusted":  # fixed additive bias τ·log π through the kernel's `bias=` flag
-            return kernels.offset_head_loss(
-                features, self.weight, self.centers, labels, lambda_center=0.0, lambda_uniform=0.0,
-                use_offset=False, bias=self.prior_bias, label_smoothing=self.label_smoothing, center_grad=False,
-            )
-        if kind == "ldam_drw":
-            weight = self.class_weight if self.epoch >= self.drw_epoch else None
-            return losses.ldam_loss(self._cosine(features), labels, self.margins, self.cosine_scale, weight)
-        if kind != "offset":
-            logits = features.float() @ self.weight.float().t()
-            weight = self.class_weight if kind.startswith("cb_") else None
-            if kind == "cb_ce":
-                return losses.weighted_cross_entropy(logits, labels, weight)
-            return losses.focal_loss(logits, labels, self.focal_gamma, weight)
-        return kernels.offset_head_loss(
-            features,
-            self.weight,
-            self.centers,
-            labels,
-            lambda_center=self.lambda_center,
-            lambda_uniform=self.lambda_uniform,
-            use_offset=self.spec.offset,
-            bias=self.bias,
-            label_smoothing=self.label_smoothing,
-            center_grad=False,
-        )
+        return LOSSES[self.spec.loss](self, features, labels)
+
+    @torch.no_grad()
+    def center_statistics(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-class feature sums and counts of the batch: the statistics of Wen's center update.
+        (The fused head computes the same sums in its epilogue; this is the one place to take them from.)"""
+        return kernels.class_feature_sums(features, labels, self.num_classes)
 
     @torch.no_grad()
     def after_step(
@@ -189,7 +124,7 @@ class OffsetHead(nn.Module):
         `reduce(*tensors)` sums tensors over ranks in place (DDP): the center update then sees
         the global batch, so every rank keeps identical centers."""
         if self.spec.center:
-            sums, counts = kernels.class_feature_sums(features, labels, self.num_classes)
+            sums, counts = self.center_statistics(features, labels)
             if reduce is not None:
                 reduce(sums, counts)
             kernels.wen_center_update(self.centers, sums, counts, self.center_alpha)
@@ -211,6 +146,72 @@ class OffsetHead(nn.Module):
     @torch.no_grad()
     def estimated_offset(self) -> Tensor:
         return kernels.estimated_offset(self.weight, self.centers)
+
+
+OffsetHead = Head  # the name the fused-head tests (tests/test_fused_head.py) import
+
+
+def _cosine(features: Tensor, weight: Tensor) -> Tensor:
+    return F.normalize(features.float(), dim=1) @ F.normalize(weight.float(), dim=1).t()
+
+
+# --------------------------------------------------------------------------- losses: (head, features, labels) → loss
+
+
+def _offset_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
+    """CE on w·f (− õ) (+ b) + λ1·center + λ2·UC through the kernel (fused on CUDA)."""
+    return kernels.offset_head_loss(
+        features,
+        head.weight,
+        head.centers,
+        labels,
+        lambda_center=head.lambda_center,
+        lambda_uniform=head.lambda_uniform,
+        use_offset=head.spec.offset,
+        bias=head.bias,
+        label_smoothing=head.label_smoothing,
+        center_grad=False,
+    )
+
+
+def _logit_adjusted_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
+    """CE on w·f + τ·log π: the fixed additive bias goes through the kernel's `bias=` flag."""
+    return kernels.offset_head_loss(
+        features, head.weight, head.centers, labels, lambda_center=0.0, lambda_uniform=0.0,
+        use_offset=False, bias=head.prior_bias, label_smoothing=head.label_smoothing, center_grad=False,
+    )
+
+
+def _linear(head: Head, features: Tensor) -> Tensor:
+    return features.float() @ head.weight.float().t()
+
+
+def _focal_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
+    return losses.focal_loss(_linear(head, features), labels, head.focal_gamma)
+
+
+def _cb_ce_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
+    return losses.weighted_cross_entropy(_linear(head, features), labels, head.class_weight)
+
+
+def _cb_focal_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
+    return losses.focal_loss(_linear(head, features), labels, head.focal_gamma, head.class_weight)
+
+
+def _ldam_drw_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
+    weight = head.class_weight if head.epoch >= head.drw_epoch else None  # DRW
+    return losses.ldam_loss(_cosine(features, head.weight), labels, head.margins, head.cosine_scale, weight)
+
+
+# Method.loss → loss function. A new loss is one function here plus one Method in engine/methods.py.
+LOSSES: dict[str, Callable[[Head, Tensor, Tensor], Tensor]] = {
+    "offset": _offset_loss,
+    "logit_adjusted": _logit_adjusted_loss,
+    "focal": _focal_loss,
+    "cb_ce": _cb_ce_loss,
+    "cb_focal": _cb_focal_loss,
+    "ldam_drw": _ldam_drw_loss,
+}
 
 
 def rescale_factors(class_counts: Tensor, gamma: float) -> Tensor:

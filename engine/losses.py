@@ -22,15 +22,10 @@ Weighted losses use the weighted batch mean Σ_i w_{y_i} ℓ_i / B (Cui et al.'s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from engine.config import Config
 
 
 def _counts(class_counts: Tensor | np.ndarray | list, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -95,21 +90,3 @@ def ldam_loss(cosine: Tensor, labels: Tensor, margins: Tensor, scale: float, wei
     onehot = F.one_hot(labels, cosine.shape[1]).to(cosine)
     logits = scale * (cosine - onehot * margins.to(cosine)[None, :])
     return weighted_cross_entropy(logits, labels, weight)
-
-
-def head_loss_kwargs(cfg: "Config", class_counts: np.ndarray) -> dict:
-    """The head's loss arguments from the config (one place for train.py and post-hoc loading).
-
-    `loss.drw_epoch = 0` means Cao et al.'s schedule: re-weighting from epoch ⌊0.8·epochs⌋
-    (160 of 200), 0-based, i.e. the last fifth of training."""
-    lo = cfg.loss
-    drw_epoch = lo.drw_epoch if lo.drw_epoch > 0 else int(0.8 * cfg.epochs)
-    return {
-        "class_counts": np.asarray(class_counts),
-        "focal_gamma": lo.focal_gamma,
-        "cb_beta": lo.cb_beta,
-        "ldam_max_margin": lo.ldam_max_margin,
-        "ldam_scale": lo.ldam_scale,
-        "drw_epoch": drw_epoch,
-        "logit_adjust_tau": lo.logit_adjust_tau,
-    }

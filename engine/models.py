@@ -17,15 +17,22 @@ torchvision's builders or building blocks (no hand-written ResNet):
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-from engine.heads import OffsetHead
+from engine.errors import CheckpointError
+from engine.heads import METHODS, Head
+from engine.methods import LossConfig
+
+if TYPE_CHECKING:
+    from engine.config import Config
 
 
 class CifarResNet(nn.Module):
@@ -87,8 +94,6 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     (DDP) and 'backbone.' prefixes; drops the source's classifier ('fc.*', 'head.*',
     'classifier.*'). Every backbone tensor must be present with the right shape.
     """
-    from engine.checkpoint import CheckpointError
-
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -123,7 +128,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 class Classifier(nn.Module):
     """backbone → features → head. timm-style `forward_features` / `forward_head`."""
 
-    def __init__(self, backbone: nn.Module, head: OffsetHead) -> None:
+    def __init__(self, backbone: nn.Module, head: Head) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -142,11 +147,22 @@ class Classifier(nn.Module):
         return self.head.loss(features, labels), features
 
 
-def build_model(arch: str, num_classes: int, method: str, pretrained: str = "", **head_kwargs) -> Classifier:
+def head_loss_config(cfg: Config) -> LossConfig:
+    """`cfg.loss` as the head reads it: `loss.drw_epoch = 0` means Cao et al.'s schedule,
+    re-weighting from epoch ⌊0.8·epochs⌋ (160 of 200), 0-based, i.e. the last fifth of training."""
+    lo = cfg.loss
+    return dataclasses.replace(lo, drw_epoch=lo.drw_epoch if lo.drw_epoch > 0 else int(0.8 * cfg.epochs))
+
+
+def build_model(cfg: Config, class_counts: np.ndarray | list[int]) -> Classifier:
+    """The one model builder (training, post hoc, benchmarks): `cfg.model` backbone (+ `pretrained`
+    weights) and `Head(…, METHODS[cfg.method], cfg.loss, class_counts)`; num_classes = len(class_counts)."""
+    arch = cfg.model.arch
     if arch not in ARCHS:
         raise ValueError(f"unknown model.arch {arch!r}; expected one of {', '.join(ARCHS)}")
     backbone = ARCHS[arch]()
-    if pretrained:
-        load_backbone_weights(backbone, pretrained)
-    head = OffsetHead(backbone.num_features, num_classes, method, **head_kwargs)
+    if cfg.model.pretrained:
+        load_backbone_weights(backbone, cfg.model.pretrained)
+    counts = np.asarray(class_counts)
+    head = Head(backbone.num_features, len(counts), METHODS[cfg.method], head_loss_config(cfg), counts)
     return Classifier(backbone, head)

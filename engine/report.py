@@ -1,5 +1,4 @@
-"""The run's report: `report.md` + PNG plots next to metrics.json (which holds every number), and
-`engine compare` across run folders.
+"""The run's report: `report.md` + PNG plots next to metrics.json (which holds every number).
 
 Plots (the papers' figures, made live; classes sorted by training count, most frequent first):
 
@@ -13,26 +12,18 @@ Plots (the papers' figures, made live; classes sorted by training count, most fr
 | offsets.png      | empirical ½μ̃_k·w_k vs estimated ½c_k·w_k offsets per class    | EO Fig. 3      |
 | weight_norms.png | ‖w_k‖ / max_k ‖w_k‖ vs training count                         | WVN Fig. 2/3   |
 
-The last three need `metrics["diagnostics"]` (eval.diagnostics=true).
+The last three need `metrics["diagnostics"]` (eval.diagnostics=true). `engine compare` lives in
+engine/experiments/compare.py.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from engine.checkpoint import atomic_write_bytes, atomic_write_text  # noqa: E402
-
-
-def save_png(fig, path: Path) -> None:
-    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+from engine.io import atomic_write_text
+from engine.render import fmt, markdown_table, save_png, subplots
 
 
 def _by_frequency_ticks(ax, order: np.ndarray, counts: np.ndarray) -> None:
@@ -55,7 +46,7 @@ def write_plots(out_dir: Path, history: list[dict], metrics: dict) -> list[Path]
         written.append(out_dir / name)
 
     # Training curves.
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 3.6))
     epochs = [r["epoch"] for r in history]
     ax1.plot(epochs, [r["train_loss"] for r in history], marker=".")
     ax1.set(xlabel="epoch", ylabel="train loss", title="training loss")
@@ -70,7 +61,7 @@ def write_plots(out_dir: Path, history: list[dict], metrics: dict) -> list[Path]
 
     # EO Fig. 4: class-wise accuracy, sorted by frequency, with the GM.
     per_class = np.array([np.nan if v is None else v for v in metrics["per_class"]], dtype=float)
-    fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(counts)), 3.8))
+    fig, ax = subplots(figsize=(max(6, 0.4 * len(counts)), 3.8))
     ax.bar(x, per_class[order], color="tab:blue", label="class accuracy")
     if metrics.get("gm") is not None:
         ax.axhline(metrics["gm"], color="tab:red", ls="--", lw=1.2, label=f"GM {metrics['gm']:.2f}%")
@@ -84,7 +75,7 @@ def write_plots(out_dir: Path, history: list[dict], metrics: dict) -> list[Path]
     # EO Fig. 5: cumulative false positives in frequency order.
     if metrics.get("cumulative_false_positives") is not None:
         cum = np.asarray(metrics["cumulative_false_positives"], dtype=float)
-        fig, ax = plt.subplots(figsize=(6, 3.8))
+        fig, ax = subplots(figsize=(6, 3.8))
         ax.plot(x + 1, cum, marker="o", label=metrics["method"])
         ax.plot([0, len(cum)], [0, cum[-1]], color="gray", ls="--", lw=1, label="linear (unbiased)")
         ax.set(xlabel="classes, most frequent first", ylabel="cumulative false positives",
@@ -97,7 +88,7 @@ def write_plots(out_dir: Path, history: list[dict], metrics: dict) -> list[Path]
         cm = np.asarray(metrics["confusion_matrix"], dtype=float)[np.ix_(order, order)]
         norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
         k = len(order)
-        fig, ax = plt.subplots(figsize=(min(12, 2 + 0.45 * k), min(11, 1.6 + 0.45 * k)))
+        fig, ax = subplots(figsize=(min(12, 2 + 0.45 * k), min(11, 1.6 + 0.45 * k)))
         im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
         if k <= 20:
@@ -125,7 +116,7 @@ def _diagnostic_plots(out_dir: Path, metrics: dict, diag: dict, counts: np.ndarr
     log_prior = np.log(counts / counts.sum())
 
     # EO Fig. 1: trained offsets / bias against the log prior.
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = subplots(figsize=(6, 3.8))
     series = [("−½μ̃_k·w_k (empirical offset)", -np.asarray(diag["empirical_offset"]), "s")]
     if np.any(np.asarray(diag["estimated_offset"])):
         series.append(("−½c_k·w_k (estimated offset)", -np.asarray(diag["estimated_offset"]), "o"))
@@ -141,7 +132,7 @@ def _diagnostic_plots(out_dir: Path, metrics: dict, diag: dict, counts: np.ndarr
     written.append(out_dir / "prior.png")
 
     # EO Fig. 3: empirical vs estimated offsets per class.
-    fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(counts)), 3.8))
+    fig, ax = subplots(figsize=(max(6, 0.4 * len(counts)), 3.8))
     ax.plot(x, np.asarray(diag["estimated_offset"])[order], marker="o", label="estimated ½c_k·w_k")
     ax.plot(x, np.asarray(diag["empirical_offset"])[order], marker="s", label="empirical ½μ̃_k·w_k")
     if diag.get("bias") is not None:
@@ -154,7 +145,7 @@ def _diagnostic_plots(out_dir: Path, metrics: dict, diag: dict, counts: np.ndarr
 
     # WVN Fig. 2/3: relative weight-vector norms vs class frequency.
     norms = np.asarray(diag["weight_norm"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(counts)), 3.8))
+    fig, ax = subplots(figsize=(max(6, 0.4 * len(counts)), 3.8))
     ax.bar(x, (norms / norms.max())[order], color="tab:green")
     ax.set(ylabel="‖w_k‖ / max ‖w‖", ylim=(0, 1.05), title=f"{metrics['method']}: relative weight-vector norms")
     _by_frequency_ticks(ax, order, counts)
@@ -163,89 +154,26 @@ def _diagnostic_plots(out_dir: Path, metrics: dict, diag: dict, counts: np.ndarr
     return written
 
 
-def _fmt(v, scale: float = 1.0) -> str:
-    return f"{v * scale:.2f}" if isinstance(v, (int, float)) else "–"
-
-
 def write_markdown(out_dir: Path, metrics: dict, images: list[str]) -> Path:
     """report.md: summary (test and val), per-class table, the plots. Every number is also in metrics.json."""
     counts = metrics["class_counts"]
     order = np.argsort(-np.asarray(counts), kind="stable")
     keys = [("top1", 1), ("many", 1), ("medium", 1), ("few", 1), ("gm", 1), ("precision", 100), ("recall", 100),
             ("f1", 100), ("gmean", 100), ("iba", 100)]
-    lines = [f"# Run report: `{metrics['method']}` (seed {metrics.get('seed')}, {metrics.get('epochs')} epochs)", "",
-             "Accuracies and GM in %, precision/recall/F1/G-mean/IBA ×100 (macro, one-vs-rest; see engine/metrics.py).",
-             "", "| split | " + " | ".join(k for k, _ in keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for split, r in (("test", metrics), ("val", metrics.get("val") or {})):
-        lines.append(f"| {split} | " + " | ".join(_fmt(r.get(k), s) for k, s in keys) + " |")
+    summary = [[split] + [fmt(r.get(k), s) for k, s in keys]
+               for split, r in (("test", metrics), ("val", metrics.get("val") or {}))]
     diag = metrics.get("diagnostics") or {}
     fp = metrics.get("false_positives")
-    cols = ["class", "train n", "test acc %", "false pos."]
-    cols += [c for c, k in (("‖w‖", "weight_norm"), ("bias", "bias"), ("est. offset", "estimated_offset"),
-                            ("emp. offset", "empirical_offset")) if diag.get(k) is not None]
-    lines += ["", "## Per class (most frequent first)", "", "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
-    for c in order:
-        row = [str(c), str(counts[c]), _fmt(metrics["per_class"][c]), str(fp[c]) if fp is not None else "–"]
-        for k in ("weight_norm", "bias", "estimated_offset", "empirical_offset"):
-            if diag.get(k) is not None:
-                row.append(f"{diag[k][c]:.4f}")
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
+    extra = [(c, k) for c, k in (("‖w‖", "weight_norm"), ("bias", "bias"), ("est. offset", "estimated_offset"),
+                                 ("emp. offset", "empirical_offset")) if diag.get(k) is not None]
+    per_class = [[str(c), str(counts[c]), fmt(metrics["per_class"][c]), str(fp[c]) if fp is not None else "–"]
+                 + [f"{diag[k][c]:.4f}" for _, k in extra] for c in order]
+    lines = [f"# Run report: `{metrics['method']}` (seed {metrics.get('seed')}, {metrics.get('epochs')} epochs)", "",
+             "Accuracies and GM in %, precision/recall/F1/G-mean/IBA ×100 (macro, one-vs-rest; see engine/metrics.py).",
+             "", markdown_table(["split"] + [k for k, _ in keys], summary),
+             "", "## Per class (most frequent first)", "",
+             markdown_table(["class", "train n", "test acc %", "false pos."] + [c for c, _ in extra], per_class),
+             "", "## Plots", ""] + [f"![{name}]({name})" for name in images]
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
-
-
-# --------------------------------------------------------------------------- engine compare
-
-
-COMPARE_KEYS = ("many", "medium", "few", "top1", "gm", "f1", "gmean", "iba")
-
-
-def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
-    """One table (compare.md, printed) and one plot (compare.png) of many/medium/few/all across runs."""
-    from engine.checkpoint import CheckpointError
-
-    if not run_dirs:
-        raise CheckpointError("engine compare needs at least one run folder")
-    rows = []
-    for d in map(Path, run_dirs):
-        path = d / "metrics.json" if d.is_dir() else d
-        if not path.is_file():
-            raise CheckpointError(f"{d}: no metrics.json (expected a finished run folder or a metrics.json file)")
-        try:
-            m = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
-        missing = [k for k in ("top1", "many", "medium", "few", "method") if k not in m]
-        if missing:
-            raise CheckpointError(f"{path} lacks {missing}; expected an lt-engine metrics.json")
-        rows.append({"run": str(path.parent), "method": m["method"], "seed": m.get("seed"),
-                     **{k: m.get(k) for k in COMPARE_KEYS}})
-    names = [Path(r["run"]).name for r in rows]
-    if len(set(names)) < len(names):
-        names = [r["run"] for r in rows]
-    scale = {"f1": 100, "gmean": 100, "iba": 100}
-    header = "| run | method | " + " | ".join("all" if k == "top1" else k for k in COMPARE_KEYS) + " |"
-    lines = [header, "|---" * (len(COMPARE_KEYS) + 2) + "|"]
-    for name, r in zip(names, rows):
-        lines.append(f"| {name} | {r['method']} | " + " | ".join(_fmt(r[k], scale.get(k, 1)) for k in COMPARE_KEYS) + " |")
-    table = "\n".join(lines)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "compare.md", "# Runs compared (test split; F1/G-mean/IBA ×100)\n\n" + table + "\n")
-    atomic_write_text(out_dir / "compare.json", json.dumps({"runs": rows}, indent=2))
-
-    groups = ("many", "medium", "few", "top1")
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(rows)) / 3), 3.8))
-    width = 0.8 / len(rows)
-    for i, (name, r) in enumerate(zip(names, rows)):
-        vals = [np.nan if r[g] is None else r[g] for g in groups]
-        ax.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2, vals, width, label=f"{name} ({r['method']})")
-    ax.set_xticks(range(len(groups)), ["many", "medium", "few", "all"])
-    ax.set(ylabel="test accuracy (%)", ylim=(0, 105), title="many / medium / few / all across runs")
-    ax.legend(fontsize=7, loc="upper right")
-    save_png(fig, out_dir / "compare.png")
-    print(table)
-    print(f"written: {out_dir / 'compare.md'}, {out_dir / 'compare.png'}")
-    return {"runs": rows, "table": table}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -20,53 +21,20 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engine import report
-from engine.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
-from engine.config import Config, ConfigError, to_dict, to_yaml
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.config import Config, to_dict, to_yaml
 from engine.data import Data, load_data, make_loaders, train_features_loader
+from engine.device import Speed, resolve_device, resolve_speed
 from engine.distributed import (
     DistInfo, all_gather_cat, all_gather_objects, all_reduce_sum_, broadcast_error, init_distributed, shutdown,
 )
-from engine.evaluate import Features, collect_features, format_table, head_logits, reporter, scalars
-from engine.losses import head_loss_kwargs
+from engine.errors import CheckpointError, ConfigError, TrainingError
+from engine.evaluate import Features, collect_features, reporter, scalars
+from engine.io import atomic_write_text, write_json
+from engine.logs import log_to_file
 from engine.models import Classifier, build_model
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, a run folder that is in the way)."""
-
-
-def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("run.device=cuda but no CUDA device is available; use run.device=cpu")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", dist.local_rank)
-    return torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class Speed:
-    """The speed switches resolved for this device ("auto" = on for CUDA, off on CPU)."""
-
-    amp_dtype: torch.dtype | None
-    grad_scaler: bool
-    channels_last: bool
-    compile: bool
-    fused_sgd: bool
-
-
-def resolve_speed(cfg: Config, device: torch.device) -> Speed:
-    cuda = device.type == "cuda"
-
-    def on(value: str) -> bool:
-        return value == "on" or (value == "auto" and cuda)
-
-    amp = {"auto": "bf16" if cuda else "off"}.get(cfg.run.amp, cfg.run.amp)
-    if amp == "fp16" and not cuda:
-        raise ConfigError("run.amp=fp16 needs CUDA (GradScaler); use run.amp=bf16 or off on CPU")
-    if on(cfg.optim.fused) and not cuda:
-        raise ConfigError("optim.fused=on needs CUDA parameters; use optim.fused=auto or off on CPU")
-    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return Speed(dtype, amp == "fp16", on(cfg.run.channels_last), on(cfg.run.compile), on(cfg.optim.fused))
+logger = logging.getLogger(__name__)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
@@ -167,39 +135,48 @@ def _train(cfg: Config, out_dir: Path, resume: bool, dist: DistInfo) -> dict:
     data = load_data(cfg)
     layout = "channels_last" if speed.channels_last else "NCHW"
     train_loader, val_loader, test_loader = make_loaders(cfg, data, dist, device.type, layout)
-
-    model = build_model(
-        cfg.model.arch, data.num_classes, cfg.method, pretrained=cfg.model.pretrained,
-        lambda_center=cfg.loss.lambda_center, lambda_uniform=cfg.loss.lambda_uniform,
-        center_alpha=cfg.loss.center_alpha, label_smoothing=cfg.loss.label_smoothing,
-        **head_loss_kwargs(cfg, data.class_counts),  # class counts + baseline-loss settings
-    ).to(device, memory_format=torch.channels_last if speed.channels_last else torch.contiguous_format)
-    if dist.enabled:
-        # DDP copies rank 0's initial weights to every rank; from here on each rank draws its
-        # own augmentations (the same seed everywhere would give every rank the same crops).
-        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
-    optimizer = build_optimizer(cfg, model, speed.fused_sgd)
-    steps_per_epoch = len(train_loader)
-    step_model: torch.nn.Module = model
-    if dist.enabled:
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if speed.compile:
-        step_model = torch.compile(step_model)
-    run = Run(cfg, out_dir, dist, device, speed, data, model, step_model, optimizer,
-              build_scheduler(cfg, optimizer, steps_per_epoch),
-              torch.amp.GradScaler(device.type, enabled=speed.grad_scaler),
-              torch.as_tensor(data.class_counts, dtype=torch.float32, device=device), steps_per_epoch)
+    run = build_run(cfg, out_dir, dist, device, speed, data, len(train_loader))
 
     created = prepare_run_dir(out_dir, resume, dist.is_main)
     try:
-        history = train_epochs(run, train_loader, val_loader, load_checkpoint(out_dir / "last.pt") if resume else None)
+        with log_to_file(out_dir / "train.log", dist.rank) if dist.is_main else contextlib.nullcontext():
+            logger.info("training %s (%s, %d classes) on %s into %s", cfg.method, cfg.model.arch, data.num_classes,
+                        device, out_dir)
+            history = train_epochs(run, train_loader, val_loader,
+                                   load_checkpoint(out_dir / "last.pt") if resume else None)
+            return finish(run, history, test_loader, val_loader)
     except BaseException:
         # A run that fails before its first checkpoint leaves nothing behind: there is nothing to resume.
         if created and not (out_dir / "last.pt").exists():
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
 
-    # Final evaluation on the held-out test split, diagnostics, report (all ranks evaluate a shard).
+
+def build_run(cfg: Config, out_dir: Path, dist: DistInfo, device: torch.device, speed: Speed, data: Data | None,
+              steps_per_epoch: int, class_counts=None) -> Run:
+    """Model (the one builder), optimizer, schedule and scaler of a run; `class_counts` defaults to the data's."""
+    counts = data.class_counts if class_counts is None else class_counts
+    model = build_model(cfg, counts).to(
+        device, memory_format=torch.channels_last if speed.channels_last else torch.contiguous_format)
+    if dist.enabled:
+        # DDP copies rank 0's initial weights to every rank; from here on each rank draws its
+        # own augmentations (the same seed everywhere would give every rank the same crops).
+        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
+    optimizer = build_optimizer(cfg, model, speed.fused_sgd)
+    step_model: torch.nn.Module = model
+    if dist.enabled:
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if speed.compile:
+        step_model = torch.compile(step_model)
+    return Run(cfg, out_dir, dist, device, speed, data, model, step_model, optimizer,
+               build_scheduler(cfg, optimizer, steps_per_epoch),
+               torch.amp.GradScaler(device.type, enabled=speed.grad_scaler),
+               torch.as_tensor(counts, dtype=torch.float32, device=device), steps_per_epoch)
+
+
+def finish(run: Run, history: list[dict], test_loader, val_loader) -> dict:
+    """Final evaluation on the held-out test split, diagnostics, report (all ranks evaluate a shard)."""
+    cfg, data = run.cfg, run.data
     test = evaluate(run, test_loader)
     val = evaluate(run, val_loader)
     diag = diagnostics(run) if cfg.eval.diagnostics else None
@@ -213,10 +190,11 @@ def _train(cfg: Config, out_dir: Path, resume: bool, dist: DistInfo) -> dict:
         "notes": data.notes,
         "diagnostics": diag,
     }
-    if dist.is_main:
-        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-        report.write_plots(out_dir, history, metrics)
-        print(format_table({f"test ({cfg.method})": test}))
+    if run.dist.is_main:
+        write_json(run.out_dir / "metrics.json", metrics)
+        report.write_plots(run.out_dir, history, metrics)
+        logger.info("test top-1 %.2f (many %s, medium %s, few %s); report: %s", metrics["top1"], metrics["many"],
+                    metrics["medium"], metrics["few"], run.out_dir / "report.md")
     return metrics
 
 
@@ -234,13 +212,12 @@ def train_epochs(run: Run, train_loader, val_loader, state: dict | None) -> list
             # base seed from the global RNG) before the checkpoint; re-apply the saved RNG state after
             # the new iterator is created so the augmentations continue bit for bit.
             resume_rng = _rank_rng(run, state)
-    log_path = out_dir / "metrics.jsonl"
     if run.dist.is_main:
         atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
         # Rewritten from the checkpoint's history on resume: no line lost or doubled.
-        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     writer = _tensorboard(run)
-    run_start, steps_at_start = time.perf_counter(), epoch * run.steps_per_epoch + position
+    clock = (time.perf_counter(), epoch * run.steps_per_epoch + position)  # (start, steps done before it)
 
     for epoch in range(epoch, cfg.epochs):
         run.model.train()
@@ -258,41 +235,50 @@ def train_epochs(run: Run, train_loader, val_loader, state: dict | None) -> list
             step = epoch * run.steps_per_epoch + position
             loss_value = train_step(run, x, y, epoch, step)
             loss_sum, seen, position = loss_sum + loss_value * len(y), seen + len(y), position + 1
-            done = step + 1 - steps_at_start
-            per_step = (time.perf_counter() - run_start) / done
+            per_step = (time.perf_counter() - clock[0]) / (step + 1 - clock[1])
             bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{len(y) * run.dist.world_size / per_step:.0f}")
             if cfg.run.checkpoint_every and position % cfg.run.checkpoint_every == 0 and position < run.steps_per_epoch:
                 checkpoint(run, epoch, position, history, (loss_sum, seen))
 
-        elapsed = time.perf_counter() - t0
-        steps_left = (cfg.epochs - epoch - 1) * run.steps_per_epoch
-        record = {
-            "epoch": epoch + 1,
-            "step": (epoch + 1) * run.steps_per_epoch,
-            "train_loss": loss_sum / max(seen, 1),
-            "lr": run.scheduler.get_last_lr()[0],
-            "images_per_s": seen * run.dist.world_size / elapsed,
-            "eta_s": steps_left * (time.perf_counter() - run_start) / max(1, (epoch + 1) * run.steps_per_epoch - steps_at_start),
-        }
+        record = epoch_record(run, epoch, loss_sum, seen, time.perf_counter() - t0, clock)
         if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
             record.update({f"val_{k}": v for k, v in scalars(evaluate(run, val_loader)).items()})
         history.append(record)
         position, totals = 0, (0.0, 0)
         checkpoint(run, epoch + 1, 0, history, totals)  # the checkpoint carries the log history
         if run.dist.is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if writer is not None:
-                for key, value in record.items():
-                    if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                        writer.add_scalar(key, value, record["step"])
-            if cfg.run.progress:
-                val_txt = f"  val top-1 {record['val_top1']:.2f}" if "val_top1" in record else ""
-                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}{val_txt}  "
-                           f"{record['images_per_s']:.0f} img/s  ETA {record['eta_s'] / 60:.1f} min")
+            log_epoch(run, record, writer)
     if writer is not None:
         writer.close()
     return history
+
+
+def epoch_record(run: Run, epoch: int, loss_sum: float, seen: int, elapsed: float, clock: tuple[float, int]) -> dict:
+    """One metrics.jsonl line: mean training loss, lr, throughput and ETA after `epoch` (0-based)."""
+    cfg, steps = run.cfg, run.steps_per_epoch
+    done = (epoch + 1) * steps
+    return {
+        "epoch": epoch + 1,
+        "step": done,
+        "train_loss": loss_sum / max(seen, 1),
+        "lr": run.scheduler.get_last_lr()[0],
+        "images_per_s": seen * run.dist.world_size / elapsed,
+        "eta_s": (cfg.epochs - epoch - 1) * steps * (time.perf_counter() - clock[0]) / max(1, done - clock[1]),
+    }
+
+
+def log_epoch(run: Run, record: dict, writer) -> None:
+    """Rank 0: append the record to metrics.jsonl, TensorBoard, train.log (and the console with run.progress)."""
+    with open(run.out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                writer.add_scalar(key, value, record["step"])
+    val_txt = f"  val top-1 {record['val_top1']:.2f}" if "val_top1" in record else ""
+    logger.log(logging.INFO if run.cfg.run.progress else logging.DEBUG,
+               "epoch %d/%d  loss %.4f%s  %.0f img/s  ETA %.1f min", record["epoch"], run.cfg.epochs,
+               record["train_loss"], val_txt, record["images_per_s"], record["eta_s"] / 60)
 
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int) -> float:
@@ -402,9 +388,10 @@ def _gathered_features(run: Run, loader) -> Features:
     return Features(all_gather_cat(feats.features), all_gather_cat(feats.labels))
 
 
+@torch.no_grad()
 def evaluate(run: Run, loader) -> dict:
     feats = _gathered_features(run, loader)
-    return reporter(run.cfg, run.data.class_counts)(head_logits(run.model, feats), feats.labels)
+    return reporter(run.cfg, run.data.class_counts)(run.model.head.logits(feats.features), feats.labels)
 
 
 @torch.no_grad()

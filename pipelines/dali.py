@@ -44,6 +44,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from pipelines.loader import LAYOUTS
 from pipelines.splits import DataError, SplitIndex
 
 try:  # DALI is optional at import time: `dali_available()` tells callers to fall back.
@@ -54,7 +55,6 @@ try:  # DALI is optional at import time: `dali_available()` tells callers to fal
 except Exception as exc:  # ImportError, or a broken install raising something else
     _DALI_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-LAYOUTS = ("NCHW", "NHWC", "channels_last")
 DTYPES = ("float32", "float16", "bfloat16")
 TRAIN_CROPS = ("random_resized_crop", "pad_crop")
 
@@ -217,7 +217,7 @@ class DaliLoader:
             if not torch.cuda.is_available():
                 raise RuntimeError(
                     f"DALI loader asked for GPU {device_id} (mixed decode), but torch sees no CUDA device; "
-                    "to run on CPU pass device_id=None (data.loader: dali_cpu) or use the torchvision loader"
+                    "to run on CPU pass device_id=None (data.loader=dali on a CPU machine) or use the torchvision loader"
                 )
             if not 0 <= device_id < torch.cuda.device_count():
                 raise RuntimeError(
@@ -308,7 +308,7 @@ class DaliLoader:
         except Exception as exc:
             where = f"GPU {self.device_id} (mixed decode)" if self.device_id is not None else "CPU"
             hint = (
-                "; to run on CPU pass device_id=None (data.loader: dali_cpu) or use the torchvision loader"
+                "; to run on CPU pass device_id=None (data.loader=dali on a CPU machine) or use the torchvision loader"
                 if self.device_id is not None
                 else "; the torchvision loader (pipelines.loader.make_loader) needs no DALI"
             )

@@ -32,7 +32,7 @@ from pipelines.long_tail import long_tailed_counts
 from pipelines.splits import DataError, SplitIndex, read_split, write_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-FORMATS = ("split_file", "inat", "image_folder", "cifar10_lt", "cifar100_lt")
+FORMATS = ("split_files", "inat", "image_folder", "cifar10_lt", "cifar100_lt")
 
 __all__ = [
     "FORMATS",
@@ -346,17 +346,17 @@ def read_index(
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
 ) -> LabeledIndex:
-    """Read one split of any format: `fmt` in ("split_file", "inat", "image_folder").
+    """Read one split of any format: `fmt` in ("split_files", "inat", "image_folder").
 
-    split_file: `source` is the split file, `root` the image root.
+    split_files: `source` is the split file, `root` the image root.
     inat: `source` is the json, `root` the image root; `class_names` are category ids
           (from the training split) as strings or ints.
     image_folder: `source` is the folder (`root` unused); `class_names` from training.
     CIFAR-LT is built first with `build_cifar_lt` and then read as split files.
     """
-    if fmt == "split_file":
+    if fmt == "split_files":
         if root is None:
-            raise DataError("format 'split_file' needs the image root")
+            raise DataError("format 'split_files' needs the image root")
         index = read_split(source, root, num_classes)
         names = list(class_names) if class_names is not None else [str(i) for i in range(index.num_classes)]
         return LabeledIndex(index, names)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import EngineError
 
-class DataError(ValueError):
+
+class DataError(EngineError, ValueError):
     """Bad input data: the message names the file (and line) and what was expected."""
 
 

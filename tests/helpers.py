@@ -1,5 +1,14 @@
 """Shared test helpers (importable from test modules: pytest puts tests/ on sys.path)."""
 
+from engine.config import Config
+
+
+def model_config(arch: str, method: str = "eo_uc", pretrained: str = "") -> Config:
+    """A default Config with the given backbone and method: the input of `engine.models.build_model`."""
+    cfg = Config()
+    cfg.model.arch, cfg.model.pretrained, cfg.method = arch, pretrained, method
+    return cfg
+
 
 def tiny(cache) -> list[str]:
     """Overrides for a run of a few seconds: ResNet-8, 16 px, 2 epochs, a small Digits-LT in `cache`."""

@@ -1,4 +1,4 @@
-"""Post-hoc calibration (engine/calibration.py): formulas, choice on val, frozen backbone, CLI."""
+"""Post-hoc calibration (engine/posthoc.py): formulas, choice on val, frozen backbone, CLI."""
 
 import json
 import math
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import calibration as C
+from engine import posthoc as C
 from engine.cli import main
 from engine.evaluate import accuracy_report
-from engine.posthoc import load_run
+from engine.runs import load_run, split_features
 from helpers import tiny
 
 
@@ -54,11 +54,9 @@ def test_class_aware_batches_balance_the_classes():
 @pytest.mark.parametrize("method,values", [("tau_norm", [0.0, 0.5, 1.0]), ("logit_adjust", [0.0, 1.0]),
                                            ("rs", [0.0, 0.5])])
 def test_sweeps_match_the_direct_formula_and_choose_on_val(loaded, method, values):
-    _, cfg, data, model, device = loaded
-    res = C.calibrate(model, cfg, data, device, method, values)
-    from engine.posthoc import split_features
-
-    feats = split_features(cfg, data, model, device)
+    data, model = loaded.data, loaded.model
+    res = C.calibrate(loaded, method, values)
+    feats = split_features(loaded)
     w, b = model.head.weight.detach().double(), model.head.bias.detach().double()
     prior = np.log(data.class_counts / data.class_counts.sum())
     for row, v in zip(res["rows"], values):
@@ -79,10 +77,10 @@ def test_sweeps_match_the_direct_formula_and_choose_on_val(loaded, method, value
 
 @pytest.mark.parametrize("method", ["crt", "lws"])
 def test_retraining_keeps_the_backbone_and_bn_statistics_bitwise(loaded, method):
-    _, cfg, data, model, device = loaded
+    model = loaded.model
     model.train()  # even a model left in train mode: the second stage must not touch BN statistics
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = C.calibrate(model, cfg, data, device, method, epochs=4, lr=0.05, batch_size=32)
+    res = C.calibrate(loaded, method, epochs=4, lr=0.05, batch_size=32)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert any("running_mean" in k for k in before)  # there are BN statistics to protect

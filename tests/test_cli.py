@@ -58,7 +58,8 @@ def test_eval_reproduces_the_final_test_metrics(trained):
 def test_rescale_gamma_and_sweep(trained, tmp_path):
     metrics = json.loads((trained / "metrics.json").read_text())
     assert main(["rescale", "--checkpoint", str(trained / "last.pt"), "--gamma", "0"]) == 0
-    assert json.loads((trained / "rescale_gamma0.json").read_text())["test"]["top1"] == pytest.approx(metrics["top1"])
+    one = json.loads((trained / "calibrate_rs.json").read_text())  # engine rescale = engine calibrate --method rs
+    assert one["chosen"] == 0 and one["test"]["top1"] == pytest.approx(metrics["top1"])
 
     saved = tmp_path / "rs.pt"
     assert main(["rescale", "--checkpoint", str(trained / "last.pt"), "--gamma", "0.5", "--save", str(saved)]) == 0
@@ -68,11 +69,11 @@ def test_rescale_gamma_and_sweep(trained, tmp_path):
     torch.testing.assert_close(w1, w0 * ((counts.max() / counts) ** 0.5).float()[:, None])
 
     assert main(["rescale", "--checkpoint", str(trained / "last.pt"), "--sweep", "0:1:0.25"]) == 0
-    sweep = json.loads((trained / "rescale_sweep.json").read_text())
+    sweep = json.loads((trained / "calibrate_rs.json").read_text())
     assert [r["gamma"] for r in sweep["rows"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     best = max(sweep["rows"], key=lambda r: (r["val"]["top1"], -r["gamma"]))
-    assert sweep["chosen_gamma"] == best["gamma"]
-    assert (trained / "rescale_sweep.png").stat().st_size > 0
+    assert sweep["method"] == "rs" and sweep["parameter"] == "gamma" and sweep["chosen"] == best["gamma"]
+    assert (trained / "calibrate_rs.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("method", ["ce_bias", "eo", "uc_only", "eo_uc", "wvn"])
@@ -210,16 +211,16 @@ def test_corrupt_image_names_the_file(split_root, tmp_path, capsys):
 
 
 def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, digits_cache, monkeypatch, capsys):
-    from engine.heads import OffsetHead
+    from engine.heads import Head
 
-    real_loss, calls = OffsetHead.loss, []
+    real_loss, calls = Head.loss, []
 
     def loss_turns_nan(self, features, labels):
         calls.append(1)
         out = real_loss(self, features, labels)
         return out * float("nan") if len(calls) == 9 else out  # 118 images / 16 → 7 steps an epoch
 
-    monkeypatch.setattr(OffsetHead, "loss", loss_turns_nan)
+    monkeypatch.setattr(Head, "loss", loss_turns_nan)
     out = tmp_path / "nan"
     code = main(["train", "--out", str(out), *tiny(digits_cache), "optim.batch_size=16"])
     err = capsys.readouterr().err
@@ -229,7 +230,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, digits_
 
     # NaN before the first checkpoint: nothing is left behind.
     calls.clear()
-    monkeypatch.setattr(OffsetHead, "loss", lambda self, f, y: real_loss(self, f, y) * float("nan"))
+    monkeypatch.setattr(Head, "loss", lambda self, f, y: real_loss(self, f, y) * float("nan"))
     out2 = tmp_path / "nan2"
     assert main(["train", "--out", str(out2), *tiny(digits_cache)]) == 1
     assert "loss is nan at epoch 1, step 0" in capsys.readouterr().err and not out2.exists()

@@ -42,7 +42,7 @@ def test_parse_override():
         ("optim.milestones=3", r"config key 'optim.milestones' expects a list"),
         ("data=3", r"config section 'data' expects a mapping"),
         ("method=focus", r"config key 'method' = 'focus' is invalid: expected one of ce, ce_bias, eo"),
-        ("data.imbalance_profile=linear", r"expected 'exp' or 'step'"),
+        ("data.imbalance_profile=linear", r"expected one of exp, step"),
         ("rescale.in_loop=true", r"rescale.in_loop.*expected method=wvn"),
         ("optim.warmup_epochs=30", r"0 ≤ warmup < epochs"),
     ],

@@ -28,7 +28,7 @@ def test_split_file_through_read_index(tmp_path):
         _jpeg(tmp_path / "train" / f"n{i}" / f"{i}.JPEG", (w, h), mode, seed=i)
     split = tmp_path / "ImageNet_LT_train.txt"
     split.write_text("train/n0/0.JPEG 0\ntrain/n1/1.JPEG 2\n\ntrain/n2/2.JPEG 2\n")
-    li = read_index("split_file", split, tmp_path, num_classes=3)
+    li = read_index("split_files", split, tmp_path, num_classes=3)
     assert [p.name for p in li.index.paths] == ["0.JPEG", "1.JPEG", "2.JPEG"]
     assert li.index.labels.tolist() == [0, 2, 2]
     with pytest.raises(DataError, match=r"1 of 3 classes have no images \(classes \[1\]\)"):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from engine.heads import METHODS, OffsetHead, rescale_factors
+from engine.heads import METHODS, Head, rescale_factors
+from engine.methods import LossConfig
 from kernels import reference as R
 
 COUNTS = torch.tensor([100.0, 40.0, 10.0, 2.0])
@@ -11,7 +12,7 @@ COUNTS = torch.tensor([100.0, 40.0, 10.0, 2.0])
 
 def _head(method, **kw):
     torch.manual_seed(0)
-    return OffsetHead(6, 4, method, **kw)
+    return Head(6, 4, METHODS[method], LossConfig(**kw))
 
 
 def test_method_table_matches_the_papers():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from engine import losses
-from engine.heads import METHODS, OffsetHead
+from engine.heads import METHODS, Head
+from engine.methods import LossConfig
 from kernels import reference as R
 
 COUNTS = [100, 40, 10, 2]
@@ -84,7 +85,7 @@ def test_ldam_with_drw(epoch, reweighted):
     assert got.item() == pytest.approx(expected, rel=1e-10)
 
     # The head: DRW switches on at set_epoch(drw_epoch), prediction logits are s·cos.
-    head = OffsetHead(5, K, "ldam_drw", class_counts=np.array(COUNTS), drw_epoch=4, cb_beta=beta).double()
+    head = Head(5, K, METHODS["ldam_drw"], LossConfig(drw_epoch=4, cb_beta=beta), np.array(COUNTS)).double()
     with torch.no_grad():
         head.weight.copy_(w)
     head.set_epoch(epoch)
@@ -96,7 +97,7 @@ def test_ldam_with_drw(epoch, reweighted):
 def test_logit_adjusted_losses_use_the_reference_bias_flag(method, tau):
     g = torch.Generator().manual_seed(3)
     f, y = torch.randn(8, 5, generator=g), torch.randint(0, K, (8,), generator=g)
-    head = OffsetHead(5, K, method, class_counts=np.array(COUNTS), logit_adjust_tau=0.7)
+    head = Head(5, K, METHODS[method], LossConfig(logit_adjust_tau=0.7), np.array(COUNTS))
     z = (f.double() @ head.weight.double().t()).tolist()
     prior = [n / sum(COUNTS) for n in COUNTS]
     expected = 0.0
@@ -116,7 +117,7 @@ def test_logit_adjusted_losses_use_the_reference_bias_flag(method, tau):
 def test_head_serves_focal_and_cb(method):
     g = torch.Generator().manual_seed(4)
     f, y = torch.randn(8, 5, generator=g), torch.randint(0, K, (8,), generator=g)
-    head = OffsetHead(5, K, method, class_counts=np.array(COUNTS), focal_gamma=1.5, cb_beta=0.99)
+    head = Head(5, K, METHODS[method], LossConfig(focal_gamma=1.5, cb_beta=0.99), np.array(COUNTS))
     z = f @ head.weight.t()
     w = losses.class_balanced_weights(COUNTS, 0.99) if method.startswith("cb_") else None
     expected = (losses.weighted_cross_entropy(z, y, w) if method == "cb_ce" else losses.focal_loss(z, y, 1.5, w))
@@ -129,4 +130,4 @@ def test_baselines_need_class_counts():
     for method, spec in METHODS.items():
         if spec.loss != "offset":
             with pytest.raises(ValueError, match=f"method '{method}' needs the training class counts"):
-                OffsetHead(5, K, method)
+                Head(5, K, spec)

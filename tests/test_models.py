@@ -6,6 +6,7 @@ from torchvision.models import resnet as tv
 
 from engine.checkpoint import CheckpointError
 from engine.models import ARCHS, build_model, load_backbone_weights
+from helpers import model_config
 
 FEATURES = {
     "resnet8_cifar": 64, "resnet20_cifar": 64, "resnet32_cifar": 64, "resnet10": 512, "resnet50": 2048,
@@ -21,7 +22,7 @@ def test_every_arch_is_listed():
 @pytest.mark.parametrize("arch", list(FEATURES))
 def test_forward_shapes(arch):
     torch.manual_seed(0)
-    model = build_model(arch, 7, "eo_uc").eval()
+    model = build_model(model_config(arch), [10] * 7).eval()
     size = 32 if arch.endswith("cifar") else 64
     with torch.no_grad():
         f = model.forward_features(torch.randn(2, 3, size, size))
@@ -49,7 +50,7 @@ def test_load_torchvision_style_weights(tmp_path):
     src = tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=1000)
     path = tmp_path / "r10.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
-    model = build_model("resnet10", 5, "ce", pretrained=str(path))
+    model = build_model(model_config("resnet10", "ce", str(path)), [10] * 5)
     torch.testing.assert_close(model.backbone.conv1.weight, src.conv1.weight)
     torch.testing.assert_close(model.backbone.layer4[0].bn2.running_var, src.layer4[0].bn2.running_var)
 

@@ -24,8 +24,8 @@ import torch
 
 from engine.cli import main
 from engine.config import available_presets, load_config
-from engine.losses import head_loss_kwargs
 from engine.models import build_model
+from helpers import model_config
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = {"config.yaml", "metrics.jsonl", "last.pt", "metrics.json", "curves.png", "per_class.png", "offsets.png"}
@@ -226,7 +226,7 @@ def test_compiled_channels_last_bf16_step_matches_eager_fp32():
     channels-last shows the same error). A wrong layout or a broken graph gives errors of order 100%.
     """
     torch.manual_seed(0)
-    model = build_model("resnet8_cifar", 10, "eo_uc")
+    model = build_model(model_config("resnet8_cifar"), [10] * 10)
     x, y = torch.randn(8, 3, 16, 16), torch.arange(8)
     with torch.no_grad():  # centers near the features (as after Wen's updates): the offset terms matter
         feats = model.forward_features(x)
@@ -278,7 +278,7 @@ def test_engine_train_with_compile_channels_last_bf16(tmp_path, digits_cache):
 def test_preset_loads_and_its_model_runs(preset, tmp_path):
     cfg = load_config(preset, None, [f"data.root={tmp_path}"])
     counts = np.arange(10, 0, -1) * 10  # a long-tailed profile for methods that need class counts
-    model = build_model(cfg.model.arch, 10, cfg.method, **head_loss_kwargs(cfg, counts)).eval()
+    model = build_model(cfg, counts).eval()
     size = 32 if cfg.model.arch.endswith("_cifar") else 64
     with torch.no_grad():
         logits = model(torch.randn(2, 3, size, size))

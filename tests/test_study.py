@@ -1,4 +1,4 @@
-"""`engine study` (engine/study.py): a tiny study end to end, claims derived from the JSON, runs re-used."""
+"""`engine study` (engine/experiments/study.py): a tiny study end to end, claims derived from the JSON, runs re-used."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import engine.train as train_mod
-from engine import study
+from engine.experiments import study
 from engine.cli import main
 from helpers import tiny
 

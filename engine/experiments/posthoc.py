@@ -1,0 +1,79 @@
+"""`engine eval | calibrate | rescale` on a trained checkpoint: load, compute (engine/posthoc.py), write, print.
+
+`engine rescale` is `engine calibrate --method rs`: `--sweep` (γ chosen on val) and `--gamma` (one γ)
+both write calibrate_rs.json and calibrate_rs.png next to the checkpoint; `--gamma G --save PATH`
+also writes the re-scaled checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.checkpoint import save_checkpoint
+from engine.evaluate import format_table
+from engine.io import write_json
+from engine.posthoc import calibrate, rs_weight
+from engine.render import save_png, subplots
+from engine.runs import load_run, split_features
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str = "test") -> tuple[dict, list[str]]:
+    """`engine eval`: the checkpoint's report on one split (eval_<split>.json); returns (result, lines to print)."""
+    run = load_run(checkpoint)
+    feats = split_features(run, (split,))[split]
+    with torch.no_grad():
+        report = run.report(run.model.head.logits(feats.features), feats.labels)
+    result = {**report, "split": split, "checkpoint": str(checkpoint), "epoch": run.state["epoch"]}
+    out = run.run_dir / f"eval_{split}.json"
+    write_json(out, result)
+    return result, [format_table({f"{split} ({run.cfg.method})": result}), f"written: {out}"]
+
+
+def calibrate_checkpoint(checkpoint: str | Path, method: str, values: list[float] | None = None, epochs: int = 10,
+                         lr: float = 0.1, batch_size: int = 128, seed: int = 0,
+                         save: str | Path | None = None) -> tuple[dict, list[str]]:
+    """`engine calibrate` (and `engine rescale`): calibrate_<method>.json and .png next to the checkpoint.
+
+    `save` (RS with one γ): also write the checkpoint with the re-scaled classifier there."""
+    run = load_run(checkpoint)
+    result = calibrate(run, method, values, epochs, lr, batch_size, seed)
+    result["checkpoint"] = str(checkpoint)
+    out_json, out_png = run.run_dir / f"calibrate_{method}.json", run.run_dir / f"calibrate_{method}.png"
+    write_json(out_json, result)
+    plot_calibration(out_png, result)
+    name, chosen = result["parameter"], result["chosen"]
+    lines = [format_table({"val  before": result["before"]["val"], "test before": result["before"]["test"],
+                           f"val  {name}={chosen:g}": result["val"], f"test {name}={chosen:g}": result["test"]}),
+             f"{method}: chosen {name} = {chosen:g} (best val top-1)"]
+    if save:
+        head = run.model.head
+        with torch.no_grad():
+            head.weight.copy_(rs_weight(head.weight.detach().float().cpu(), run.data.class_counts, chosen)
+                              .to(head.weight))
+        save_checkpoint(Path(save), {**run.state, "model": run.model.state_dict(), "rescaled_gamma": chosen})
+        lines.append(f"re-scaled checkpoint: {save}")
+    return result, lines + [f"written: {out_json}, {out_png}"]
+
+
+def plot_calibration(path: Path, result: dict) -> None:
+    """Val/test top-1 and test many/medium/few along the swept parameter (or the epochs)."""
+    name, rows = result["parameter"], result["rows"]
+    x = np.array([r[name] for r in rows], dtype=float)
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(x, [r["val"]["top1"] for r in rows], marker="o", label="val top-1")
+    ax1.plot(x, [r["test"]["top1"] for r in rows], marker="s", label="test top-1")
+    ax1.axhline(result["before"]["test"]["top1"], color="gray", ls=":", lw=1, label="test, uncalibrated")
+    ax1.axvline(result["chosen"], color="gray", ls="--", lw=1, label=f"chosen {name}={result['chosen']:g}")
+    ax1.set(xlabel=name, ylabel="accuracy (%)", title=f"{result['method']} on {result['model_method']}")
+    ax1.legend(fontsize=8)
+    for group in ("many", "medium", "few"):
+        pts = [(xi, r["test"][group]) for xi, r in zip(x, rows) if r["test"].get(group) is not None]
+        if pts:
+            ax2.plot(*zip(*pts), marker=".", label=group)
+    ax2.axvline(result["chosen"], color="gray", ls="--", lw=1)
+    ax2.set(xlabel=name, ylabel="test accuracy (%)", title="test accuracy by shot group")
+    ax2.legend(fontsize=8)
+    save_png(fig, path)
