@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pipelines.long_tail import long_tailed_counts
 from pipelines.loader import build_imagenet_transform, make_loader
+from pipelines.long_tail import long_tailed_counts
 from pipelines.samplers import build_sampler
 from pipelines.splits import SplitIndex
 
@@ -63,7 +62,7 @@ def _epoch_rate(loader, set_epoch=None) -> dict[str, float]:
             set_epoch(state["epoch"])
         state["epoch"] += 1
         n = 0
-        for x, y in loader:
+        for _, y in loader:
             n += len(y)
         return n
 

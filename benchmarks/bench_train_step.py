@@ -14,8 +14,8 @@ engine's step, minus only the data loader.
     time_s              median step time (the smoke run records its single timed step)
     images_per_s        batch / time_s
     flops_per_image     FlopCounterMode count of one forward (backbone + head loss) × 3 (fwd + bwd)
-    matmul_flops_s      measured here: a large dense matmul in the case's precision (bf16; fp32 cases
-                        use the TF32 rate on CUDA, because cuDNN convolutions use TF32 by default)
+    matmul_flops_s      the device's measured dense-matmul rate (benchmarks/device_limits.py) in the case's
+                        precision (bf16; fp32 cases use the TF32 rate on CUDA: cuDNN convolutions use TF32)
     mfu                 images_per_s × flops_per_image / matmul_flops_s
     target_images_per_s the H100 target (bf16 + channels-last + compile, batch 256): ResNeXt-50
                         ≥ 4,500, ResNeXt-152 ≥ 1,600; meets_target compares (recorded, not asserted)
@@ -27,18 +27,18 @@ skips with its reason, so `pytest benchmarks --benchmark-disable` stays fast.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
+from device_limits import device_limits, matmul_rate
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.config import Config
-from engine.distributed import DistInfo
 from engine.device import resolve_speed
+from engine.distributed import DistInfo
 from engine.train import Run, build_run, train_step
 
 CUDA = torch.cuda.is_available()
@@ -55,34 +55,15 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _matmul_rate(dtype: torch.dtype, tf32: bool) -> float:
-    """Best-of-5 FLOP/s of a square matmul (8192² on CUDA, 1024² on CPU)."""
-    n = 8192 if CUDA else 1024
-    a = torch.randn(n, n, device=DEVICE).to(dtype)
-    b = torch.randn(n, n, device=DEVICE).to(dtype)
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
-        a @ b
-        _sync()
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            a @ b
-            _sync()
-            best = min(best, time.perf_counter() - t0)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-    return 2 * n**3 / best
-
-
 @pytest.fixture(scope="session")
 def matmul_rates() -> dict[str, float]:
-    if not CUDA:
-        return {"fp32": _matmul_rate(torch.float32, tf32=False)}
+    """The device's measured matmul FLOP/s (benchmarks/device_limits.py) for the MFU denominator."""
+    limits = device_limits()
     # fp32 convolutions run on TF32 tensor cores (torch.backends.cudnn.allow_tf32 defaults to True).
-    return {"fp32": _matmul_rate(torch.float32, tf32=torch.backends.cudnn.allow_tf32),
-            "bf16": _matmul_rate(torch.bfloat16, tf32=False)}
+    rates = {"fp32": matmul_rate(limits, torch.float32, allow_tf32=CUDA and torch.backends.cudnn.allow_tf32)}
+    if CUDA:
+        rates["bf16"] = matmul_rate(limits, torch.bfloat16)
+    return rates
 
 
 _FLOPS: dict[str, int] = {}

@@ -11,11 +11,11 @@ Where the figures come from, first match wins:
   3. running the built native probe (build/native/device_limits, or $LT_DEVICE_PROBE);
   4. measuring with torch on the current device: `"source": "torch"`.
 1–3 are used only on a CUDA device whose name matches the probe's (2 is not even read on CPU; 1 naming
-another device is an error); on CPU and for any figure the probe could not measure, torch measures it here. `figure_sources` says which figure came
-from where.
+another device is an error); on CPU and for any figure the probe could not measure, torch measures it here.
+`figure_sources` says which figure came from where.
 
 Conventions (the same in the probe and here): copy bandwidth counts read + write bytes (copying S bytes
-moves 2·S); matmul rate = 2·M·N·K / time; each figure is the best of N timed runs after warm-up.
+moves 2·S); matmul rate = 2·M·N·K / time; each figure is timed by benchmarks/timing.py (triton.testing.do_bench on CUDA).
 Matmul keys: bf16, fp16 (fp32 accumulate), tf32 (fp32 inputs on tensor cores), fp32 (IEEE fp32).
 
     python benchmarks/device_limits.py          # print the resolved limits as JSON
@@ -27,11 +27,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
+from timing import best_time  # benchmarks/timing.py (benchmarks/ is on sys.path, as for every bench file)
 
 from engine.errors import EngineError
 
@@ -42,6 +42,7 @@ MATMUL_KEYS = ("bf16", "fp16", "tf32", "fp32")
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "fp32": torch.float32}
 
 _CACHE: dict | None = None
+_TIMER = "triton.testing.do_bench, min" if torch.cuda.is_available() else "best wall-clock call"
 
 
 class DeviceLimitsError(EngineError, RuntimeError):
@@ -170,25 +171,6 @@ def _from_probe(raw: dict) -> dict:
 # --------------------------------------------------------------------------- torch fallback
 
 
-def _best_time(fn, warmup: int, iters: int, cuda: bool) -> float:
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(iters):
-        if cuda:
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            best = min(best, start.elapsed_time(stop) * 1e-3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _torch_measure(keys: list[str]) -> dict:
     """The figures in `keys` measured with torch on this process's device (CPU when no CUDA)."""
     cuda = torch.cuda.is_available()
@@ -207,8 +189,8 @@ def _torch_measure(keys: list[str]) -> dict:
             a = (torch.rand(n, n, device=device, generator=g) * 2 - 1).to(_TORCH_DTYPES[key])
             b = (torch.rand(n, n, device=device, generator=g) * 2 - 1).to(_TORCH_DTYPES[key])
             torch.backends.cuda.matmul.allow_tf32 = key == "tf32"
-            out[key] = 2 * n**3 / _best_time(lambda: torch.mm(a, b), warmup, iters, cuda)
-            out["_methods"][key] = f"torch.mm {n}x{n}x{n} {key} on {device.type}, best of {iters} after {warmup} warm-up"
+            out[key] = 2 * n**3 / best_time(lambda a=a, b=b: torch.mm(a, b), warmup, iters)
+            out["_methods"][key] = f"torch.mm {n}x{n}x{n} {key} on {device.type}, timing.best_time ({_TIMER})"
             del a, b
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
@@ -221,7 +203,7 @@ def _torch_measure(keys: list[str]) -> dict:
             nbytes = min(nbytes, int(torch.cuda.mem_get_info()[0] * 0.4) // 2**20 * 2**20)
         src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
         dst = torch.empty_like(src)
-        out["copy"] = 2 * nbytes / _best_time(lambda: dst.copy_(src), warmup, iters, cuda)
+        out["copy"] = 2 * nbytes / best_time(lambda: dst.copy_(src), warmup, iters)
         out["_methods"]["copy"] = f"Tensor.copy_ of {nbytes >> 20} MiB on {device.type}, read + write counted"
         del src, dst
     return out

@@ -11,7 +11,8 @@ from engine.distributed import DistInfo
 from engine.errors import ConfigError, TrainingError
 
 
-def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
+def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
+    dist = dist or DistInfo()
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError("run.device=cuda but no CUDA device is available; use run.device=cpu")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):

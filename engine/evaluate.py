@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 from engine.metrics import confusion_matrix, imbalance_metrics
 from engine.models import Classifier
 
-
 GROUPS = ("many", "medium", "few", "top1")  # the shot groups of every report, and the whole test split
 
 

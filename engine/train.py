@@ -26,7 +26,13 @@ from engine.config import Config, to_dict, to_yaml
 from engine.data import Data, load_data, make_loaders, train_features_loader
 from engine.device import Speed, resolve_device, resolve_speed
 from engine.distributed import (
-    DistInfo, all_gather_cat, all_gather_objects, all_reduce_sum_, broadcast_error, init_distributed, shutdown,
+    DistInfo,
+    all_gather_cat,
+    all_gather_objects,
+    all_reduce_sum_,
+    broadcast_error,
+    init_distributed,
+    shutdown,
 )
 from engine.errors import CheckpointError, ConfigError, TrainingError
 from engine.evaluate import Features, collect_features, reporter, scalars
@@ -201,11 +207,11 @@ def finish(run: Run, history: list[dict], test_loader, val_loader) -> dict:
 def train_epochs(run: Run, train_loader, val_loader, state: dict | None) -> list[dict]:
     """The epoch loop; returns the log history. Rank 0 writes config.yaml, metrics.jsonl, last.pt."""
     cfg, out_dir = run.cfg, run.out_dir
-    epoch, position, history, totals = 0, 0, [], (0.0, 0)
+    start, position, history, totals = 0, 0, [], (0.0, 0)
     resume_rng = None
     if state is not None:
-        epoch, position, history, totals = restore(run, state)
-        train_loader.sampler.set_epoch(epoch)
+        start, position, history, totals = restore(run, state)
+        train_loader.sampler.set_epoch(start)
         train_loader.sampler.set_position(position * (cfg.optim.batch_size // run.dist.world_size))
         if position:
             # Mid-epoch: the interrupted run had created this epoch's loader iterator (which draws its
@@ -217,9 +223,9 @@ def train_epochs(run: Run, train_loader, val_loader, state: dict | None) -> list
         # Rewritten from the checkpoint's history on resume: no line lost or doubled.
         atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     writer = _tensorboard(run)
-    clock = (time.perf_counter(), epoch * run.steps_per_epoch + position)  # (start, steps done before it)
+    clock = (time.perf_counter(), start * run.steps_per_epoch + position)  # (start time, steps done before it)
 
-    for epoch in range(epoch, cfg.epochs):
+    for epoch in range(start, cfg.epochs):
         run.model.train()
         if position == 0:
             train_loader.sampler.set_epoch(epoch)

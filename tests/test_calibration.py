@@ -6,13 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import tiny
 
 from engine import posthoc as C
 from engine.cli import main
 from engine.evaluate import accuracy_report
 from engine.runs import load_run, split_features
-from helpers import tiny
-
 
 COUNTS = np.array([50, 20, 5, 2])
 

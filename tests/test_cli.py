@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny
 from PIL import Image
 
 import engine.train as train_mod
 from engine.checkpoint import load_checkpoint
 from engine.cli import main
 from engine.config import load_config
-from helpers import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 

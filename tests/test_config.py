@@ -2,7 +2,16 @@
 
 import pytest
 
-from engine.config import Config, ConfigError, available_presets, config_from_dict, load_config, parse_override, to_dict, to_yaml
+from engine.config import (
+    Config,
+    ConfigError,
+    available_presets,
+    config_from_dict,
+    load_config,
+    parse_override,
+    to_dict,
+    to_yaml,
+)
 
 
 def test_default_is_the_digits_preset():

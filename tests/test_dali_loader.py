@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.splits import DataError, SplitIndex
 from pipelines.samplers import ClassAwareSampler, InstanceSampler
+from pipelines.splits import DataError, SplitIndex
 
 dali = pytest.importorskip("pipelines.dali")
 if not dali.dali_available():

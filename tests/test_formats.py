@@ -100,7 +100,8 @@ def test_image_folder_sorted_classes_and_extensions(tmp_path):
     (tmp_path / "bee").mkdir()  # a class folder with no image: an empty class
     index, names = read_image_folder(tmp_path)
     assert names == ["ant", "bee", "zebra"]
-    assert [p.relative_to(tmp_path).as_posix() for p in index.paths] == ["ant/sub/x.jpeg", "ant/y.png", "zebra/0.JPEG", "zebra/1.jpg"]
+    paths = [p.relative_to(tmp_path).as_posix() for p in index.paths]
+    assert paths == ["ant/sub/x.jpeg", "ant/y.png", "zebra/0.JPEG", "zebra/1.jpg"]
     assert index.labels.tolist() == [0, 0, 2, 2]
     with pytest.raises(DataError, match=r"classes \[1\]"):
         class_counts(index)
@@ -138,7 +139,8 @@ def _fake_cifar(folder: Path, variant: str, per_class: int = 20, test_per_class:
     return {"data": data, "labels": labels}
 
 
-@pytest.mark.parametrize("variant,profile,ratio", [("cifar10", "exp", 10.0), ("cifar10", "step", 10.0), ("cifar100", "exp", 20.0)])
+@pytest.mark.parametrize("variant,profile,ratio",
+                         [("cifar10", "exp", 10.0), ("cifar10", "step", 10.0), ("cifar100", "exp", 20.0)])
 def test_cifar_lt_counts_pixels_and_split_files(tmp_path, variant, profile, ratio):
     sub = "cifar-10-batches-py" if variant == "cifar10" else "cifar-100-python"
     fake = _fake_cifar(tmp_path / "src" / sub, variant)

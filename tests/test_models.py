@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from helpers import model_config
 from torchvision.models import resnet as tv
 
 from engine.checkpoint import CheckpointError
 from engine.models import ARCHS, build_model, load_backbone_weights
-from helpers import model_config
 
 FEATURES = {
     "resnet8_cifar": 64, "resnet20_cifar": 64, "resnet32_cifar": 64, "resnet10": 512, "resnet50": 2048,

@@ -4,9 +4,9 @@ import json
 import math
 
 import pytest
+from helpers import tiny
 
 from engine.cli import main
-from helpers import tiny
 
 PLOTS = ("curves.png", "per_class.png", "cumulative_fp.png", "confusion.png")
 DIAGNOSTIC_PLOTS = ("prior.png", "offsets.png", "weight_norms.png")

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import model_config
 
 from engine.cli import main
 from engine.config import available_presets, load_config
 from engine.models import build_model
-from helpers import model_config
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = {"config.yaml", "metrics.jsonl", "last.pt", "metrics.json", "curves.png", "per_class.png", "offsets.png"}

@@ -5,11 +5,11 @@ import math
 
 import numpy as np
 import pytest
+from helpers import tiny
 
 import engine.train as train_mod
-from engine.experiments import study
 from engine.cli import main
-from helpers import tiny
+from engine.experiments import study
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_writes_tables_json_and_png(tiny_study):
     (setting,) = summary["settings"]
     assert setting["name"] == "exp-if10" and setting["class_counts"] == [30, 23, 17, 13, 10, 8, 6, 5, 3, 3]
     assert set(setting["rows"]) == set(study.ROWS)
-    for key, row in setting["rows"].items():
+    for row in setting["rows"].values():
         assert [r["seed"] for r in row["runs"]] == [0]
         for group in study.GROUPS:  # tiny(): many > 20, few < 5: every group is populated
             assert row["test"][group]["mean"] == pytest.approx(row["runs"][0]["test"][group])

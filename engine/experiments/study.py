@@ -52,8 +52,18 @@ from engine.evaluate import GROUPS
 from engine.experiments.claims import CLAIMS, check_claims, claim_numbers, pearson
 from engine.experiments.runner import saved_config, train_all, train_seconds
 from engine.experiments.study_design import (
-    CRT, DEFAULT_ARCH, DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_IMAGE_SIZE, GRID_KEYS, LABELS, POSTHOC, PRESETS, R_MIN,
-    ROWS, TRAINED,
+    CRT,
+    DEFAULT_ARCH,
+    DEFAULT_BATCH,
+    DEFAULT_EPOCHS,
+    DEFAULT_IMAGE_SIZE,
+    GRID_KEYS,
+    LABELS,
+    POSTHOC,
+    PRESETS,
+    R_MIN,
+    ROWS,
+    TRAINED,
 )
 from engine.experiments.study_report import markdown, plot_rs_curves
 from engine.io import atomic_write_text, write_json
