@@ -47,21 +47,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", choices=("test", "val"), default="test")
 
+    _add_posthoc(sub)
+    _add_experiments(sub)
+    _add_data(sub)
+    return p
+
+
+def _add_posthoc(sub) -> None:
     r = sub.add_parser("rescale", help="post-hoc re-scaling w_i ← (n_1/n_i)^γ w_i (= engine calibrate --method rs)")
     r.add_argument("--checkpoint", required=True)
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--gamma", type=float, help="one γ: report val and test")
     g.add_argument("--sweep", help="START:STOP:STEP (inclusive), γ chosen on val, e.g. 0:1:0.1")
     r.add_argument("--save", default=None, help="with --gamma: write the re-scaled checkpoint here")
-    s = sub.add_parser("sweep", help="train a grid × seeds, choose on val, report test (mean ± std)")
-    s.add_argument("--out", required=True, help="sweep folder (finished runs in it are re-used)")
-    s.add_argument("--preset", default=DEFAULT_PRESET)
-    s.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    s.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (repeatable)")
-    s.add_argument("--select-by", default="method", help="grid key whose values each get their own choice")
-    s.add_argument("--jobs", type=int, default=1, help="training processes in parallel")
-    s.add_argument("overrides", nargs="*", help="dotted.key=value applied to every run")
-
     c = sub.add_parser("calibrate", help="post-hoc calibration of a checkpoint, chosen on val, reported on test")
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--method", required=True, choices=CALIBRATIONS)
@@ -72,9 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=128, help="crt/lws: class-aware batch size")
     c.add_argument("--seed", type=int, default=0, help="crt/lws: init and sampling seed")
 
-    m = sub.add_parser("compare", help="many/medium/few/all table and plot across run folders")
-    m.add_argument("runs", nargs="+", help="run folders (or metrics.json files)")
-    m.add_argument("--out", default="compare", help="folder for compare.md / compare.json / compare.png")
+
+def _add_experiments(sub) -> None:
+    s = sub.add_parser("sweep", help="train a grid × seeds, choose on val, report test (mean ± std)")
+    s.add_argument("--out", required=True, help="sweep folder (finished runs in it are re-used)")
+    s.add_argument("--preset", default=DEFAULT_PRESET)
+    s.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    s.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (repeatable)")
+    s.add_argument("--select-by", default="method", help="grid key whose values each get their own choice")
+    s.add_argument("--jobs", type=int, default=1, help="training processes in parallel")
+    s.add_argument("overrides", nargs="*", help="dotted.key=value applied to every run")
 
     st = sub.add_parser("study", help="the papers' ablation study (all methods × ratios × profiles × seeds) + claims check")
     st.add_argument("--out", default="docs/study", help="study folder (runs under OUT/runs are re-used; default docs/study)")
@@ -90,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--jobs", type=int, default=1, help="training processes in parallel (1 torch thread each)")
     st.add_argument("overrides", nargs="*", help="dotted.key=value applied to every run")
 
+    m = sub.add_parser("compare", help="many/medium/few/all table and plot across run folders")
+    m.add_argument("runs", nargs="+", help="run folders (or metrics.json files)")
+    m.add_argument("--out", default="compare", help="folder for compare.md / compare.json / compare.png")
+
+
+def _add_data(sub) -> None:
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="scan a split file: missing/corrupt images, labels, class counts, shot groups")
@@ -99,7 +110,6 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--many", type=int, default=100, help="many-shot: more than this many images")
     dc.add_argument("--few", type=int, default=20, help="few-shot: fewer than this many images")
     dc.add_argument("--json", action="store_true", help="print the full report as JSON")
-    return p
 
 
 def _ints(text: str, flag: str) -> list[int]:

@@ -292,7 +292,27 @@ def validate(cfg: Config) -> None:
 
     _one_of(cfg.method, METHODS, "method")
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "an integer ≥ 1")
-    d = cfg.data
+    _one_of(cfg.model.arch, ARCHS, "model.arch")
+    _validate_data(cfg.data)
+    _validate_loss(cfg)
+    _validate_optim(cfg)
+    _check(cfg.rescale.gamma >= 0, "rescale.gamma", cfg.rescale.gamma, "a number ≥ 0")
+    if cfg.rescale.in_loop:
+        _check(METHODS[cfg.method].wvn, "rescale.in_loop", True,
+               "method=wvn (Algorithm 1 normalizes the weight vectors before re-scaling them every step)")
+    e = cfg.eval
+    _check(e.few_threshold <= e.many_threshold + 1, "eval.few_threshold", e.few_threshold,
+           f"≤ eval.many_threshold + 1 ({e.many_threshold + 1})")
+    _check(e.every >= 1, "eval.every", e.every, "an integer ≥ 1")
+    r = cfg.run
+    _one_of(r.device, DEVICES, "run.device")
+    _one_of(r.amp, AMP, "run.amp")
+    _one_of(r.channels_last, AUTO_ON_OFF, "run.channels_last")
+    _one_of(r.compile, AUTO_ON_OFF, "run.compile")
+    _check(r.checkpoint_every >= 0, "run.checkpoint_every", r.checkpoint_every, "an integer ≥ 0")
+
+
+def _validate_data(d: DataConfig) -> None:
     _one_of(d.format, FORMATS, "data.format")
     _one_of(d.sampler, SAMPLERS, "data.sampler")
     _check(d.sampler_epoch_length >= 0, "data.sampler_epoch_length", d.sampler_epoch_length, "an integer ≥ 0")
@@ -317,7 +337,9 @@ def validate(cfg: Config) -> None:
     if d.format in ("split_files", "inat", "image_folder"):
         for key in ("train_split", "val_split"):
             _check(bool(getattr(d, key)), f"data.{key}", getattr(d, key), f"a split path (data.format={d.format})")
-    _one_of(cfg.model.arch, ARCHS, "model.arch")
+
+
+def _validate_loss(cfg: Config) -> None:
     lo = cfg.loss
     _check(lo.lambda_center >= 0, "loss.lambda_center", lo.lambda_center, "a number ≥ 0")
     _check(lo.lambda_uniform >= 0, "loss.lambda_uniform", lo.lambda_uniform, "a number ≥ 0")
@@ -330,6 +352,9 @@ def validate(cfg: Config) -> None:
     _check(lo.ldam_max_margin > 0, "loss.ldam_max_margin", lo.ldam_max_margin, "a number > 0")
     _check(lo.ldam_scale > 0, "loss.ldam_scale", lo.ldam_scale, "a number > 0")
     _check(0 <= lo.drw_epoch < cfg.epochs, "loss.drw_epoch", lo.drw_epoch, f"0 (auto) or an epoch in [1, {cfg.epochs})")
+
+
+def _validate_optim(cfg: Config) -> None:
     o = cfg.optim
     _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "an integer ≥ 1")
     _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
@@ -340,17 +365,3 @@ def validate(cfg: Config) -> None:
     _one_of(o.fused, AUTO_ON_OFF, "optim.fused")
     _check(0 <= o.warmup_epochs < cfg.epochs, "optim.warmup_epochs", o.warmup_epochs, f"0 ≤ warmup < epochs ({cfg.epochs})")
     _check(all(0 < m < cfg.epochs for m in o.milestones), "optim.milestones", o.milestones, f"epochs in (0, {cfg.epochs})")
-    _check(cfg.rescale.gamma >= 0, "rescale.gamma", cfg.rescale.gamma, "a number ≥ 0")
-    if cfg.rescale.in_loop:
-        _check(cfg.method == "wvn", "rescale.in_loop", True,
-               "method=wvn (Algorithm 1 normalizes the weight vectors before re-scaling them every step)")
-    e = cfg.eval
-    _check(e.few_threshold <= e.many_threshold + 1, "eval.few_threshold", e.few_threshold,
-           f"≤ eval.many_threshold + 1 ({e.many_threshold + 1})")
-    _check(e.every >= 1, "eval.every", e.every, "an integer ≥ 1")
-    r = cfg.run
-    _one_of(r.device, DEVICES, "run.device")
-    _one_of(r.amp, AMP, "run.amp")
-    _one_of(r.channels_last, AUTO_ON_OFF, "run.channels_last")
-    _one_of(r.compile, AUTO_ON_OFF, "run.compile")
-    _check(r.checkpoint_every >= 0, "run.checkpoint_every", r.checkpoint_every, "an integer ≥ 0")

@@ -36,16 +36,25 @@ def _by_frequency_ticks(ax, order: np.ndarray, counts: np.ndarray) -> None:
 def write_plots(out_dir: Path, history: list[dict], metrics: dict) -> list[Path]:
     """Every PNG of the table above plus report.md; returns the PNG paths written."""
     out_dir = Path(out_dir)
-    written: list[Path] = []
     counts = np.asarray(metrics["class_counts"])
     order = np.argsort(-counts, kind="stable")  # most frequent first, as in the papers' figures
-    x = np.arange(len(counts))
+    figures = {"curves.png": _curves(history), "per_class.png": _per_class(metrics, counts, order),
+               "cumulative_fp.png": _cumulative_fp(metrics, counts),
+               "confusion.png": _confusion(metrics, order)}
+    written: list[Path] = []
+    for name, fig in figures.items():
+        if fig is not None:
+            save_png(fig, out_dir / name)
+            written.append(out_dir / name)
+    diag = metrics.get("diagnostics")
+    if diag:
+        written += _diagnostic_plots(out_dir, metrics, diag, counts, order)
+    write_markdown(out_dir, metrics, [p.name for p in written])
+    return written
 
-    def save(fig, name: str) -> None:
-        save_png(fig, out_dir / name)
-        written.append(out_dir / name)
 
-    # Training curves.
+def _curves(history: list[dict]):
+    """Training loss and val accuracy (all / many / medium / few) per epoch."""
     fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 3.6))
     epochs = [r["epoch"] for r in history]
     ax1.plot(epochs, [r["train_loss"] for r in history], marker=".")
@@ -57,9 +66,12 @@ def write_plots(out_dir: Path, history: list[dict], metrics: dict) -> list[Path]
             ax2.plot(*zip(*pts), marker=".", label=label)
     ax2.set(xlabel="epoch", ylabel="val accuracy (%)", title="validation accuracy")
     ax2.legend(fontsize=8)
-    save(fig, "curves.png")
+    return fig
 
-    # EO Fig. 4: class-wise accuracy, sorted by frequency, with the GM.
+
+def _per_class(metrics: dict, counts: np.ndarray, order: np.ndarray):
+    """EO Fig. 4: class-wise test accuracy, sorted by frequency, with the GM."""
+    x = np.arange(len(counts))
     per_class = np.array([np.nan if v is None else v for v in metrics["per_class"]], dtype=float)
     fig, ax = subplots(figsize=(max(6, 0.4 * len(counts)), 3.8))
     ax.bar(x, per_class[order], color="tab:blue", label="class accuracy")
@@ -70,9 +82,12 @@ def write_plots(out_dir: Path, history: list[dict], metrics: dict) -> list[Path]
            title=f"{metrics['method']}: class-wise test accuracy (top-1 {metrics['top1']:.2f}%)")
     _by_frequency_ticks(ax, order, counts)
     ax.legend(fontsize=8, loc="upper right")
-    save(fig, "per_class.png")
+    return fig
 
-    # EO Fig. 5: cumulative false positives in frequency order.
+
+def _cumulative_fp(metrics: dict, counts: np.ndarray):
+    """EO Fig. 5: cumulative false positives in frequency order (None without them)."""
+    x = np.arange(len(counts))
     if metrics.get("cumulative_false_positives") is not None:
         cum = np.asarray(metrics["cumulative_false_positives"], dtype=float)
         fig, ax = subplots(figsize=(6, 3.8))
@@ -81,9 +96,12 @@ def write_plots(out_dir: Path, history: list[dict], metrics: dict) -> list[Path]
         ax.set(xlabel="classes, most frequent first", ylabel="cumulative false positives",
                title="cumulative false positives (concave: biased to the head)")
         ax.legend(fontsize=8)
-        save(fig, "cumulative_fp.png")
+        return fig
+    return None
 
-    # Confusion matrix, row-normalized, frequency order.
+
+def _confusion(metrics: dict, order: np.ndarray):
+    """Row-normalized confusion matrix in frequency order (None without one)."""
     if metrics.get("confusion_matrix") is not None:
         cm = np.asarray(metrics["confusion_matrix"], dtype=float)[np.ix_(order, order)]
         norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -101,13 +119,8 @@ def write_plots(out_dir: Path, history: list[dict], metrics: dict) -> list[Path]
             ax.set_xticks(range(k), [str(c) for c in order], fontsize=7)
             ax.set_yticks(range(k), [str(c) for c in order], fontsize=7)
         ax.set(xlabel="predicted class", ylabel="true class", title="confusion matrix (test, most frequent first)")
-        save(fig, "confusion.png")
-
-    diag = metrics.get("diagnostics")
-    if diag:
-        written += _diagnostic_plots(out_dir, metrics, diag, counts, order)
-    write_markdown(out_dir, metrics, [p.name for p in written])
-    return written
+        return fig
+    return None
 
 
 def _diagnostic_plots(out_dir: Path, metrics: dict, diag: dict, counts: np.ndarray, order: np.ndarray) -> list[Path]:

@@ -1,6 +1,19 @@
 """Shared test helpers (importable from test modules: pytest puts tests/ on sys.path)."""
 
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
 from engine.config import Config
+
+
+def write_jpeg(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0, quality: int = 90) -> bytes:
+    """A random-pixel JPEG of `size` (w, h) in PIL `mode` at `path` (folders created); returns its bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).convert(mode).save(path, format="JPEG", quality=quality)
+    return path.read_bytes()
 
 
 def model_config(arch: str, method: str = "eo_uc", pretrained: str = "") -> Config:

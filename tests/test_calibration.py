@@ -52,6 +52,7 @@ def test_class_aware_batches_balance_the_classes():
 
 @pytest.mark.parametrize("method,values", [("tau_norm", [0.0, 0.5, 1.0]), ("logit_adjust", [0.0, 1.0]),
                                            ("rs", [0.0, 0.5])])
+@pytest.mark.slow
 def test_sweeps_match_the_direct_formula_and_choose_on_val(loaded, method, values):
     data, model = loaded.data, loaded.model
     res = C.calibrate(loaded, method, values)
@@ -74,6 +75,7 @@ def test_sweeps_match_the_direct_formula_and_choose_on_val(loaded, method, value
     assert res["rows"][0]["test"]["top1"] == pytest.approx(res["before"]["test"]["top1"])  # 0 = unchanged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["crt", "lws"])
 def test_retraining_keeps_the_backbone_and_bn_statistics_bitwise(loaded, method):
     model = loaded.model
@@ -95,6 +97,7 @@ def test_retraining_keeps_the_backbone_and_bn_statistics_bitwise(loaded, method)
         assert scales.shape == (10,) and not np.allclose(scales, 1.0)  # the scales moved
 
 
+@pytest.mark.slow
 def test_calibrate_cli_writes_json_and_png(run, capsys):
     assert main(["calibrate", "--checkpoint", str(run / "last.pt"), "--method", "logit_adjust", "--sweep", "0:1:0.5"]) == 0
     res = json.loads((run / "calibrate_logit_adjust.json").read_text())

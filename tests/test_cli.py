@@ -12,7 +12,6 @@ import torch
 from helpers import tiny
 from PIL import Image
 
-import engine.train as train_mod
 from engine.checkpoint import load_checkpoint
 from engine.cli import main
 from engine.config import load_config
@@ -27,6 +26,7 @@ def trained(tmp_path_factory, digits_cache):
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_a_complete_run_folder(trained, capsys):
     for name in ("config.yaml", "metrics.jsonl", "last.pt", "metrics.json", "curves.png", "per_class.png", "offsets.png"):
         assert (trained / name).is_file() and (trained / name).stat().st_size > 0, name
@@ -48,6 +48,7 @@ def test_train_writes_a_complete_run_folder(trained, capsys):
     assert load_checkpoint(trained / "last.pt")["epoch"] == 2  # the epoch to continue: training is complete
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_final_test_metrics(trained):
     assert main(["eval", "--checkpoint", str(trained / "last.pt")]) == 0
     metrics = json.loads((trained / "metrics.json").read_text())
@@ -55,6 +56,7 @@ def test_eval_reproduces_the_final_test_metrics(trained):
     assert ev["top1"] == pytest.approx(metrics["top1"]) and ev["per_class"] == pytest.approx(metrics["per_class"])
 
 
+@pytest.mark.slow
 def test_rescale_gamma_and_sweep(trained, tmp_path):
     metrics = json.loads((trained / "metrics.json").read_text())
     assert main(["rescale", "--checkpoint", str(trained / "last.pt"), "--gamma", "0"]) == 0
@@ -76,58 +78,7 @@ def test_rescale_gamma_and_sweep(trained, tmp_path):
     assert (trained / "calibrate_rs.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("method", ["ce_bias", "eo", "uc_only", "eo_uc", "wvn"])
-def test_every_method_trains(method, tmp_path, digits_cache):
-    extra = ["rescale.in_loop=true", "rescale.gamma=0.3"] if method == "wvn" else []
-    out = tmp_path / method
-    assert main(["train", "--out", str(out), *tiny(digits_cache), f"method={method}", "epochs=1",
-                 "eval.diagnostics=true", *extra]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    diag = metrics["diagnostics"]
-    assert len(diag["estimated_offset"]) == len(diag["empirical_offset"]) == 10
-    assert (diag["bias"] is not None) == (method == "ce_bias")
-    if method == "wvn":  # Algorithm 1 in the loop: ‖w_i‖ = (n_1/n_i)^γ after the last step
-        counts = torch.tensor(metrics["class_counts"], dtype=torch.float64)
-        torch.testing.assert_close(torch.tensor(diag["weight_norm"], dtype=torch.float64),
-                                   (counts.max() / counts) ** 0.3, rtol=1e-5, atol=1e-6)
-    state = load_checkpoint(out / "last.pt")["model"]
-    if method in ("eo", "uc_only", "eo_uc"):
-        assert state["head.centers"].abs().sum() > 0  # Wen's update moved them
-    else:
-        assert state["head.centers"].abs().sum() == 0
-
-
-def test_killed_run_resumes_bitwise(tmp_path, digits_cache, monkeypatch):
-    args = [*tiny(digits_cache), "epochs=3", "method=eo_uc"]
-    full = tmp_path / "full"
-    assert main(["train", "--out", str(full), *args]) == 0
-
-    # Kill the second run right after its second checkpoint (as SIGKILL would, between epochs).
-    real_save, calls = train_mod.save_checkpoint, []
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    killed = tmp_path / "killed"
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", "--out", str(killed), *args])
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    assert load_checkpoint(killed / "last.pt")["epoch"] == 2 and not (killed / "metrics.json").exists()
-
-    assert main(["train", "--out", str(killed), "--resume", *args]) == 0
-    a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]  # bitwise, every epoch
-    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (full, killed))
-    assert ma["per_class"] == mb["per_class"]
-    sa, sb = (load_checkpoint(d / "last.pt")["model"] for d in (full, killed))
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config(trained, capsys):
     args = [a for a in tiny("x") if not a.startswith("data.cache_dir")]
     cache = load_config(None, trained / "config.yaml").data.cache_dir
@@ -173,6 +124,7 @@ def _split_args(root):
             "optim.warmup_epochs=0", "run.progress=false", "optim.batch_size=4"]
 
 
+@pytest.mark.slow
 def test_split_files_dataset_trains(split_root, tmp_path):
     out = tmp_path / "ok"
     assert main(["train", "--out", str(out), *_split_args(split_root), "method=ce"]) == 0
@@ -210,6 +162,7 @@ def test_corrupt_image_names_the_file(split_root, tmp_path, capsys):
     assert not out.exists()  # met before the first checkpoint: nothing left behind
 
 
+@pytest.mark.slow
 def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, digits_cache, monkeypatch, capsys):
     from engine.heads import Head
 
@@ -236,6 +189,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, digits_
     assert "loss is nan at epoch 1, step 0" in capsys.readouterr().err and not out2.exists()
 
 
+@pytest.mark.slow
 def test_existing_run_folder_is_not_overwritten(trained, digits_cache, capsys):
     assert main(["train", "--out", str(trained), *tiny(digits_cache)]) == 1
     assert "already holds files" in capsys.readouterr().err
@@ -250,6 +204,7 @@ def test_bad_checkpoint(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sweep_chooses_on_validation(tmp_path, digits_cache):
     out = tmp_path / "sweep"
     assert main(["sweep", "--out", str(out), "--seeds", "0,1", "--grid", "method=ce,wvn",

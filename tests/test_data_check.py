@@ -6,19 +6,12 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import write_jpeg
 from PIL import Image
 
 from pipelines.check import check_split, format_check_report
 from pipelines.splits import DataError
-
-
-def _jpeg(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(arr).convert(mode).save(path, format="JPEG")
-    return path.read_bytes()
 
 
 def test_check_finds_every_problem(tmp_path):
@@ -26,10 +19,10 @@ def test_check_finds_every_problem(tmp_path):
     modes = ["RGB", "L", "CMYK"]
     # class 0: 25 images (medium), class 1: 3 (few), class 2: empty, class 3: 101 tiny PNGs (many)
     for i in range(25):
-        _jpeg(tmp_path / f"c0/{i}.jpg", (16 + i, 20), modes[i % 3], seed=i)
+        write_jpeg(tmp_path / f"c0/{i}.jpg", (16 + i, 20), modes[i % 3], seed=i)
         rows.append(f"c0/{i}.jpg 0")
     for i in range(3):
-        _jpeg(tmp_path / f"c1/{i}.jpg", (12, 30), seed=100 + i)
+        write_jpeg(tmp_path / f"c1/{i}.jpg", (12, 30), seed=100 + i)
         rows.append(f"c1/{i}.jpg 1")
     (tmp_path / "c3").mkdir()
     for i in range(101):
@@ -74,7 +67,7 @@ def test_clean_split_is_ok_and_inferred_classes(tmp_path):
     rows = []
     for label in range(3):
         for i in range(2):
-            _jpeg(tmp_path / f"{label}_{i}.jpg", (10 + i, 9), seed=label * 10 + i)
+            write_jpeg(tmp_path / f"{label}_{i}.jpg", (10 + i, 9), seed=label * 10 + i)
             rows.append(f"{label}_{i}.jpg {label}")
     (tmp_path / "s.txt").write_text("\n".join(rows))
     r = check_split(tmp_path / "s.txt", tmp_path, many=1, few=1)
@@ -85,7 +78,7 @@ def test_clean_split_is_ok_and_inferred_classes(tmp_path):
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files regardless of permissions")
 def test_permission_denied_is_unreadable(tmp_path):
-    _jpeg(tmp_path / "a.jpg", (8, 8))
+    write_jpeg(tmp_path / "a.jpg", (8, 8))
     (tmp_path / "a.jpg").chmod(0)
     (tmp_path / "s.txt").write_text("a.jpg 0\n")
     try:

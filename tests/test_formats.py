@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_jpeg
 from PIL import Image
 
 from pipelines.formats import build_cifar_lt, load_cifar_pickles, read_image_folder, read_inat, read_index
@@ -15,17 +16,10 @@ from pipelines.long_tail import long_tailed_counts
 from pipelines.splits import DataError, class_counts, read_split
 
 
-def _jpeg(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(arr).convert(mode).save(path, format="JPEG", quality=90)
-
-
 # ---- split files (ImageNet-LT / Places-LT) ------------------------------------------------------
 def test_split_file_through_read_index(tmp_path):
     for i, (w, h, mode) in enumerate([(40, 30, "RGB"), (17, 60, "L"), (33, 33, "CMYK")]):
-        _jpeg(tmp_path / "train" / f"n{i}" / f"{i}.JPEG", (w, h), mode, seed=i)
+        write_jpeg(tmp_path / "train" / f"n{i}" / f"{i}.JPEG", (w, h), mode, seed=i)
     split = tmp_path / "ImageNet_LT_train.txt"
     split.write_text("train/n0/0.JPEG 0\ntrain/n1/1.JPEG 2\n\ntrain/n2/2.JPEG 2\n")
     li = read_index("split_files", split, tmp_path, num_classes=3)
@@ -52,7 +46,7 @@ def test_inat_maps_category_ids_in_sorted_order(tmp_path):
     entries = [("train_val2018/Plantae/5013/a.jpg", 5013), ("train_val2018/Aves/7/b.jpg", 7), ("train_val2018/Aves/42/c.jpg", 42)]
     entries.append(("train_val2018/Aves/7/d.jpg", 7))
     for i, (f, _) in enumerate(entries):
-        _jpeg(tmp_path / f, (20 + i, 24), seed=i)
+        write_jpeg(tmp_path / f, (20 + i, 24), seed=i)
     cats = [5013, 42, 7, 999]  # listed unsorted; 999 has no training image
     (tmp_path / "train2018.json").write_text(json.dumps(_inat_doc(entries, cats)))
     index, ids = read_inat(tmp_path / "train2018.json", tmp_path)
@@ -72,7 +66,7 @@ def test_inat_maps_category_ids_in_sorted_order(tmp_path):
 
 
 def test_inat_bad_input_is_named(tmp_path):
-    _jpeg(tmp_path / "a.jpg", (8, 8))
+    write_jpeg(tmp_path / "a.jpg", (8, 8))
     doc = _inat_doc([("a.jpg", 3)], [1, 2])
     (tmp_path / "t.json").write_text(json.dumps(doc))
     with pytest.raises(DataError, match=r"annotations\[0\] has category_id 3, which is not among the 2 categories"):
@@ -92,9 +86,9 @@ def test_inat_bad_input_is_named(tmp_path):
 
 # ---- image folder -----------------------------------------------------------------------------------
 def test_image_folder_sorted_classes_and_extensions(tmp_path):
-    _jpeg(tmp_path / "zebra" / "1.jpg", (30, 20))
-    _jpeg(tmp_path / "zebra" / "0.JPEG", (20, 30), "L")
-    _jpeg(tmp_path / "ant" / "sub" / "x.jpeg", (16, 16), "CMYK")
+    write_jpeg(tmp_path / "zebra" / "1.jpg", (30, 20))
+    write_jpeg(tmp_path / "zebra" / "0.JPEG", (20, 30), "L")
+    write_jpeg(tmp_path / "ant" / "sub" / "x.jpeg", (16, 16), "CMYK")
     Image.new("RGB", (9, 9)).save(tmp_path / "ant" / "y.png")
     (tmp_path / "ant" / "notes.txt").write_text("not an image")
     (tmp_path / "bee").mkdir()  # a class folder with no image: an empty class

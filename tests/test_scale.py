@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -32,13 +33,8 @@ RUN_FILES = {"config.yaml", "metrics.jsonl", "last.pt", "metrics.json", "curves.
 
 
 def tiny(cache) -> list[str]:
-    """tests/test_cli.py's tiny run (ResNet-8, 16 px, small Digits-LT: 118 training images), on CPU."""
-    return [
-        f"data.cache_dir={cache}", "model.arch=resnet8_cifar", "epochs=2", "data.n_max=30", "data.imbalance_ratio=10",
-        "data.val_per_class=5", "data.test_per_class=8", "data.image_size=16", "optim.batch_size=32",
-        "optim.warmup_epochs=0", "eval.many_threshold=20", "eval.few_threshold=5", "run.progress=false",
-        "run.device=cpu", "method=eo_uc",
-    ]
+    """helpers.tiny (ResNet-8, 16 px, small Digits-LT: 118 training images) on CPU with eo_uc."""
+    return [*helpers.tiny(cache), "run.device=cpu", "method=eo_uc"]
 
 
 def _free_port() -> int:
@@ -75,6 +71,7 @@ def _ckpt(run: Path) -> dict:
 # --------------------------------------------------------------------------- DDP
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_with_two_micro_batches(tmp_path, digits_cache):
     """torchrun 2 ranks × batch 8 (grad_accum=1) vs 1 process × 2 micro-batches of 8 (grad_accum=2),
     global batch 16: under interleaved rank shards rank r's local batch j is micro-batch batch_j[r::2]
@@ -137,6 +134,7 @@ def test_two_gloo_ranks_equal_one_process_with_two_micro_batches(tmp_path, digit
 # --------------------------------------------------------------------------- SIGKILL + resume
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bitwise(tmp_path, digits_cache):
     """A run killed with SIGKILL inside epoch 1 and continued with --resume from its mid-epoch
     last.pt logs the same train losses and ends with the same weights, bit for bit, as a run that
@@ -192,6 +190,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise(tmp_path, digits_cache):
 # --------------------------------------------------------------------------- batch split check
 
 
+@pytest.mark.slow
 def test_batch_size_must_split_into_ranks_and_micro_batches(tmp_path, digits_cache, capsys):
     # One process: the config check (batch_size a multiple of grad_accum).
     out = tmp_path / "one"
@@ -256,6 +255,7 @@ def test_compiled_channels_last_bf16_step_matches_eager_fp32():
         assert rel <= limit and cos >= 0.95, f"{name}: relative error {rel:.3f} (≤ {limit}), cosine {cos:.4f}"
 
 
+@pytest.mark.slow
 def test_engine_train_with_compile_channels_last_bf16(tmp_path, digits_cache):
     # 'on' is quoted: a bare on/off is YAML 1.1's true/false, which the string-typed keys reject.
     out = tmp_path / "run"

@@ -11,6 +11,8 @@ import engine.train as train_mod
 from engine.cli import main
 from engine.experiments import study
 
+pytestmark = pytest.mark.slow  # every test here trains runs end to end
+
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory, digits_cache):
