@@ -28,8 +28,11 @@ def trained(tmp_path_factory, digits_cache):
 
 @pytest.mark.slow
 def test_train_writes_a_complete_run_folder(trained, capsys):
-    for name in ("config.yaml", "metrics.jsonl", "last.pt", "metrics.json", "curves.png", "per_class.png", "offsets.png"):
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "metrics.json", "curves.png", "per_class.png", "offsets.png",
+                 "train.log"):
         assert (trained / name).is_file() and (trained / name).stat().st_size > 0, name
+    log = (trained / "train.log").read_text()
+    assert "epoch 1/2  loss" in log and "epoch 2/2  loss" in log  # every epoch, even with run.progress=false
     assert not list(trained.glob(".*tmp"))  # no temp files left behind
     metrics = json.loads((trained / "metrics.json").read_text())
     for key in ("top1", "many", "medium", "few", "per_class"):

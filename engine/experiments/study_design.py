@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 TRAINED = ("ce", "ce_bias", "eo", "uc_only", "eo_uc", "wvn")
-# row key → (checkpoint method it is computed on, engine.calibration method)
+# row key → (checkpoint method it is computed on, engine.posthoc calibration method)
 POSTHOC = {
     "ce_rs": ("ce", "rs"),
     "wvn_rs": ("wvn", "rs"),
