@@ -27,7 +27,7 @@ from pathlib import Path
 from engine.config import DEFAULT_PRESET, available_presets, load_config
 from engine.errors import ConfigError, EngineError
 from engine.experiments.study_design import PRESETS as STUDY_PRESETS
-from engine.logs import setup_logging
+from engine.logs import launch_rank, setup_logging
 from engine.posthoc import METHODS as CALIBRATIONS
 from engine.posthoc import SWEEPS, inclusive_range
 
@@ -143,13 +143,13 @@ def _cmd_train(args) -> list[str]:
 
 
 def _cmd_eval(args) -> list[str]:
-    from engine.experiments.posthoc import evaluate_checkpoint
+    from engine.experiments.checkpoints import evaluate_checkpoint
 
     return evaluate_checkpoint(args.checkpoint, args.split)[1]
 
 
 def _cmd_calibrate(args) -> list[str]:
-    from engine.experiments.posthoc import calibrate_checkpoint
+    from engine.experiments.checkpoints import calibrate_checkpoint
 
     if args.sweep is not None and args.method not in SWEEPS:
         raise ConfigError(f"--sweep goes with --method {'/'.join(SWEEPS)}, got --method {args.method}")
@@ -160,7 +160,7 @@ def _cmd_calibrate(args) -> list[str]:
 
 def _cmd_rescale(args) -> list[str]:
     """`engine rescale` = `engine calibrate --method rs` (--gamma: a one-value sweep; --save: that γ's checkpoint)."""
-    from engine.experiments.posthoc import calibrate_checkpoint
+    from engine.experiments.checkpoints import calibrate_checkpoint
 
     if args.gamma is not None and args.gamma < 0:
         raise ConfigError(f"--gamma must be ≥ 0, got {args.gamma}")
@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     lines, code = output if isinstance(output, tuple) else (output, 0)
-    for line in lines:
-        print(line, flush=True)
+    if launch_rank() == 0:  # under torchrun every rank returns here; the output is printed once
+        for line in lines:
+            print(line, flush=True)
     return code
 
 

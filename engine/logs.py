@@ -17,12 +17,17 @@ from typing import Iterator
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (RANK); a plain process is rank 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class RankZeroFilter(logging.Filter):
     """Pass records on rank 0 only (RANK from torchrun's environment; a plain process is rank 0)."""
 
     def __init__(self, rank: int | None = None) -> None:
         super().__init__()
-        self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        self.rank = launch_rank() if rank is None else rank
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.rank == 0

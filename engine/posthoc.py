@@ -1,7 +1,7 @@
 """Post-hoc calibration of a trained model, without retraining the backbone: pure functions.
 
 The formulas take tensors, the searches take collected features and return rows; nothing here
-reads or writes files (the commands are engine/experiments/posthoc.py).
+reads or writes files (the commands are engine/experiments/checkpoints.py).
 
 Every method is chosen on the validation split and reported on the test split.
 Backbone features are collected once per split (backbone in eval mode) and re-used.

@@ -5,7 +5,7 @@
     study.py     `engine study`: the papers' comparison (configs, post hoc, aggregation)
     claims.py    the study's four claims, pure functions of its numbers
     study_report.py  study.md and the RS γ plots
-    posthoc.py   `engine eval | calibrate | rescale` on a checkpoint (files and console output)
+    checkpoints.py  `engine eval | calibrate | rescale` on a checkpoint (files and console output)
     compare.py   `engine compare` across run folders
 
 Nothing in engine/ (the library) imports from here.
