@@ -69,12 +69,13 @@ def load_data(cfg: Config) -> Data:
     else:
         root = _user_root(d.root)
         files = [_resolve(root, s) for s in (d.train_split, d.val_split, d.test_split or d.val_split)]
+        outside = d.allow_outside_root
         if d.format == "split_files":
-            train = read_split(files[0], root, d.num_classes or None)
-            val, test = (read_split(f, root, train.num_classes) for f in files[1:])
+            train = read_split(files[0], root, d.num_classes or None, outside)
+            val, test = (read_split(f, root, train.num_classes, outside) for f in files[1:])
         elif d.format == "inat":
-            train, ids = read_inat(files[0], root)
-            val, test = (read_inat(f, root, ids)[0] for f in files[1:])
+            train, ids = read_inat(files[0], root, allow_outside_root=outside)
+            val, test = (read_inat(f, root, ids, outside)[0] for f in files[1:])
         else:  # image_folder
             train, names = read_image_folder(files[0])
             val, test = (read_image_folder(f, names)[0] for f in files[1:])

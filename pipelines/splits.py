@@ -59,6 +59,7 @@ def read_split(
         raise DataError(f"cannot read split file {split_file}: {exc.strerror}") from None
     paths: list[Path] = []
     labels: list[int] = []
+    linenos: list[int] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -80,11 +81,12 @@ def read_split(
             )
         paths.append(root / rel)
         labels.append(label)
+        linenos.append(lineno)
     if not paths:
         raise DataError(f"split file {split_file} lists no images")
-    missing = [(i, p) for i, p in enumerate(paths) if not p.is_file()]
+    missing = [(n, p) for n, p in zip(linenos, paths) if not p.is_file()]
     if missing:
-        shown = ", ".join(f"{p} (line {i + 1})" for i, p in missing[:5])
+        shown = ", ".join(f"{p} (line {n})" for n, p in missing[:5])
         raise DataError(f"{split_file}: {len(missing)} of {len(paths)} images are missing, e.g. {shown}")
     inferred = max(labels) + 1
     return SplitIndex(split_file, paths, np.asarray(labels, dtype=np.int64), num_classes or inferred)
