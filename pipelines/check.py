@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.splits import DataError
+from pipelines.splits import DataError, SplitIndex
 
 
 def _decode(path: Path) -> tuple[str, str] | None:
@@ -163,3 +163,133 @@ def format_check_report(report: dict[str, Any], max_listed: int = 20) -> str:
     section("empty classes", report["empty_classes"], lambda c: f"class {c}")
     lines.append("  OK" if report["ok"] else "  PROBLEMS FOUND")
     return "\n".join(lines)
+
+
+# ---- before training: every image opens (train) or decodes (val/test) ----------------------------------
+def _open_header(path: Path) -> tuple[str, str] | None:
+    """None if PIL identifies the file and reads a non-empty size from its header; else (kind, reason)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.width < 1 or img.height < 1:
+                return "corrupt", f"empty image {img.width}×{img.height}"
+    except FileNotFoundError:
+        return "missing", "no such file"
+    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError, ...
+        return "corrupt", f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def find_bad_images(
+    paths: list[Path], decode: bool = True, jobs: int | None = None, desc: str = "checking images", progress: bool = True
+) -> list[tuple[int, str]]:
+    """(position in `paths`, reason) of every image that does not fully decode (`decode`) or
+    whose header PIL cannot read (`decode=False`, a cheap per-file open). `jobs` threads
+    (PIL releases the GIL while decoding; default min(8, CPU count)); a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    check = _decode if decode else _open_header
+    n_jobs = jobs or min(8, os.cpu_count() or 1)
+    bad: list[tuple[int, str]] = []
+    with ThreadPoolExecutor(max_workers=n_jobs) as pool, tqdm(
+        total=len(paths), desc=desc, unit="img", disable=not progress, leave=False
+    ) as bar:
+        for i, res in enumerate(pool.map(check, paths, chunksize=64)):
+            if res is not None:
+                bad.append((i, res[1]))
+            bar.update()
+    return bad
+
+
+def read_exclusions(exclude_file: str | Path, root: str | Path) -> set[str]:
+    """The normalized absolute paths listed in an exclusion file (one path relative to `root`
+    per line, optionally followed by a tab and a reason, as `write_bad_list` writes; blank
+    lines and lines starting with '#' are ignored)."""
+    exclude_file = Path(exclude_file)
+    try:
+        text = exclude_file.read_text()
+    except OSError as exc:
+        raise DataError(f"cannot read exclusion file {exclude_file} (data.exclude_file): {exc.strerror}") from None
+    out = set()
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        rel = line.split("\t", 1)[0].strip()
+        out.add(os.path.normpath(os.path.join(root, rel)))
+    return out
+
+
+def write_bad_list(path: str | Path, bad: list[tuple[str, str]], root: str | Path | None = None) -> None:
+    """Write `path<TAB>reason` lines (paths relative to `root` when under it) atomically:
+    the format `data.exclude_file` reads."""
+    path = Path(path)
+    lines = []
+    for p, reason in bad:
+        rel = os.path.relpath(p, root) if root is not None else str(p)
+        if rel.startswith(".."):  # not under the root: keep the absolute path
+            rel = str(p)
+        lines.append(f"{rel}\t{' '.join(reason.split())}\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(lines))
+    tmp.replace(path)
+
+
+def drop_images(index: SplitIndex, drop: set[int]) -> SplitIndex:
+    """The index without the images at positions `drop` (labels and num_classes kept)."""
+    keep = [i for i in range(len(index)) if i not in drop]
+    return SplitIndex(index.split_file, [index.paths[i] for i in keep], index.labels[keep], index.num_classes)
+
+
+def screen_splits(
+    splits: tuple[SplitIndex, ...],
+    data_cfg,
+    builtin: bool = False,
+    progress: bool = True,
+) -> tuple[tuple[SplitIndex, ...], list[tuple[str, str]]]:
+    """Before training: apply `data.exclude_file`, then check images; return (splits, bad list).
+
+    `splits` is (train, val, test) (val and test may be the same object). `data_cfg` is the
+    data config (engine.config.DataConfig): root, exclude_file, verify_images, on_bad_image,
+    max_bad_images, num_workers. The first split (train) is checked by opening every file
+    (header read); the others are fully decoded (they are small). With on_bad_image="fail"
+    any bad image is a DataError listing them; with "skip" they are dropped from their
+    split and returned as (path, reason) — unless more than max_bad_images of a split is
+    bad. `builtin`: images this engine wrote itself (digits_lt, cifar*_lt): verify_images
+    "auto" skips their check. Excluded images are not in the bad list (the user listed them).
+    """
+    d = data_cfg
+    excluded = read_exclusions(d.exclude_file, d.root) if d.exclude_file else set()
+    verify = d.verify_images == "on" or (d.verify_images == "auto" and not builtin)
+    jobs = max(d.num_workers, min(8, os.cpu_count() or 1))
+    done: dict[int, SplitIndex] = {}  # id(original split) → screened split (val may be test)
+    bad_all: list[tuple[str, str]] = []
+    for k, index in enumerate(splits):
+        if id(index) in done:
+            continue
+        drop = {i for i, p in enumerate(index.paths) if os.path.normpath(p) in excluded} if excluded else set()
+        bad: list[tuple[int, str]] = []
+        if verify:
+            name = "train" if k == 0 else ("val" if k == 1 else "test")
+            todo = [i for i in range(len(index)) if i not in drop]
+            found = find_bad_images([index.paths[i] for i in todo], decode=k > 0, jobs=jobs, progress=progress,
+                                    desc=f"{'opening' if k == 0 else 'decoding'} {name} images")
+            bad = [(todo[i], reason) for i, reason in found]
+        if bad:
+            listed = "; ".join(f"{index.paths[i]} ({r})" for i, r in bad[:10])
+            if d.on_bad_image == "fail":
+                raise DataError(
+                    f"{index.split_file}: {len(bad)} of {len(index)} images cannot be read: {listed}"
+                    f"{' …' if len(bad) > 10 else ''}; expected every image to "
+                    f"{'open' if k == 0 else 'decode'} (data.on_bad_image=skip drops them, data.exclude_file lists "
+                    "them; `engine data check --decode --bad-list FILE` writes such a list)"
+                )
+            if len(bad) > d.max_bad_images * len(index):
+                raise DataError(
+                    f"{index.split_file}: {len(bad)} of {len(index)} images cannot be read, more than "
+                    f"data.max_bad_images={d.max_bad_images:g} of the split: {listed}"
+                )
+            bad_all += [(str(index.paths[i]), r) for i, r in bad]
+            drop |= {i for i, _ in bad}
+        done[id(index)] = drop_images(index, drop) if drop else index
+    return tuple(done[id(s)] for s in splits), bad_all

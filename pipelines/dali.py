@@ -31,7 +31,12 @@ included) agree with PIL to a few levels (tests/test_dali_loader.py).
 
 A missing or corrupt image stops loading with a `DataError` naming the file: DALI's own
 decoder error does not name it, so on a pipeline error the batches fed but not yet
-returned are re-checked with PIL to find the culprit(s).
+returned are re-checked with PIL to find the culprit(s). With `on_bad_image="skip"` each
+culprit is instead replaced by the next image of its class that PIL decodes (the class's
+images in index order, cyclically: the torchvision loader's choice), listed in
+`bad_images`, and a fresh pipeline resumes the epoch at the first batch not yet returned
+(same sample order; the augmentation draws after that point come from the new pipeline's
+seed, so an epoch that met a bad image is not bit-identical to one that did not).
 """
 
 from __future__ import annotations
@@ -96,6 +101,8 @@ class _SamplerSource:
         self.order: list[int] = []
         self.pos = 0
         self._fresh = True
+        self.replace: dict[int, int] = {}  # bad data-set index → the same-class image read instead
+        self.restart: tuple[list[int], int] | None = None  # (order, position) the next pipeline resumes at
 
     def epoch_order(self) -> list[int]:
         order = list(range(len(self.index))) if self.sampler is None else list(self.sampler)
@@ -114,7 +121,11 @@ class _SamplerSource:
 
     def __next__(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if self._fresh:
-            self.order, self.pos, self._fresh = self.epoch_order(), 0, False
+            if self.restart is not None:  # a pipeline rebuilt mid-epoch after a bad image
+                (self.order, self.pos), self.restart = self.restart, None
+            else:
+                self.order, self.pos = self.epoch_order(), 0
+            self._fresh = False
         left = len(self.order) - self.pos
         if left <= 0 or (self.drop_last and left < self.batch_size):
             raise StopIteration
@@ -122,21 +133,25 @@ class _SamplerSource:
         self.pos += len(batch)
         self.fed.append(batch)
         labels = self.index.labels
-        return [self._encoded[i] for i in batch], [np.array([labels[i]], dtype=np.int64) for i in batch]
+        encoded = [self._encoded[self.replace.get(i, i)] for i in batch]
+        return encoded, [np.array([labels[i]], dtype=np.int64) for i in batch]
+
+
+def _pil_error(path: Path) -> str | None:
+    """None when PIL fully decodes the file, else the reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as exc:  # PIL raises several types for missing / truncated / corrupt files
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _find_broken(paths: Sequence[Path]) -> list[str]:
     """Decode each file with PIL; return 'path (reason)' for every one that fails."""
-    from PIL import Image
-
-    broken = []
-    for p in paths:
-        try:
-            with Image.open(p) as img:
-                img.load()
-        except Exception as exc:  # PIL raises several types for missing / truncated / corrupt files
-            broken.append(f"{p} ({type(exc).__name__}: {exc})")
-    return broken
+    return [f"{p} ({err})" for p in paths if (err := _pil_error(p)) is not None]
 
 
 class DaliLoader:
@@ -176,6 +191,8 @@ class DaliLoader:
         prefetch: int = 2,
         seed: int = 0,
         drop_last: bool | None = None,
+        on_bad_image: str = "fail",
+        max_bad_images: float = 0.0,
     ) -> None:
         if not dali_available():
             raise RuntimeError(
@@ -189,6 +206,8 @@ class DaliLoader:
                 f"output dtype {dtype!r} is not supported; expected one of {DTYPES} "
                 "(DALI's crop_mirror_normalize produces FLOAT or FLOAT16; bfloat16 is cast in torch)"
             )
+        if on_bad_image not in ("fail", "skip"):
+            raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
         if train_crop not in TRAIN_CROPS:
             raise ValueError(f"train_crop {train_crop!r} is not supported; expected one of {TRAIN_CROPS}")
         if batch_size < 1 or image_size < 1:
@@ -227,6 +246,10 @@ class DaliLoader:
         self._source = _SamplerSource(index, sampler, batch_size, self.drop_last)
         self._iterator = None
         self._epoch_done = True
+        self.on_bad_image, self.max_bad_images = on_bad_image, max_bad_images
+        self.bad_images: list[tuple[str, str]] = []  # (path, reason), unique, in the order met (as ImageLoader)
+        self.bad_count = 0  # bad files met while loading (a file is checked again only in a fresh loader)
+        self._members: list[list[int]] | None = None
 
     # ---- sampler passthrough --------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -332,9 +355,66 @@ class DaliLoader:
                 return
             except RuntimeError as exc:
                 self._iterator = None
+                if self.on_bad_image == "skip" and self._replace_broken():
+                    self._start()  # resumes at the first batch not yet returned (_SamplerSource.restart)
+                    it = self._iterator
+                    continue
                 raise self._explain(exc) from exc
             self._source.fed.popleft()
             yield self._to_torch(out[0])
+
+    def _replace_broken(self) -> bool:
+        """After a pipeline error: map every image of the pending batches that PIL cannot decode
+        to a decodable image of its class, record it, and set the source to resume at the first
+        pending batch. False when PIL decodes them all (the error is not a bad image)."""
+        src = self._source
+        pending = [i for batch in src.fed for i in batch]
+        found = False
+        for i in dict.fromkeys(pending):  # unique, in order
+            path = self.index.paths[src.replace.get(i, i)]
+            err = _pil_error(path)
+            if err is None:
+                continue
+            found = True
+            self._record(str(path), err)
+            src.replace[i] = self._replacement(i)
+        if found:
+            src.restart = (src.order, src.pos - len(pending))
+            src.fed.clear()
+        return found
+
+    def _record(self, path: str, reason: str) -> None:
+        self.bad_count += 1
+        if path not in {p for p, _ in self.bad_images}:
+            self.bad_images.append((path, reason))
+        if len(self.bad_images) > self.max_bad_images * len(self.index):
+            shown = "; ".join(f"{p} ({r})" for p, r in self.bad_images[:5])
+            raise DataError(
+                f"{len(self.bad_images)} of {len(self.index)} images of {self.index.split_file} cannot be read, "
+                f"more than data.max_bad_images={self.max_bad_images:g} of them; e.g. {shown}"
+            )
+
+    def _replacement(self, i: int) -> int:
+        """The next image of i's class (index order, cyclically) that PIL decodes."""
+        if self._members is None:
+            self._members = [[] for _ in range(self.index.num_classes)]
+            for j, label in enumerate(self.index.labels.tolist()):
+                self._members[label].append(j)
+        members = self._members[int(self.index.labels[i])]
+        k = members.index(i)
+        known_bad = {p for p, _ in self.bad_images}
+        for j in members[k + 1 :] + members[:k]:
+            path = self.index.paths[j]
+            if str(path) in known_bad:
+                continue
+            err = _pil_error(path)
+            if err is None:
+                return j
+            self._record(str(path), err)
+        raise DataError(
+            f"cannot read image {self.index.paths[i]}, and no other image of its class {int(self.index.labels[i])} "
+            "can replace it"
+        )
 
     def _to_torch(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = out["images"], out["labels"].reshape(-1)
