@@ -262,10 +262,14 @@ def screen_splits(
     excluded = read_exclusions(d.exclude_file, d.root) if d.exclude_file else set()
     verify = d.verify_images == "on" or (d.verify_images == "auto" and not builtin)
     jobs = max(d.num_workers, min(8, os.cpu_count() or 1))
-    done: dict[int, SplitIndex] = {}  # id(original split) → screened split (val may be test)
+    done: dict[tuple, SplitIndex] = {}  # val and test may be one file, read twice: checked once
+
+    def key(k: int, index: SplitIndex) -> tuple:
+        return os.path.abspath(index.split_file), k == 0, len(index)
+
     bad_all: list[tuple[str, str]] = []
     for k, index in enumerate(splits):
-        if id(index) in done:
+        if key(k, index) in done:
             continue
         drop = {i for i, p in enumerate(index.paths) if os.path.normpath(p) in excluded} if excluded else set()
         bad: list[tuple[int, str]] = []
@@ -291,5 +295,5 @@ def screen_splits(
                 )
             bad_all += [(str(index.paths[i]), r) for i, r in bad]
             drop |= {i for i, _ in bad}
-        done[id(index)] = drop_images(index, drop) if drop else index
-    return tuple(done[id(s)] for s in splits), bad_all
+        done[key(k, index)] = drop_images(index, drop) if drop else index
+    return tuple(done[key(k, s)] for k, s in enumerate(splits)), bad_all

@@ -1,0 +1,234 @@
+"""Bad images (issues 12.1, 15.5): checked before training, skipped and listed during it, excluded on request;
+loader-level bitwise resume with workers (issue 12.3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.check import find_bad_images, read_exclusions, screen_splits, write_bad_list
+from pipelines.loader import build_transform, make_loader
+from pipelines.samplers import ClassAwareSampler, InstanceSampler
+from pipelines.splits import DataError, SplitIndex
+
+SIZE, MEAN, STD = 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def _jpeg(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (48, 56, 3), dtype=np.uint8)).save(path, quality=90)
+    return path
+
+
+def _truncate(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # header intact, body cut: opens, fails to decode
+    return path
+
+
+def _set(folder: Path, n: int = 12, num_classes: int = 2) -> SplitIndex:
+    paths = [_jpeg(folder / f"c{i % num_classes}" / f"{i:02d}.jpg", i) for i in range(n)]
+    return SplitIndex(folder / "split.txt", paths, np.arange(n, dtype=np.int64) % num_classes, num_classes)
+
+
+@pytest.fixture
+def broken(tmp_path):
+    """12 images of 2 classes; #3 truncated JPEG (class 1), #4 a text file named .jpg (class 0)."""
+    index = _set(tmp_path / "img")
+    _truncate(index.paths[3])
+    index.paths[4].write_text("not an image at all")
+    return index
+
+
+EVAL_TF = build_transform(False, SIZE, MEAN, STD)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_torchvision_loader_skips_and_names_bad_images(broken, num_workers):
+    loader = make_loader(broken, EVAL_TF, 4, train=False, num_workers=num_workers, on_bad_image="skip",
+                         max_bad_images=0.5)
+    batches = list(loader)
+    images = torch.cat([x for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    assert labels.tolist() == broken.labels.tolist()  # every position keeps its label
+    # The replacement is the next image of the same class in index order: 3 → 5, 4 → 6.
+    good = list(make_loader(SplitIndex(broken.split_file, [broken.paths[5], broken.paths[6]], np.array([1, 0]), 2),
+                            EVAL_TF, 2, train=False))[0][0]
+    assert torch.equal(images[3], good[0]) and torch.equal(images[4], good[1])
+    assert [p for p, _ in loader.bad_images] == [str(broken.paths[3]), str(broken.paths[4])]
+    assert "truncated" in loader.bad_images[0][1].lower() and "cannot identify" in loader.bad_images[1][1]
+    list(loader)  # a second epoch meets them again: listed once, counted twice
+    assert len(loader.bad_images) == 2 and loader.bad_count == 4
+
+
+def test_fail_policy_names_the_file_and_threshold_stops_a_skip_run(broken):
+    with pytest.raises(DataError, match=r"cannot read image .*03\.jpg \(OSError: .*[Tt]runcated"):
+        list(make_loader(broken, EVAL_TF, 4, train=False))
+    loader = make_loader(broken, EVAL_TF, 4, train=False, on_bad_image="skip", max_bad_images=0.1)
+    with pytest.raises(DataError, match=r"2 of 12 images .* more than data.max_bad_images=0.1"):
+        list(loader)
+
+
+def test_a_class_with_no_readable_image_is_an_error(tmp_path):
+    index = _set(tmp_path, n=4)
+    for i in (1, 3):  # all of class 1
+        _truncate(index.paths[i])
+    with pytest.raises(DataError, match="none of the 1 other images of its class 1"):
+        list(make_loader(index, EVAL_TF, 4, train=False, on_bad_image="skip", max_bad_images=1.0))
+
+
+def test_training_loader_with_sampler_and_layout_skips_too(broken):
+    sampler = ClassAwareSampler(broken.labels, seed=1)
+    loader = make_loader(broken, build_transform(True, SIZE, MEAN, STD, crop_padding=2, hflip=True), 4, train=True,
+                         sampler=sampler, layout="NHWC", dtype="float16", on_bad_image="skip", max_bad_images=0.5)
+    loader.sampler.set_epoch(3)
+    xs = [x for x, _ in loader]
+    assert len(xs) == 3 and xs[0].shape == (4, SIZE, SIZE, 3) and xs[0].dtype == torch.float16
+    assert loader.sampler is sampler and len(loader) == 3
+
+
+def test_dali_loader_skips_and_names_bad_images(broken):
+    dali = pytest.importorskip("pipelines.dali")
+    if not dali.dali_available():
+        pytest.skip(f"NVIDIA DALI is not importable: {dali._DALI_IMPORT_ERROR}")
+    kw = dict(image_size=SIZE, mean=MEAN, std=STD, num_threads=1)
+    loader = dali.DaliLoader(broken, 4, False, on_bad_image="skip", max_bad_images=0.5, **kw)
+    batches = list(loader)
+    images = torch.cat([x for x, _ in batches])
+    assert torch.cat([y for _, y in batches]).tolist() == broken.labels.tolist()
+    assert [p for p, _ in loader.bad_images] == [str(broken.paths[3]), str(broken.paths[4])]
+    ref = torch.cat([x for x, _ in dali.DaliLoader(
+        SplitIndex(broken.split_file, [broken.paths[5], broken.paths[6]], np.array([1, 0]), 2), 2, False, **kw)])
+    assert torch.equal(images[3], ref[0]) and torch.equal(images[4], ref[1])
+    assert len(list(loader)) == 3  # the next epoch reads the replacements directly
+    with pytest.raises(DataError, match=r"cannot read image .*03\.jpg"):
+        list(dali.DaliLoader(broken, 4, False, **kw))
+    with pytest.raises(DataError, match="more than data.max_bad_images=0.05"):
+        list(dali.DaliLoader(broken, 4, False, on_bad_image="skip", max_bad_images=0.05, **kw))
+
+
+# ---- before training ----------------------------------------------------------------------------------
+def _cfg(root: Path, **kw) -> SimpleNamespace:
+    base = dict(root=str(root), exclude_file="", verify_images="auto", on_bad_image="fail", max_bad_images=0.5,
+                num_workers=0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_open_check_for_train_decode_check_for_val(broken):
+    # a truncated JPEG opens (header intact) but does not decode; a text file does neither
+    assert [i for i, _ in find_bad_images(broken.paths, decode=False, jobs=2, progress=False)] == [4]
+    assert [i for i, _ in find_bad_images(broken.paths, decode=True, jobs=2, progress=False)] == [3, 4]
+
+
+def test_screen_splits_fail_lists_every_bad_image(broken, tmp_path):
+    val = broken
+    train = _set(tmp_path / "train", n=6)
+    with pytest.raises(DataError) as err:
+        screen_splits((train, val, val), _cfg(tmp_path), progress=False)
+    msg = str(err.value)
+    assert "2 of 12 images cannot be read" in msg and "03.jpg" in msg and "04.jpg" in msg and "\n" not in msg
+    assert "data.on_bad_image=skip" in msg and "--decode" in msg
+
+
+def test_screen_splits_skip_drops_and_returns_the_bad_list(broken, tmp_path):
+    train = broken
+    val = _set(tmp_path / "val", n=4)
+    _truncate(val.paths[1])
+    (tr, va, te), bad = screen_splits((train, val, val), _cfg(tmp_path, on_bad_image="skip"), progress=False)
+    assert len(tr) == 11 and str(broken.paths[4]) not in map(str, tr.paths)  # train: only the unopenable file
+    assert len(va) == 3 and te is va  # val is test: checked once
+    assert [p for p, _ in bad] == [str(broken.paths[4]), str(val.paths[1])]
+    with pytest.raises(DataError, match="more than data.max_bad_images=0.01"):
+        screen_splits((train, val, val), _cfg(tmp_path, on_bad_image="skip", max_bad_images=0.01), progress=False)
+
+
+def test_builtin_data_is_not_checked_unless_asked(broken, tmp_path):
+    good = _set(tmp_path / "g", n=4)
+    splits, bad = screen_splits((good, broken, broken), _cfg(tmp_path), builtin=True, progress=False)
+    assert splits[1] is broken and bad == []
+    with pytest.raises(DataError):
+        screen_splits((good, broken, broken), _cfg(tmp_path, verify_images="on"), builtin=True, progress=False)
+    splits, _ = screen_splits((good, broken, broken), _cfg(tmp_path, verify_images="off"), progress=False)
+    assert splits[1] is broken
+
+
+def test_exclusion_file_round_trip(broken, tmp_path):
+    root = tmp_path / "img"
+    bad = [(str(broken.paths[3]), "OSError: image file is\ntruncated"), (str(broken.paths[4]), "not an image")]
+    listing = tmp_path / "bad.txt"
+    write_bad_list(listing, bad, root)
+    assert listing.read_text().splitlines()[0] == "c1/03.jpg\tOSError: image file is truncated"
+    assert read_exclusions(listing, root) == {str(broken.paths[3]), str(broken.paths[4])}
+    (tr, va, _), found = screen_splits((broken, broken, broken), _cfg(root, exclude_file=str(listing)), progress=False)
+    assert len(tr) == 10 and found == []  # excluded first: nothing left to fail on
+    with pytest.raises(DataError, match="cannot read exclusion file"):
+        screen_splits((broken,), _cfg(root, exclude_file=str(tmp_path / "nope.txt")), progress=False)
+
+
+def test_load_data_checks_images_before_training(tmp_path):
+    from engine.config import load_config
+    from engine.data import load_data
+
+    root = tmp_path / "root"
+    index = _set(root / "img", n=8)
+    rows = [f"{p.relative_to(root)} {lab}" for p, lab in zip(index.paths, index.labels)]
+    (root / "train.txt").write_text("\n".join(rows) + "\n")
+    (root / "val.txt").write_text("\n".join(rows[:4]) + "\n")
+    _truncate(index.paths[2])  # in train (opens: kept) and in val (does not decode)
+    over = ["data.format=split_files", f"data.root={root}", "data.train_split=train.txt", "data.val_split=val.txt",
+            "run.progress=false"]
+    with pytest.raises(DataError, match=r"val\.txt: 1 of 4 images cannot be read: .*02\.jpg"):
+        load_data(load_config(overrides=over))
+    data = load_data(load_config(overrides=over + ["data.on_bad_image=skip", "data.max_bad_images=0.3"]))
+    assert len(data.val) == len(data.test) == 3 and len(data.train) == 8
+    assert [p for p, _ in data.bad_images] == [str(index.paths[2])]
+
+
+def test_default_digits_run_checks_nothing(tmp_path):
+    from engine.config import load_config
+    from engine.data import load_data
+
+    data = load_data(load_config(overrides=[f"data.cache_dir={tmp_path}"]))
+    assert data.bad_images == []
+
+
+# ---- loader-level bitwise resume with workers (issue 12.3) ---------------------------------------------
+def _train_loader(index, num_workers, start=0, epoch=1):
+    sampler = InstanceSampler(index.labels, index.num_classes, seed=5)
+    sampler.set_epoch(epoch)
+    sampler.set_position(start)
+    tf = build_transform(True, SIZE, MEAN, STD, crop_padding=4, hflip=True)
+    return make_loader(index, tf, 2, train=True, sampler=sampler, num_workers=num_workers)
+
+
+def test_resume_mid_epoch_with_workers_gives_the_same_batches(tmp_path):
+    index = _set(tmp_path, n=12, num_classes=3)
+    full = list(_train_loader(index, num_workers=2))
+    p = 3  # batches already trained on
+    torch.manual_seed(1234)  # the workers' base seed (drawn from the global RNG) must not matter
+    tail = list(_train_loader(index, num_workers=2, start=p * 2))
+    assert len(full) == 6 and len(tail) == 3
+    for (xa, ya), (xb, yb) in zip(full[p:], tail):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    # the randomness is really there: another epoch, or another position, gives other crops
+    other = list(_train_loader(index, num_workers=2, epoch=2))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(full, other))
+
+
+def test_num_workers_0_keeps_the_global_rng_stream(tmp_path):
+    """The default digits run must not change its numbers: num_workers=0 draws from torch's global RNG."""
+    index = _set(tmp_path, n=8, num_classes=2)
+    torch.manual_seed(7)
+    a = list(_train_loader(index, num_workers=0))
+    torch.manual_seed(7)
+    b = list(_train_loader(index, num_workers=0))
+    torch.manual_seed(8)
+    c = list(_train_loader(index, num_workers=0))
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
