@@ -232,3 +232,81 @@ def test_num_workers_0_keeps_the_global_rng_stream(tmp_path):
     c = list(_train_loader(index, num_workers=0))
     assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
     assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+# ---- engine data check: --decode, --bad-list, duplicates, leakage, conflicting labels (issue 12.1) ---------
+def _split_root(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    for i in range(6):
+        _jpeg(root / f"c{i % 2}" / f"{i}.jpg", i)
+    (root / "train.txt").write_text("c0/0.jpg 0\nc1/1.jpg 1\nc0/2.jpg 0\nc1/3.jpg 1\nc0/2.jpg 0\nc1/1.jpg 0\n")
+    (root / "val.txt").write_text("c0/4.jpg 0\nc1/3.jpg 1\n")
+    (root / "test.txt").write_text("c1/5.jpg 1\nc0/4.jpg 1\n")
+    return root
+
+
+def test_check_reports_duplicates_and_conflicting_labels_within_a_split(tmp_path):
+    from pipelines.check import check_split, format_check_report
+
+    root = _split_root(tmp_path)
+    r = check_split(root / "train.txt", root)
+    assert {d["path"]: d["lines"] for d in r["duplicates"]} == {str(root / "c1/1.jpg"): [2, 6],
+                                                                str(root / "c0/2.jpg"): [3, 5]}
+    assert r["conflicting_labels"] == [{"path": str(root / "c1/1.jpg"), "lines": [2, 6], "labels": [0, 1]}]
+    assert not r["ok"]
+    text = format_check_report(r)
+    assert "duplicate lines" in text and "conflicting labels" in text and "labels [0, 1] on lines [2, 6]" in text
+
+
+def test_check_reports_leakage_and_label_conflicts_between_splits(tmp_path, capsys):
+    from engine.cli import main
+
+    root = _split_root(tmp_path)
+    assert main(["data", "check", str(root / "val.txt"), str(root / "test.txt"), "--root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "images in more than one split (leakage): 1" in out
+    assert "c0/4.jpg: val.txt:1 (label 0), test.txt:2 (label 1)" in out
+    assert "images with different labels in different splits: 1" in out
+    assert main(["data", "check", *(str(root / f"{s}.txt") for s in ("train", "val", "test")), "--root", str(root),
+                 "--json"]) == 1
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    shared = {Path(s["path"]).name: sorted(Path(w["split"]).name for w in s["where"]) for s in result["shared"]}
+    assert shared == {"3.jpg": ["train.txt", "val.txt"], "4.jpg": ["test.txt", "val.txt"]}
+    assert [Path(c["path"]).name for c in result["conflicting_labels"]] == ["4.jpg"]
+    (root / "clean.txt").write_text("c1/5.jpg 1\nc0/0.jpg 0\n")
+    assert main(["data", "check", str(root / "val.txt"), str(root / "clean.txt"), "--root", str(root)]) == 0
+
+
+def test_check_decode_writes_the_bad_list_that_training_excludes(tmp_path, capsys):
+    from engine.cli import main
+
+    root = _split_root(tmp_path)
+    (root / "train.txt").write_text("".join(f"c{i % 2}/{i}.jpg {i % 2}\n" for i in range(6)))
+    _truncate(root / "c1" / "3.jpg")
+    (root / "c0" / "4.jpg").write_text("text")
+    bad_list = tmp_path / "bad.txt"
+    # without --decode: the header read finds the text file only
+    assert main(["data", "check", str(root / "train.txt"), "--root", str(root), "--bad-list", str(bad_list)]) == 1
+    assert [line.split("\t")[0] for line in bad_list.read_text().splitlines()] == ["c0/4.jpg"]
+    assert "header read" in capsys.readouterr().out
+    assert main(["data", "check", str(root / "train.txt"), "--root", str(root), "--decode", "--jobs", "2",
+                 "--bad-list", str(bad_list)]) == 1
+    assert [line.split("\t")[0] for line in bad_list.read_text().splitlines()] == ["c1/3.jpg", "c0/4.jpg"]
+    # the list is an exclusion file: those images are gone before training, nothing else is checked as bad
+    index = SplitIndex(root / "train.txt", [root / f"c{i % 2}/{i}.jpg" for i in range(6)], np.arange(6) % 2, 2)
+    (tr, _, _), bad = screen_splits((index, index, index), _cfg(root, exclude_file=str(bad_list)), progress=False)
+    assert len(tr) == 4 and bad == []
+    assert main(["data", "check", str(root / "train.txt"), "--root", str(root), "--jobs", "0"]) == 2
+
+
+def test_check_flags_paths_outside_the_root_without_opening_them(tmp_path):
+    from pipelines.check import check_split
+
+    root = _split_root(tmp_path)
+    _jpeg(tmp_path / "secret.jpg", 9)
+    (root / "evil.txt").write_text("c0/0.jpg 0\n../secret.jpg 1\n")
+    r = check_split(root / "evil.txt", root)
+    assert r["outside_root"] == [{"line": 2, "path": str(root / "../secret.jpg")}] and not r["ok"]
+    assert check_split(root / "evil.txt", root, allow_outside_root=True)["outside_root"] == []
