@@ -37,12 +37,22 @@ images in index order, cyclically: the torchvision loader's choice), listed in
 `bad_images`, and a fresh pipeline resumes the epoch at the first batch not yet returned
 (same sample order; the augmentation draws after that point come from the new pipeline's
 seed, so an epoch that met a bad image is not bit-identical to one that did not).
+
+Resume (`checkpointing=True`): DALI's own checkpointing (`enable_checkpointing`,
+`DALIGenericIterator.checkpoints()`, `Pipeline(checkpoint=...)`) saves the state of every
+random operator after the last *returned* batch (prefetched batches are accounted for by
+DALI). DALI does not capture an iterable external source, so `state_dict()` adds the
+epoch and the samples returned, and `load_state_dict()` restarts the sampler there
+(`set_position`): the restored loader returns the same batches bit for bit
+(tests/test_bad_data.py, CPU pipeline). Not covered: a pipeline rebuilt after a bad image
+(its generators restart from the seed), and a different number of ranks.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -193,6 +203,7 @@ class DaliLoader:
         drop_last: bool | None = None,
         on_bad_image: str = "fail",
         max_bad_images: float = 0.0,
+        checkpointing: bool = False,
     ) -> None:
         if not dali_available():
             raise RuntimeError(
@@ -250,6 +261,9 @@ class DaliLoader:
         self.bad_images: list[tuple[str, str]] = []  # (path, reason), unique, in the order met (as ImageLoader)
         self.bad_count = 0  # bad files met while loading (a file is checked again only in a fresh loader)
         self._members: list[list[int]] | None = None
+        self.checkpointing = checkpointing
+        self._restore: str | None = None  # a DALI checkpoint the next pipeline starts from (load_state_dict)
+        self._returned = 0  # samples returned in the current epoch
 
     # ---- sampler passthrough --------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -277,6 +291,8 @@ class DaliLoader:
             device_id=self.device_id,
             seed=self.seed,
             prefetch_queue_depth=self.prefetch,
+            enable_checkpointing=self.checkpointing,
+            checkpoint=self._restore,
         )
         def pipe():
             paths, labels = fn.external_source(
@@ -318,9 +334,15 @@ class DaliLoader:
         return pipe()
 
     def _start(self) -> None:
-        pipe = self._define()
+        with warnings.catch_warnings():
+            # DALI cannot capture an iterable source's state; load_state_dict restarts ours at the position.
+            warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
+            pipe = self._define()
+            self._restore = None
         try:
-            pipe.build()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
+                pipe.build()
             self._iterator = DALIGenericIterator(
                 pipe,
                 ["images", "labels"],
@@ -346,6 +368,7 @@ class DaliLoader:
         else:
             self._iterator.reset()  # calls iter() on the source: the sampler's current epoch
         self._epoch_done = False
+        self._returned = self._source_start()
         it = self._iterator
         while True:
             try:
@@ -360,8 +383,32 @@ class DaliLoader:
                     it = self._iterator
                     continue
                 raise self._explain(exc) from exc
-            self._source.fed.popleft()
+            self._returned += len(self._source.fed.popleft())
             yield self._to_torch(out[0])
+
+    # ---- resume (checkpointing=True) -------------------------------------------------------
+    def _source_start(self) -> int:
+        return getattr(self.sampler, "position", 0)
+
+    def state_dict(self) -> dict:
+        """{"epoch", "position": samples of this rank's epoch returned, "dali": the pipeline's
+        checkpoint (its random-number generators after the last returned batch)}."""
+        if not self.checkpointing:
+            raise RuntimeError("DaliLoader.state_dict needs checkpointing=True (DALI's enable_checkpointing)")
+        if self._iterator is None:
+            raise RuntimeError("DaliLoader.state_dict: no pipeline yet (iterate first)")
+        return {"epoch": getattr(self.sampler, "epoch", 0), "position": self._returned,
+                "dali": self._iterator.checkpoints()[0]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next iteration continues `state`'s epoch at its position, with DALI's
+        random-number generators restored from its checkpoint (sampler.set_position)."""
+        if not self.checkpointing:
+            raise RuntimeError("DaliLoader.load_state_dict needs checkpointing=True (DALI's enable_checkpointing)")
+        self.sampler.set_epoch(int(state["epoch"]))
+        self.sampler.set_position(int(state["position"]))
+        self._restore = state["dali"]
+        self._iterator, self._epoch_done = None, True
 
     def _replace_broken(self) -> bool:
         """After a pipeline error: map every image of the pending batches that PIL cannot decode

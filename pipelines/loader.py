@@ -145,6 +145,7 @@ class ImageLoader:
         self.bad_images: list[BadImage] = []
         self.bad_count = 0
         self._seen: set[str] = set()
+        self._returned = 0  # samples of this rank's epoch returned so far (state_dict)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -153,14 +154,26 @@ class ImageLoader:
         return getattr(self.__dict__["loader"], name)
 
     def __iter__(self):
+        self._returned = getattr(self.sampler, "position", 0)
         for batch in self.loader:
             if self.on_bad_image == "skip":
                 images, labels, bad = batch
                 if bad:
                     self._record(bad)
-                yield images, labels
-            else:
-                yield batch
+                batch = (images, labels)
+            self._returned += len(batch[1])
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """{"epoch", "position": samples of this rank's epoch returned so far} (DaliLoader's keys, minus "dali")."""
+        return {"epoch": getattr(self.sampler, "epoch", 0), "position": self._returned}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next iteration continues `state`'s epoch at its position (bit for bit with
+        position-seeded augmentation, i.e. with workers; with num_workers=0 the caller
+        restores torch's global RNG as well)."""
+        self.sampler.set_epoch(int(state["epoch"]))
+        self.sampler.set_position(int(state["position"]))
 
     def _record(self, bad: list[BadImage]) -> None:
         self.bad_count += len(bad)
