@@ -59,7 +59,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from pipelines.splits import DataError, SplitIndex
+from pipelines.splits import DataError, SameClassOrder, SplitIndex
 
 try:  # DALI is optional at import time: `dali_available()` tells callers to fall back.
     from nvidia.dali import fn, pipeline_def, types
@@ -260,7 +260,7 @@ class DaliLoader:
         self.on_bad_image, self.max_bad_images = on_bad_image, max_bad_images
         self.bad_images: list[tuple[str, str]] = []  # (path, reason), unique, in the order met (as ImageLoader)
         self.bad_count = 0  # bad files met while loading (a file is checked again only in a fresh loader)
-        self._members: list[list[int]] | None = None
+        self._same_class: SameClassOrder | None = None
         self.checkpointing = checkpointing
         self._restore: str | None = None  # a DALI checkpoint the next pipeline starts from (load_state_dict)
         self._returned = 0  # samples returned in the current epoch
@@ -443,14 +443,10 @@ class DaliLoader:
 
     def _replacement(self, i: int) -> int:
         """The next image of i's class (index order, cyclically) that PIL decodes."""
-        if self._members is None:
-            self._members = [[] for _ in range(self.index.num_classes)]
-            for j, label in enumerate(self.index.labels.tolist()):
-                self._members[label].append(j)
-        members = self._members[int(self.index.labels[i])]
-        k = members.index(i)
+        if self._same_class is None:
+            self._same_class = SameClassOrder(self.index)
         known_bad = {p for p, _ in self.bad_images}
-        for j in members[k + 1 :] + members[:k]:
+        for j in self._same_class(i):
             path = self.index.paths[j]
             if str(path) in known_bad:
                 continue

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
-from pipelines.splits import DataError, SplitIndex
+from pipelines.splits import DataError, SameClassOrder, SplitIndex
 
 
 BadImage = tuple[str, str]  # (path, reason)
@@ -55,20 +55,15 @@ class ImageListDataset(Dataset):
         if on_bad_image not in ("fail", "skip"):
             raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
         self.index, self.transform, self.on_bad_image, self.seed = index, transform, on_bad_image, int(seed)
-        self._members: list[list[int]] | None = None  # per-class indices, built on the first bad image
+        self._same_class: SameClassOrder | None = None
 
     def __len__(self) -> int:
         return len(self.index)
 
     def _replacements(self, i: int) -> list[int]:
-        """The other images of i's class, in index order starting after i (cyclically)."""
-        if self._members is None:
-            self._members = [[] for _ in range(self.index.num_classes)]
-            for j, label in enumerate(self.index.labels.tolist()):
-                self._members[label].append(j)
-        members = self._members[int(self.index.labels[i])]
-        k = members.index(i)
-        return members[k + 1 :] + members[:k]
+        if self._same_class is None:  # built on the first bad image only
+            self._same_class = SameClassOrder(self.index)
+        return self._same_class(i)
 
     def __getitem__(self, item):
         if isinstance(item, tuple):  # (index, epoch, position) from PositionedSampler

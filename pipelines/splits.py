@@ -92,6 +92,22 @@ def read_split(
     return SplitIndex(split_file, paths, np.asarray(labels, dtype=np.int64), num_classes or inferred)
 
 
+class SameClassOrder:
+    """Replacement candidates for a bad image: the other images of its class, in index order
+    starting after it (cyclically). A deterministic choice shared by both loaders."""
+
+    def __init__(self, index: SplitIndex) -> None:
+        self.labels = index.labels
+        self.members: list[list[int]] = [[] for _ in range(index.num_classes)]
+        for j, label in enumerate(index.labels.tolist()):
+            self.members[label].append(j)
+
+    def __call__(self, i: int) -> list[int]:
+        members = self.members[int(self.labels[i])]
+        k = members.index(i)
+        return members[k + 1 :] + members[:k]
+
+
 def class_counts(index: SplitIndex, require_all: bool = True) -> np.ndarray:
     """Images per class (int64, length num_classes); an empty class is an error by default."""
     counts = np.bincount(index.labels, minlength=index.num_classes)
