@@ -1,10 +1,19 @@
-"""`engine data check`: scan a split without training and report everything that is wrong.
+"""Image and split checks: `engine data check`, and the check `load_data` runs before training.
 
 Unlike `read_split`, which stops at the first problem, `check_split` collects ALL of them:
-lines that do not parse, labels out of range, missing files, files that cannot be read
-(permissions, folders) and files PIL cannot fully decode (truncated, corrupt, not an
-image). It also reports the label range, per-class counts, empty classes and the
-many/medium/few-shot partition (Liu et al. 2019: many > 100, few < 20 training images).
+lines that do not parse, labels out of range, paths leaving the root, missing files, files
+that cannot be read (permissions, folders) and files PIL cannot fully decode (truncated,
+corrupt, not an image; `decode=False` only opens them, a header read), duplicate lines and
+one image with different labels. It also reports the label range, per-class counts, empty
+classes and the many/medium/few-shot partition (Liu et al. 2019: many > 100, few < 20
+training images). `check_splits` adds what only several splits show: images shared between
+splits (leakage) and label conflicts between them.
+
+Before training, `screen_splits` drops the images of `data.exclude_file`, opens every train
+image and decodes every val/test image (threads, a tqdm bar), and applies `data.on_bad_image`
+(fail: one error listing them; skip: dropped and returned, up to `data.max_bad_images`).
+`write_bad_list` / `read_exclusions` are the exclusion file's two sides:
+`relative/path<TAB>reason` per line.
 """
 
 from __future__ import annotations
@@ -38,6 +47,21 @@ def _decode(path: Path) -> tuple[str, str] | None:
             if img.width < 1 or img.height < 1:
                 return "corrupt", f"empty image {img.width}×{img.height}"
     except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        return "corrupt", f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _open_header(path: Path) -> tuple[str, str] | None:
+    """None if PIL identifies the file and reads a non-empty size from its header; else (kind, reason)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.width < 1 or img.height < 1:
+                return "corrupt", f"empty image {img.width}×{img.height}"
+    except FileNotFoundError:
+        return "missing", "no such file"
+    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError, ...
         return "corrupt", f"{type(exc).__name__}: {exc}"
     return None
 
@@ -270,21 +294,6 @@ def format_multi_report(result: dict[str, Any], max_listed: int = 20) -> str:
 
 
 # ---- before training: every image opens (train) or decodes (val/test) ----------------------------------
-def _open_header(path: Path) -> tuple[str, str] | None:
-    """None if PIL identifies the file and reads a non-empty size from its header; else (kind, reason)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            if img.width < 1 or img.height < 1:
-                return "corrupt", f"empty image {img.width}×{img.height}"
-    except FileNotFoundError:
-        return "missing", "no such file"
-    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError, ...
-        return "corrupt", f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def find_bad_images(
     paths: list[Path], decode: bool = True, jobs: int | None = None, desc: str = "checking images", progress: bool = True
 ) -> list[tuple[int, str]]:
@@ -375,9 +384,10 @@ def screen_splits(
         if bad:
             listed = "; ".join(f"{index.paths[i]} ({r})" for i, r in bad[:10])
             if d.on_bad_image == "fail":
+                first, reason = bad[0]
                 raise DataError(
-                    f"{index.split_file}: {len(bad)} of {len(index)} images cannot be read: {listed}"
-                    f"{' …' if len(bad) > 10 else ''}; expected every image to "
+                    f"cannot read image {index.paths[first]} ({reason}); {index.split_file}: {len(bad)} of "
+                    f"{len(index)} images cannot be read: {listed}{' …' if len(bad) > 10 else ''}; expected every image to "
                     f"{'open' if k == 0 else 'decode'} (data.on_bad_image=skip drops them, data.exclude_file lists "
                     "them; `engine data check --decode --bad-list FILE` writes such a list)"
                 )

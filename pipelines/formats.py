@@ -24,7 +24,7 @@ import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 
@@ -243,7 +243,7 @@ class CifarUnpickler(pickle.Unpickler):
     called, naming it; persistent ids are refused too (the default Unpickler's behaviour).
     """
 
-    ALLOWED = {**_numpy_globals(), ("_codecs", "encode"): _latin1_encode}
+    ALLOWED: ClassVar[dict[tuple[str, str], object]] = {**_numpy_globals(), ("_codecs", "encode"): _latin1_encode}
 
     def find_class(self, module: str, name: str):
         try:

@@ -11,7 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.check import find_bad_images, read_exclusions, screen_splits, write_bad_list
+from pipelines.check import (
+    find_bad_images,
+    read_exclusions,
+    screen_splits,
+    write_bad_list,
+)
 from pipelines.loader import build_transform, make_loader
 from pipelines.samplers import ClassAwareSampler, InstanceSampler
 from pipelines.splits import DataError, SplitIndex
@@ -165,7 +170,7 @@ def test_exclusion_file_round_trip(broken, tmp_path):
     write_bad_list(listing, bad, root)
     assert listing.read_text().splitlines()[0] == "c1/03.jpg\tOSError: image file is truncated"
     assert read_exclusions(listing, root) == {str(broken.paths[3]), str(broken.paths[4])}
-    (tr, va, _), found = screen_splits((broken, broken, broken), _cfg(root, exclude_file=str(listing)), progress=False)
+    (tr, _, _), found = screen_splits((broken, broken, broken), _cfg(root, exclude_file=str(listing)), progress=False)
     assert len(tr) == 10 and found == []  # excluded first: nothing left to fail on
     with pytest.raises(DataError, match="cannot read exclusion file"):
         screen_splits((broken,), _cfg(root, exclude_file=str(tmp_path / "nope.txt")), progress=False)
@@ -183,7 +188,7 @@ def test_load_data_checks_images_before_training(tmp_path):
     _truncate(index.paths[2])  # in train (opens: kept) and in val (does not decode)
     over = ["data.format=split_files", f"data.root={root}", "data.train_split=train.txt", "data.val_split=val.txt",
             "run.progress=false"]
-    with pytest.raises(DataError, match=r"val\.txt: 1 of 4 images cannot be read: .*02\.jpg"):
+    with pytest.raises(DataError, match=r"cannot read image .*02\.jpg .*val\.txt: 1 of 4 images cannot be read"):
         load_data(load_config(overrides=over))
     data = load_data(load_config(overrides=over + ["data.on_bad_image=skip", "data.max_bad_images=0.3"]))
     assert len(data.val) == len(data.test) == 3 and len(data.train) == 8

@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.formats import CifarUnpickler, build_cifar_lt, load_cifar_pickles, read_inat
+from pipelines.formats import (
+    CifarUnpickler,
+    build_cifar_lt,
+    load_cifar_pickles,
+    read_inat,
+)
 from pipelines.splits import DataError, read_split
 
 
@@ -93,18 +98,16 @@ def test_any_other_global_is_refused_by_name(tmp_path, target):
     payload = f"c{module}\n{name}\n(S'1'\ntR.".encode()  # protocol 0: GLOBAL module name, call with ('1',)
     path = tmp_path / "payload"
     path.write_bytes(payload)
-    with pytest.raises(pickle.UnpicklingError, match=f"refused global '{module}.{name}'"):
-        with open(path, "rb") as f:
-            CifarUnpickler(f, encoding="bytes").load()
+    with pytest.raises(pickle.UnpicklingError, match=f"refused global '{module}.{name}'"), open(path, "rb") as f:
+        CifarUnpickler(f, encoding="bytes").load()
 
 
 def test_codecs_encode_only_as_latin1(tmp_path):
     # protocol ≤ 2 writes bytes as _codecs.encode(str, 'latin1'); any other codec is refused
     path = tmp_path / "p"
     path.write_bytes(b"c_codecs\nencode\n(Vx\nVrot13\ntR.")
-    with pytest.raises(pickle.UnpicklingError, match="only as encode"):
-        with open(path, "rb") as f:
-            CifarUnpickler(f, encoding="bytes").load()
+    with pytest.raises(pickle.UnpicklingError, match="only as encode"), open(path, "rb") as f:
+        CifarUnpickler(f, encoding="bytes").load()
 
 
 def test_garbage_cifar_file_is_one_clear_error(tmp_path):
