@@ -119,7 +119,7 @@ def make_loaders(cfg: Config, data: Data, dist: DistInfo, device_type: str = "cp
                       device_id=dist.local_rank if device_type == "cuda" else None,
                       num_threads=d.num_workers or 2, seed=cfg.seed + dist.rank)
         train = DaliLoader(data.train, per_rank, True, sampler=sampler, on_bad_image=d.on_bad_image,
-                           max_bad_images=d.max_bad_images, **common)
+                           max_bad_images=d.max_bad_images, checkpointing=True, **common)  # same outputs, resumable
         val, test = (DaliLoader(s, cfg.eval.batch_size, False, sampler=sh, **common)
                      for s, sh in zip((data.val, data.test), shards))
         return train, val, test
@@ -147,4 +147,5 @@ def train_features_loader(cfg: Config, data: Data, dist: DistInfo):
     """This rank's shard of the training split without augmentation (class feature means)."""
     _, eval_tf = _transforms(cfg)
     return make_loader(data.train, eval_tf, cfg.eval.batch_size, train=False, num_workers=cfg.data.num_workers,
-                       sampler=ShardSampler(len(data.train), dist.rank, dist.world_size))
+                       sampler=ShardSampler(len(data.train), dist.rank, dist.world_size),
+                       on_bad_image=cfg.data.on_bad_image, max_bad_images=cfg.data.max_bad_images)

@@ -363,3 +363,28 @@ def test_dali_checkpoint_resumes_bit_for_bit(tmp_path):
     c.set_epoch(1)
     c.sampler.set_position(6)
     assert not all(torch.equal(x[0], y[0]) for x, y in zip(full[3:], c))
+
+
+def test_engine_loaders_skip_a_truncated_training_jpeg(tmp_path):
+    """The run's path: load_data keeps a train JPEG that opens, the train loader meets it mid-epoch and replaces it."""
+    from engine.config import load_config
+    from engine.data import load_data, make_loaders, train_features_loader
+    from engine.distributed import DistInfo
+
+    root = tmp_path / "root"
+    index = _set(root / "img", n=8)
+    rows = [f"{p.relative_to(root)} {lab}" for p, lab in zip(index.paths, index.labels)]
+    (root / "train.txt").write_text("\n".join(rows) + "\n")
+    (root / "val.txt").write_text("\n".join(rows[:2]) + "\n")
+    _truncate(index.paths[5])
+    cfg = load_config(overrides=["data.format=split_files", f"data.root={root}", "data.train_split=train.txt",
+                                 "data.val_split=val.txt", "run.progress=false", "optim.batch_size=4",
+                                 "data.on_bad_image=skip", "data.max_bad_images=0.2", "data.num_workers=2"])
+    data = load_data(cfg)
+    assert len(data.train) == 8 and data.bad_images == []  # it opens: kept for the loader to meet
+    train, _, _ = make_loaders(cfg, data, DistInfo())
+    train.sampler.set_epoch(0)
+    assert sum(len(y) for _, y in train) == 8
+    assert [p for p, _ in train.bad_images] == [str(index.paths[5])]
+    feats = train_features_loader(cfg, data, DistInfo())
+    assert sum(len(y) for _, y in feats) == 8 and len(feats.bad_images) == 1
