@@ -176,18 +176,22 @@ def test_exclusion_file_round_trip(broken, tmp_path):
         screen_splits((broken,), _cfg(root, exclude_file=str(tmp_path / "nope.txt")), progress=False)
 
 
+def _split_files(root: Path, n_val: int) -> tuple[SplitIndex, list[str]]:
+    """8 JPEGs under root/img, train.txt listing all, val.txt the first n_val; the engine overrides reading them."""
+    index = _set(root / "img", n=8)
+    rows = [f"{p.relative_to(root)} {lab}" for p, lab in zip(index.paths, index.labels)]
+    (root / "train.txt").write_text("\n".join(rows) + "\n")
+    (root / "val.txt").write_text("\n".join(rows[:n_val]) + "\n")
+    return index, ["data.format=split_files", f"data.root={root}", "data.train_split=train.txt",
+                   "data.val_split=val.txt", "run.progress=false"]
+
+
 def test_load_data_checks_images_before_training(tmp_path):
     from engine.config import load_config
     from engine.data import load_data
 
-    root = tmp_path / "root"
-    index = _set(root / "img", n=8)
-    rows = [f"{p.relative_to(root)} {lab}" for p, lab in zip(index.paths, index.labels)]
-    (root / "train.txt").write_text("\n".join(rows) + "\n")
-    (root / "val.txt").write_text("\n".join(rows[:4]) + "\n")
+    index, over = _split_files(tmp_path / "root", n_val=4)
     _truncate(index.paths[2])  # in train (opens: kept) and in val (does not decode)
-    over = ["data.format=split_files", f"data.root={root}", "data.train_split=train.txt", "data.val_split=val.txt",
-            "run.progress=false"]
     with pytest.raises(DataError, match=r"cannot read image .*02\.jpg .*val\.txt: 1 of 4 images cannot be read"):
         load_data(load_config(overrides=over))
     data = load_data(load_config(overrides=over + ["data.on_bad_image=skip", "data.max_bad_images=0.3"]))
@@ -371,15 +375,10 @@ def test_engine_loaders_skip_a_truncated_training_jpeg(tmp_path):
     from engine.data import load_data, make_loaders, train_features_loader
     from engine.distributed import DistInfo
 
-    root = tmp_path / "root"
-    index = _set(root / "img", n=8)
-    rows = [f"{p.relative_to(root)} {lab}" for p, lab in zip(index.paths, index.labels)]
-    (root / "train.txt").write_text("\n".join(rows) + "\n")
-    (root / "val.txt").write_text("\n".join(rows[:2]) + "\n")
+    index, over = _split_files(tmp_path / "root", n_val=2)
     _truncate(index.paths[5])
-    cfg = load_config(overrides=["data.format=split_files", f"data.root={root}", "data.train_split=train.txt",
-                                 "data.val_split=val.txt", "run.progress=false", "optim.batch_size=4",
-                                 "data.on_bad_image=skip", "data.max_bad_images=0.2", "data.num_workers=2"])
+    cfg = load_config(overrides=[*over, "optim.batch_size=4", "data.on_bad_image=skip", "data.max_bad_images=0.2",
+                                 "data.num_workers=2"])
     data = load_data(cfg)
     assert len(data.train) == 8 and data.bad_images == []  # it opens: kept for the loader to meet
     train, _, _ = make_loaders(cfg, data, DistInfo())
