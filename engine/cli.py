@@ -103,13 +103,25 @@ def _add_experiments(sub) -> None:
 def _add_data(sub) -> None:
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    dc = dsub.add_parser("check", help="scan a split file: missing/corrupt images, labels, class counts, shot groups")
-    dc.add_argument("split", help="split file (`relative/path label` per line)")
+    dc = dsub.add_parser(
+        "check", help="scan split files: missing/corrupt images, labels, duplicates, leakage, class counts, shot groups",
+        description="Check one or more split files. Each split is reported on its own (bad lines, labels, missing / "
+                    "unreadable / corrupt images, duplicate lines, conflicting labels, class counts); with several "
+                    "splits (e.g. `engine data check train.txt val.txt test.txt --root DIR`) images shared between "
+                    "splits (leakage) and images with different labels in different splits are reported too. "
+                    "Without --decode every image is opened (header read); --decode decodes every image.")
+    dc.add_argument("split", nargs="+", help="split file(s) (`relative/path label` per line)")
     dc.add_argument("--root", required=True, help="image root the split's paths are relative to")
     dc.add_argument("--num-classes", type=int, default=None, help="labels must lie in [0, N) (default: inferred)")
     dc.add_argument("--many", type=int, default=100, help="many-shot: more than this many images")
     dc.add_argument("--few", type=int, default=20, help="few-shot: fewer than this many images")
     dc.add_argument("--json", action="store_true", help="print the full report as JSON")
+    dc.add_argument("--decode", action="store_true", help="fully decode every image (default: open, a header read)")
+    dc.add_argument("--jobs", type=int, default=None, help="threads checking images (default min(8, CPUs))")
+    dc.add_argument("--bad-list", default=None, metavar="FILE",
+                    help="write every missing/unreadable/corrupt image here, one path relative to --root per line "
+                         "(tab, reason): the format data.exclude_file reads")
+    dc.add_argument("--allow-outside-root", action="store_true", help="accept paths that leave --root")
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -209,11 +221,22 @@ def _cmd_study(args) -> list[str]:
 
 
 def _cmd_data(args) -> tuple[list[str], int]:
-    """`engine data check`: exit 0 when the split is clean, 1 when it found problems."""
-    from pipelines.check import check_split, format_check_report
+    """`engine data check`: exit 0 when the splits are clean, 1 when it found problems."""
+    from pipelines.check import check_splits, format_multi_report, write_bad_list
 
-    result = check_split(args.split, args.root, args.num_classes, args.many, args.few)
-    return [json.dumps(result, indent=2) if args.json else format_check_report(result)], 0 if result["ok"] else 1
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs must be ≥ 1, got {args.jobs}")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ConfigError(f"--num-classes must be ≥ 1, got {args.num_classes}")
+    result = check_splits(args.split, args.root, num_classes=args.num_classes, many=args.many, few=args.few,
+                          workers=args.jobs, decode=args.decode, progress=not args.json,
+                          allow_outside_root=args.allow_outside_root)
+    lines = [json.dumps(result["splits"][0] if len(args.split) == 1 else result, indent=2) if args.json
+             else format_multi_report(result)]
+    if args.bad_list:
+        write_bad_list(args.bad_list, result["bad"], args.root)
+        lines.append(f"{len(result['bad'])} bad images listed in {args.bad_list}")
+    return lines, 0 if result["ok"] else 1
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "rescale": _cmd_rescale, "sweep": _cmd_sweep,

@@ -69,6 +69,12 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: int = 0
+    # Untrusted and bad data (pipelines/check.py, pipelines/loader.py, pipelines/dali.py):
+    allow_outside_root: bool = False  # accept split paths that leave data.root (`../x`, absolute paths elsewhere)
+    on_bad_image: str = "fail"  # fail | skip: a train image that cannot be read is replaced by one of its class
+    max_bad_images: float = 0.01  # skip: the run fails once more than this fraction of a split is bad
+    exclude_file: str = ""  # one relative image path per line (as `engine data check --decode` writes): dropped
+    verify_images: str = "auto"  # before training: decode val/test, open train; auto = on for your data, off for the built-in caches
 
 
 @dataclass
@@ -332,6 +338,9 @@ def _validate_data(d: DataConfig) -> None:
     _check(all(s > 0 for s in d.std), "data.std", d.std, "positive values")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer ≥ 0")
     _check(d.num_classes >= 0, "data.num_classes", d.num_classes, "an integer ≥ 0 (0 = infer)")
+    _check(d.on_bad_image in ("fail", "skip"), "data.on_bad_image", d.on_bad_image, "'fail' or 'skip'")
+    _check(0 <= d.max_bad_images <= 1, "data.max_bad_images", d.max_bad_images, "a fraction in [0, 1]")
+    _check(d.verify_images in AUTO_ON_OFF, "data.verify_images", d.verify_images, "'auto', 'on' or 'off'")
     if d.format != "digits_lt":
         _check(bool(d.root), "data.root", d.root, f"your data folder (data.format={d.format})")
     if d.format in ("split_files", "inat", "image_folder"):

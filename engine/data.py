@@ -20,6 +20,7 @@ import numpy as np
 
 from engine.config import Config
 from engine.distributed import DistInfo
+from pipelines.check import screen_splits
 from pipelines.digits_lt import build_digits_lt, default_cache_dir
 from pipelines.formats import build_cifar_lt, read_image_folder, read_inat
 from pipelines.loader import build_imagenet_transform, build_transform, make_loader
@@ -35,6 +36,7 @@ class Data:
     class_counts: np.ndarray  # training images per class, length num_classes
     num_classes: int
     notes: list[str] = field(default_factory=list)  # e.g. "val is the test split" for CIFAR-LT
+    bad_images: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) dropped before training
 
 
 def _resolve(root: Path, split: str) -> Path:
@@ -69,19 +71,23 @@ def load_data(cfg: Config) -> Data:
     else:
         root = _user_root(d.root)
         files = [_resolve(root, s) for s in (d.train_split, d.val_split, d.test_split or d.val_split)]
+        outside = d.allow_outside_root
         if d.format == "split_files":
-            train = read_split(files[0], root, d.num_classes or None)
-            val, test = (read_split(f, root, train.num_classes) for f in files[1:])
+            train = read_split(files[0], root, d.num_classes or None, outside)
+            val, test = (read_split(f, root, train.num_classes, outside) for f in files[1:])
         elif d.format == "inat":
-            train, ids = read_inat(files[0], root)
-            val, test = (read_inat(f, root, ids)[0] for f in files[1:])
+            train, ids = read_inat(files[0], root, allow_outside_root=outside)
+            val, test = (read_inat(f, root, ids, outside)[0] for f in files[1:])
         else:  # image_folder
             train, names = read_image_folder(files[0])
             val, test = (read_image_folder(f, names)[0] for f in files[1:])
         if not d.test_split:
             notes.append("no data.test_split: the validation split is also the test split")
+    # data.exclude_file, then every val/test image decodes and every train image opens (pipelines/check.py)
+    builtin = d.format in ("digits_lt", "cifar10_lt", "cifar100_lt")  # images this engine wrote itself
+    (train, val, test), bad = screen_splits((train, val, test), d, builtin, cfg.run.progress)
     counts = class_counts(train)  # raises on an empty class
-    return Data(train, val, test, counts, train.num_classes, notes)
+    return Data(train, val, test, counts, train.num_classes, notes, bad)
 
 
 def _use_dali(cfg: Config, device_type: str) -> bool:
@@ -112,14 +118,16 @@ def make_loaders(cfg: Config, data: Data, dist: DistInfo, device_type: str = "cp
                       hflip=d.hflip, train_crop=d.augment, crop_padding=d.crop_padding, layout=layout,
                       device_id=dist.local_rank if device_type == "cuda" else None,
                       num_threads=d.num_workers or 2, seed=cfg.seed + dist.rank)
-        train = DaliLoader(data.train, per_rank, True, sampler=sampler, **common)
+        train = DaliLoader(data.train, per_rank, True, sampler=sampler, on_bad_image=d.on_bad_image,
+                           max_bad_images=d.max_bad_images, checkpointing=True, **common)  # same outputs, resumable
         val, test = (DaliLoader(s, cfg.eval.batch_size, False, sampler=sh, **common)
                      for s, sh in zip((data.val, data.test), shards))
         return train, val, test
 
     train_tf, eval_tf = _transforms(cfg)
     workers = dict(num_workers=d.num_workers, pin_memory=device_type == "cuda", layout=layout)
-    train = make_loader(data.train, train_tf, per_rank, train=True, sampler=sampler, **workers)
+    train = make_loader(data.train, train_tf, per_rank, train=True, sampler=sampler, on_bad_image=d.on_bad_image,
+                        max_bad_images=d.max_bad_images, **workers)
     val, test = (make_loader(s, eval_tf, cfg.eval.batch_size, train=False, sampler=sh, **workers)
                  for s, sh in zip((data.val, data.test), shards))
     return train, val, test
@@ -139,4 +147,5 @@ def train_features_loader(cfg: Config, data: Data, dist: DistInfo):
     """This rank's shard of the training split without augmentation (class feature means)."""
     _, eval_tf = _transforms(cfg)
     return make_loader(data.train, eval_tf, cfg.eval.batch_size, train=False, num_workers=cfg.data.num_workers,
-                       sampler=ShardSampler(len(data.train), dist.rank, dist.world_size))
+                       sampler=ShardSampler(len(data.train), dist.rank, dist.world_size),
+                       on_bad_image=cfg.data.on_bad_image, max_bad_images=cfg.data.max_bad_images)

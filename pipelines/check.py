@@ -1,10 +1,19 @@
-"""`engine data check`: scan a split without training and report everything that is wrong.
+"""Image and split checks: `engine data check`, and the check `load_data` runs before training.
 
 Unlike `read_split`, which stops at the first problem, `check_split` collects ALL of them:
-lines that do not parse, labels out of range, missing files, files that cannot be read
-(permissions, folders) and files PIL cannot fully decode (truncated, corrupt, not an
-image). It also reports the label range, per-class counts, empty classes and the
-many/medium/few-shot partition (Liu et al. 2019: many > 100, few < 20 training images).
+lines that do not parse, labels out of range, paths leaving the root, missing files, files
+that cannot be read (permissions, folders) and files PIL cannot fully decode (truncated,
+corrupt, not an image; `decode=False` only opens them, a header read), duplicate lines and
+one image with different labels. It also reports the label range, per-class counts, empty
+classes and the many/medium/few-shot partition (Liu et al. 2019: many > 100, few < 20
+training images). `check_splits` adds what only several splits show: images shared between
+splits (leakage) and label conflicts between them.
+
+Before training, `screen_splits` drops the images of `data.exclude_file`, opens every train
+image and decodes every val/test image (threads, a tqdm bar), and applies `data.on_bad_image`
+(fail: one error listing them; skip: dropped and returned, up to `data.max_bad_images`).
+`write_bad_list` / `read_exclusions` are the exclusion file's two sides:
+`relative/path<TAB>reason` per line.
 """
 
 from __future__ import annotations
@@ -16,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.splits import DataError
+from engine.io import atomic_write_text
+from pipelines.splits import DataError, SplitIndex, outside_root
 
 
 def _decode(path: Path) -> tuple[str, str] | None:
@@ -42,6 +52,37 @@ def _decode(path: Path) -> tuple[str, str] | None:
     return None
 
 
+def _open_header(path: Path) -> tuple[str, str] | None:
+    """None if PIL identifies the file and reads a non-empty size from its header; else (kind, reason)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.width < 1 or img.height < 1:
+                return "corrupt", f"empty image {img.width}×{img.height}"
+    except FileNotFoundError:
+        return "missing", "no such file"
+    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError, ...
+        return "corrupt", f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _scan(paths: list[Path], check, jobs: int | None, progress: bool, desc: str) -> list[tuple[str, str] | None]:
+    """`check(path)` for every path in `jobs` threads (PIL releases the GIL while decoding;
+    default min(8, CPU count)), in order, with a tqdm bar on stderr when `progress`."""
+    from tqdm import tqdm
+
+    n_jobs = jobs or min(8, os.cpu_count() or 1)
+    out: list[tuple[str, str] | None] = []
+    with ThreadPoolExecutor(max_workers=n_jobs) as pool, tqdm(
+        total=len(paths), desc=desc, unit="img", disable=not progress, leave=False
+    ) as bar:
+        for res in pool.map(check, paths, chunksize=64):
+            out.append(res)
+            bar.update()
+    return out
+
+
 def check_split(
     split_file: str | Path,
     root: str | Path,
@@ -49,15 +90,23 @@ def check_split(
     many: int = 100,
     few: int = 20,
     workers: int | None = None,
+    decode: bool = True,
+    progress: bool = False,
+    allow_outside_root: bool = False,
 ) -> dict[str, Any]:
-    """Scan `split_file` (`relative/path label` lines under `root`) and decode every image.
+    """Scan `split_file` (`relative/path label` lines under `root`) and decode every image
+    (`decode=False`: open every image, a header read).
 
     Returns a dict (JSON-serialisable) with:
       split_file, root, num_lines, num_images (parsed lines), num_classes,
       label_min, label_max, bad_lines [{line, text, error}], out_of_range [{line, label}],
       missing / unreadable / corrupt [{line, path, error}], class_counts [int],
       empty_classes [int], shots {many, medium, few: [class ids]} (many: n > `many`,
-      few: n < `few`, medium otherwise; empty classes count as few), ok (no problem at all).
+      few: n < `few`, medium otherwise; empty classes count as few),
+      outside_root [{line, path}] (paths leaving `root`, not opened, unless `allow_outside_root`),
+      duplicates [{path, lines}] (one image on several lines), conflicting_labels
+      [{path, lines, labels}] (one image with different labels), decoded (bool),
+      ok (no problem at all).
     `num_classes=None` takes one more than the largest label. `workers` threads decode
     (PIL releases the GIL while decoding); default min(8, CPU count).
     """
@@ -73,6 +122,7 @@ def check_split(
 
     bad_lines: list[dict[str, Any]] = []
     entries: list[tuple[int, Path, int]] = []  # (line number, path, label)
+    rel_of: dict[int, str] = {}  # line number → the path as written
     num_lines = 0
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -88,17 +138,29 @@ def check_split(
             bad_lines.append({"line": lineno, "text": line, "error": f"label {parts[1]!r} is not an integer"})
             continue
         entries.append((lineno, root / parts[0], label))
+        rel_of[lineno] = parts[0]
+
+    outside: list[dict[str, Any]] = []
+    if not allow_outside_root:
+        outside = [{"line": ln, "path": str(p)} for ln, p, _ in entries if outside_root(root, rel_of[ln])]
+    out_lines = {o["line"] for o in outside}
+    by_path: dict[str, list[tuple[int, int]]] = {}
+    for ln, p, lab in entries:
+        by_path.setdefault(os.path.normpath(p), []).append((ln, lab))
+    duplicates = [{"path": p, "lines": [ln for ln, _ in v]} for p, v in by_path.items() if len(v) > 1]
+    conflicts = [{"path": d["path"], "lines": d["lines"], "labels": sorted({lab for _, lab in by_path[d["path"]]})}
+                 for d in duplicates if len({lab for _, lab in by_path[d["path"]]}) > 1]
 
     labels = np.array([e[2] for e in entries], dtype=np.int64)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
     out_of_range = [{"line": ln, "label": lab} for ln, _, lab in entries if not 0 <= lab < num_classes]
 
-    n_workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        results = list(pool.map(_decode, [e[1] for e in entries]))
+    scanned = [e for e in entries if e[0] not in out_lines]
+    results = _scan([e[1] for e in scanned], _decode if decode else _open_header, workers, progress,
+                    f"{'decoding' if decode else 'opening'} {split_file.name}")
     problems: dict[str, list[dict[str, Any]]] = {"missing": [], "unreadable": [], "corrupt": []}
-    for (ln, path, _), res in zip(entries, results):
+    for (ln, path, _), res in zip(scanned, results):
         if res is not None:
             problems[res[0]].append({"line": ln, "path": str(path), "error": res[1]})
 
@@ -121,12 +183,17 @@ def check_split(
         "bad_lines": bad_lines,
         "out_of_range": out_of_range,
         **problems,
+        "outside_root": outside,
+        "duplicates": duplicates,
+        "conflicting_labels": conflicts,
+        "decoded": decode,
         "class_counts": counts.tolist(),
         "empty_classes": empty,
         "shots": shots,
         "thresholds": {"many": many, "few": few},
     }
-    report["ok"] = not (bad_lines or out_of_range or empty or any(problems.values()) or not entries)
+    report["ok"] = not (bad_lines or out_of_range or empty or any(problems.values()) or not entries or outside
+                        or duplicates)
     return report
 
 
@@ -160,6 +227,175 @@ def format_check_report(report: dict[str, Any], max_listed: int = 20) -> str:
     section("labels out of range", report["out_of_range"], lambda x: f"line {x['line']}: label {x['label']} not in [0, {report['num_classes'] - 1}]")
     for kind in ("missing", "unreadable", "corrupt"):
         section(f"{kind} images", report[kind], lambda x: f"line {x['line']}: {x['path']} ({x['error']})")
+    section("paths outside the root (not opened; data.allow_outside_root)", report["outside_root"],
+            lambda x: f"line {x['line']}: {x['path']}")
+    section("duplicate lines (one image listed more than once)", report["duplicates"],
+            lambda x: f"{x['path']} on lines {x['lines']}")
+    section("conflicting labels (one image, different labels)", report["conflicting_labels"],
+            lambda x: f"{x['path']}: labels {x['labels']} on lines {x['lines']}")
     section("empty classes", report["empty_classes"], lambda c: f"class {c}")
+    if not report["decoded"]:
+        lines.append("  images were opened (header read), not decoded: --decode decodes every image")
     lines.append("  OK" if report["ok"] else "  PROBLEMS FOUND")
     return "\n".join(lines)
+
+
+def check_splits(split_files: list[str | Path], root: str | Path, **kw) -> dict[str, Any]:
+    """`check_split` on each split file, plus what only several splits show:
+
+    shared [{path, where: [{split, line, label}]}]: one image in more than one split (leakage
+    between train / val / test); conflicting_labels [{path, where}]: one image with different
+    labels in different splits (a conflict inside one split is in that split's report).
+    `bad` lists (path, reason) of every missing / unreadable / corrupt image of all splits
+    (`write_bad_list` writes it as an exclusion file). ok: every split ok and nothing shared.
+    """
+    reports = [check_split(f, root, **kw) for f in split_files]
+    where: dict[str, list[dict[str, Any]]] = {}
+    root_path = Path(root)
+    for f, rep in zip(split_files, reports):
+        for ln, rel, lab in _parsed_lines(Path(f)):
+            where.setdefault(os.path.normpath(root_path / rel), []).append({"split": str(f), "line": ln, "label": lab})
+    shared = [{"path": p, "where": w} for p, w in where.items() if len({x["split"] for x in w}) > 1]
+    conflicts = [s for s in shared if len({x["label"] for x in s["where"]}) > 1]
+    bad = [(x["path"], f"{kind}: {x['error']}") for rep in reports for kind in ("missing", "unreadable", "corrupt")
+           for x in rep[kind]]
+    ok = all(r["ok"] for r in reports) and not shared
+    return {"splits": reports, "shared": shared, "conflicting_labels": conflicts, "bad": bad, "ok": ok}
+
+
+def _parsed_lines(split_file: Path) -> list[tuple[int, str, int]]:
+    """(line number, path as written, label) of every line that parses (check_split reports the rest)."""
+    out = []
+    for lineno, line in enumerate(split_file.read_text().splitlines(), start=1):
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) == 2:
+            try:
+                out.append((lineno, parts[0], int(parts[1])))
+            except ValueError:
+                pass
+    return out
+
+
+def format_multi_report(result: dict[str, Any], max_listed: int = 20) -> str:
+    """`format_check_report` for each split, then images shared between splits and their label conflicts."""
+    parts = [format_check_report(r, max_listed) for r in result["splits"]]
+    if len(result["splits"]) > 1:
+        lines = [f"across {len(result['splits'])} splits:"]
+        for title, items in (("images in more than one split (leakage)", result["shared"]),
+                             ("images with different labels in different splits", result["conflicting_labels"])):
+            lines.append(f"  {title}: {len(items)}")
+            for x in items[:max_listed]:
+                at = ", ".join(f"{Path(w['split']).name}:{w['line']} (label {w['label']})" for w in x["where"])
+                lines.append(f"    {x['path']}: {at}")
+            if len(items) > max_listed:
+                lines.append(f"    … and {len(items) - max_listed} more")
+        lines.append("  OK" if result["ok"] else "  PROBLEMS FOUND")
+        parts.append("\n".join(lines))
+    return "\n".join(parts)
+
+
+# ---- before training: every image opens (train) or decodes (val/test) ----------------------------------
+def find_bad_images(
+    paths: list[Path], decode: bool = True, jobs: int | None = None, desc: str = "checking images", progress: bool = True
+) -> list[tuple[int, str]]:
+    """(position in `paths`, reason) of every image that does not fully decode (`decode`) or
+    whose header PIL cannot read (`decode=False`, a cheap per-file open), checked in `jobs`
+    threads with a progress bar."""
+    results = _scan(paths, _decode if decode else _open_header, jobs, progress, desc)
+    return [(i, res[1]) for i, res in enumerate(results) if res is not None]
+
+
+def read_exclusions(exclude_file: str | Path, root: str | Path) -> set[str]:
+    """The normalized absolute paths listed in an exclusion file (one path relative to `root`
+    per line, optionally followed by a tab and a reason, as `write_bad_list` writes; blank
+    lines and lines starting with '#' are ignored)."""
+    exclude_file = Path(exclude_file)
+    try:
+        text = exclude_file.read_text()
+    except OSError as exc:
+        raise DataError(f"cannot read exclusion file {exclude_file} (data.exclude_file): {exc.strerror}") from None
+    out = set()
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        rel = line.split("\t", 1)[0].strip()
+        out.add(os.path.normpath(os.path.join(root, rel)))
+    return out
+
+
+def write_bad_list(path: str | Path, bad: list[tuple[str, str]], root: str | Path | None = None) -> None:
+    """Write `path<TAB>reason` lines (paths relative to `root` when under it) atomically:
+    the format `data.exclude_file` reads."""
+    path = Path(path)
+    lines = []
+    for p, reason in bad:
+        rel = os.path.relpath(p, root) if root is not None else str(p)
+        if rel.startswith(".."):  # not under the root: keep the absolute path
+            rel = str(p)
+        lines.append(f"{rel}\t{' '.join(reason.split())}\n")
+    atomic_write_text(path, "".join(lines))
+
+
+def drop_images(index: SplitIndex, drop: set[int]) -> SplitIndex:
+    """The index without the images at positions `drop` (labels and num_classes kept)."""
+    keep = [i for i in range(len(index)) if i not in drop]
+    return SplitIndex(index.split_file, [index.paths[i] for i in keep], index.labels[keep], index.num_classes)
+
+
+def screen_splits(
+    splits: tuple[SplitIndex, ...],
+    data_cfg,
+    builtin: bool = False,
+    progress: bool = True,
+) -> tuple[tuple[SplitIndex, ...], list[tuple[str, str]]]:
+    """Before training: apply `data.exclude_file`, then check images; return (splits, bad list).
+
+    `splits` is (train, val, test) (val and test may be the same object). `data_cfg` is the
+    data config (engine.config.DataConfig): root, exclude_file, verify_images, on_bad_image,
+    max_bad_images, num_workers. The first split (train) is checked by opening every file
+    (header read); the others are fully decoded (they are small). With on_bad_image="fail"
+    any bad image is a DataError listing them; with "skip" they are dropped from their
+    split and returned as (path, reason) — unless more than max_bad_images of a split is
+    bad. `builtin`: images this engine wrote itself (digits_lt, cifar*_lt): verify_images
+    "auto" skips their check. Excluded images are not in the bad list (the user listed them).
+    """
+    d = data_cfg
+    excluded = read_exclusions(d.exclude_file, d.root) if d.exclude_file else set()
+    verify = d.verify_images == "on" or (d.verify_images == "auto" and not builtin)
+    jobs = max(d.num_workers, min(8, os.cpu_count() or 1))
+    done: dict[tuple, SplitIndex] = {}  # val and test may be one file, read twice: checked once
+
+    def key(k: int, index: SplitIndex) -> tuple:
+        return os.path.abspath(index.split_file), k == 0, len(index)
+
+    bad_all: list[tuple[str, str]] = []
+    for k, index in enumerate(splits):
+        if key(k, index) in done:
+            continue
+        drop = {i for i, p in enumerate(index.paths) if os.path.normpath(p) in excluded} if excluded else set()
+        bad: list[tuple[int, str]] = []
+        if verify:
+            name = "train" if k == 0 else ("val" if k == 1 else "test")
+            todo = [i for i in range(len(index)) if i not in drop]
+            found = find_bad_images([index.paths[i] for i in todo], decode=k > 0, jobs=jobs, progress=progress,
+                                    desc=f"{'opening' if k == 0 else 'decoding'} {name} images")
+            bad = [(todo[i], reason) for i, reason in found]
+        if bad:
+            listed = "; ".join(f"{index.paths[i]} ({r})" for i, r in bad[:10])
+            if d.on_bad_image == "fail":
+                first, reason = bad[0]
+                raise DataError(
+                    f"cannot read image {index.paths[first]} ({reason}); {index.split_file}: {len(bad)} of "
+                    f"{len(index)} images cannot be read: {listed}{' …' if len(bad) > 10 else ''}; expected every image to "
+                    f"{'open' if k == 0 else 'decode'} (data.on_bad_image=skip drops them, data.exclude_file lists "
+                    "them; `engine data check --decode --bad-list FILE` writes such a list)"
+                )
+            if len(bad) > d.max_bad_images * len(index):
+                raise DataError(
+                    f"{index.split_file}: {len(bad)} of {len(index)} images cannot be read, more than "
+                    f"data.max_bad_images={d.max_bad_images:g} of the split: {listed}"
+                )
+            bad_all += [(str(index.paths[i]), r) for i, r in bad]
+            drop |= {i for i, _ in bad}
+        done[key(k, index)] = drop_images(index, drop) if drop else index
+    return tuple(done[key(k, s)] for k, s in enumerate(splits)), bad_all

@@ -31,13 +31,28 @@ included) agree with PIL to a few levels (tests/test_dali_loader.py).
 
 A missing or corrupt image stops loading with a `DataError` naming the file: DALI's own
 decoder error does not name it, so on a pipeline error the batches fed but not yet
-returned are re-checked with PIL to find the culprit(s).
+returned are re-checked with PIL to find the culprit(s). With `on_bad_image="skip"` each
+culprit is instead replaced by the next image of its class that PIL decodes (the class's
+images in index order, cyclically: the torchvision loader's choice), listed in
+`bad_images`, and a fresh pipeline resumes the epoch at the first batch not yet returned
+(same sample order; the augmentation draws after that point come from the new pipeline's
+seed, so an epoch that met a bad image is not bit-identical to one that did not).
+
+Resume (`checkpointing=True`): DALI's own checkpointing (`enable_checkpointing`,
+`DALIGenericIterator.checkpoints()`, `Pipeline(checkpoint=...)`) saves the state of every
+random operator after the last *returned* batch (prefetched batches are accounted for by
+DALI). DALI does not capture an iterable external source, so `state_dict()` adds the
+epoch and the samples returned, and `load_state_dict()` restarts the sampler there
+(`set_position`): the restored loader returns the same batches bit for bit
+(tests/test_bad_data.py, CPU pipeline). Not covered: a pipeline rebuilt after a bad image
+(its generators restart from the seed), and a different number of ranks.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -45,7 +60,7 @@ import numpy as np
 import torch
 
 from pipelines.loader import LAYOUTS
-from pipelines.splits import DataError, SplitIndex
+from pipelines.splits import DataError, SameClassOrder, SplitIndex
 
 try:  # DALI is optional at import time: `dali_available()` tells callers to fall back.
     from nvidia.dali import fn, pipeline_def, types
@@ -96,6 +111,8 @@ class _SamplerSource:
         self.order: list[int] = []
         self.pos = 0
         self._fresh = True
+        self.replace: dict[int, int] = {}  # bad data-set index → the same-class image read instead
+        self.restart: tuple[list[int], int] | None = None  # (order, position) the next pipeline resumes at
 
     def epoch_order(self) -> list[int]:
         order = list(range(len(self.index))) if self.sampler is None else list(self.sampler)
@@ -114,7 +131,11 @@ class _SamplerSource:
 
     def __next__(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if self._fresh:
-            self.order, self.pos, self._fresh = self.epoch_order(), 0, False
+            if self.restart is not None:  # a pipeline rebuilt mid-epoch after a bad image
+                (self.order, self.pos), self.restart = self.restart, None
+            else:
+                self.order, self.pos = self.epoch_order(), 0
+            self._fresh = False
         left = len(self.order) - self.pos
         if left <= 0 or (self.drop_last and left < self.batch_size):
             raise StopIteration
@@ -122,21 +143,25 @@ class _SamplerSource:
         self.pos += len(batch)
         self.fed.append(batch)
         labels = self.index.labels
-        return [self._encoded[i] for i in batch], [np.array([labels[i]], dtype=np.int64) for i in batch]
+        encoded = [self._encoded[self.replace.get(i, i)] for i in batch]
+        return encoded, [np.array([labels[i]], dtype=np.int64) for i in batch]
+
+
+def _pil_error(path: Path) -> str | None:
+    """None when PIL fully decodes the file, else the reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as exc:  # PIL raises several types for missing / truncated / corrupt files
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _find_broken(paths: Sequence[Path]) -> list[str]:
     """Decode each file with PIL; return 'path (reason)' for every one that fails."""
-    from PIL import Image
-
-    broken = []
-    for p in paths:
-        try:
-            with Image.open(p) as img:
-                img.load()
-        except Exception as exc:  # PIL raises several types for missing / truncated / corrupt files
-            broken.append(f"{p} ({type(exc).__name__}: {exc})")
-    return broken
+    return [f"{p} ({err})" for p in paths if (err := _pil_error(p)) is not None]
 
 
 class DaliLoader:
@@ -176,6 +201,9 @@ class DaliLoader:
         prefetch: int = 2,
         seed: int = 0,
         drop_last: bool | None = None,
+        on_bad_image: str = "fail",
+        max_bad_images: float = 0.0,
+        checkpointing: bool = False,
     ) -> None:
         if not dali_available():
             raise RuntimeError(
@@ -189,6 +217,8 @@ class DaliLoader:
                 f"output dtype {dtype!r} is not supported; expected one of {DTYPES} "
                 "(DALI's crop_mirror_normalize produces FLOAT or FLOAT16; bfloat16 is cast in torch)"
             )
+        if on_bad_image not in ("fail", "skip"):
+            raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
         if train_crop not in TRAIN_CROPS:
             raise ValueError(f"train_crop {train_crop!r} is not supported; expected one of {TRAIN_CROPS}")
         if batch_size < 1 or image_size < 1:
@@ -227,6 +257,13 @@ class DaliLoader:
         self._source = _SamplerSource(index, sampler, batch_size, self.drop_last)
         self._iterator = None
         self._epoch_done = True
+        self.on_bad_image, self.max_bad_images = on_bad_image, max_bad_images
+        self.bad_images: list[tuple[str, str]] = []  # (path, reason), unique, in the order met (as ImageLoader)
+        self.bad_count = 0  # bad files met while loading (a file is checked again only in a fresh loader)
+        self._same_class: SameClassOrder | None = None
+        self.checkpointing = checkpointing
+        self._restore: str | None = None  # a DALI checkpoint the next pipeline starts from (load_state_dict)
+        self._returned = 0  # samples returned in the current epoch
 
     # ---- sampler passthrough --------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -254,6 +291,8 @@ class DaliLoader:
             device_id=self.device_id,
             seed=self.seed,
             prefetch_queue_depth=self.prefetch,
+            enable_checkpointing=self.checkpointing,
+            checkpoint=self._restore,
         )
         def pipe():
             paths, labels = fn.external_source(
@@ -295,9 +334,15 @@ class DaliLoader:
         return pipe()
 
     def _start(self) -> None:
-        pipe = self._define()
+        with warnings.catch_warnings():
+            # DALI cannot capture an iterable source's state; load_state_dict restarts ours at the position.
+            warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
+            pipe = self._define()
+            self._restore = None
         try:
-            pipe.build()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
+                pipe.build()
             self._iterator = DALIGenericIterator(
                 pipe,
                 ["images", "labels"],
@@ -323,6 +368,7 @@ class DaliLoader:
         else:
             self._iterator.reset()  # calls iter() on the source: the sampler's current epoch
         self._epoch_done = False
+        self._returned = self._source_start()
         it = self._iterator
         while True:
             try:
@@ -332,9 +378,86 @@ class DaliLoader:
                 return
             except RuntimeError as exc:
                 self._iterator = None
+                if self.on_bad_image == "skip" and self._replace_broken():
+                    self._start()  # resumes at the first batch not yet returned (_SamplerSource.restart)
+                    it = self._iterator
+                    continue
                 raise self._explain(exc) from exc
-            self._source.fed.popleft()
+            self._returned += len(self._source.fed.popleft())
             yield self._to_torch(out[0])
+
+    # ---- resume (checkpointing=True) -------------------------------------------------------
+    def _source_start(self) -> int:
+        return getattr(self.sampler, "position", 0)
+
+    def state_dict(self) -> dict:
+        """{"epoch", "position": samples of this rank's epoch returned, "dali": the pipeline's
+        checkpoint (its random-number generators after the last returned batch)}."""
+        if not self.checkpointing:
+            raise RuntimeError("DaliLoader.state_dict needs checkpointing=True (DALI's enable_checkpointing)")
+        if self._iterator is None:
+            raise RuntimeError("DaliLoader.state_dict: no pipeline yet (iterate first)")
+        return {"epoch": getattr(self.sampler, "epoch", 0), "position": self._returned,
+                "dali": self._iterator.checkpoints()[0]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next iteration continues `state`'s epoch at its position, with DALI's
+        random-number generators restored from its checkpoint (sampler.set_position)."""
+        if not self.checkpointing:
+            raise RuntimeError("DaliLoader.load_state_dict needs checkpointing=True (DALI's enable_checkpointing)")
+        self.sampler.set_epoch(int(state["epoch"]))
+        self.sampler.set_position(int(state["position"]))
+        self._restore = state["dali"]
+        self._iterator, self._epoch_done = None, True
+
+    def _replace_broken(self) -> bool:
+        """After a pipeline error: map every image of the pending batches that PIL cannot decode
+        to a decodable image of its class, record it, and set the source to resume at the first
+        pending batch. False when PIL decodes them all (the error is not a bad image)."""
+        src = self._source
+        pending = [i for batch in src.fed for i in batch]
+        found = False
+        for i in dict.fromkeys(pending):  # unique, in order
+            path = self.index.paths[src.replace.get(i, i)]
+            err = _pil_error(path)
+            if err is None:
+                continue
+            found = True
+            self._record(str(path), err)
+            src.replace[i] = self._replacement(i)
+        if found:
+            src.restart = (src.order, src.pos - len(pending))
+            src.fed.clear()
+        return found
+
+    def _record(self, path: str, reason: str) -> None:
+        self.bad_count += 1
+        if path not in {p for p, _ in self.bad_images}:
+            self.bad_images.append((path, reason))
+        if len(self.bad_images) > self.max_bad_images * len(self.index):
+            shown = "; ".join(f"{p} ({r})" for p, r in self.bad_images[:5])
+            raise DataError(
+                f"{len(self.bad_images)} of {len(self.index)} images of {self.index.split_file} cannot be read, "
+                f"more than data.max_bad_images={self.max_bad_images:g} of them; e.g. {shown}"
+            )
+
+    def _replacement(self, i: int) -> int:
+        """The next image of i's class (index order, cyclically) that PIL decodes."""
+        if self._same_class is None:
+            self._same_class = SameClassOrder(self.index)
+        known_bad = {p for p, _ in self.bad_images}
+        for j in self._same_class(i):
+            path = self.index.paths[j]
+            if str(path) in known_bad:
+                continue
+            err = _pil_error(path)
+            if err is None:
+                return j
+            self._record(str(path), err)
+        raise DataError(
+            f"cannot read image {self.index.paths[i]}, and no other image of its class {int(self.index.labels[i])} "
+            "can replace it"
+        )
 
     def _to_torch(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = out["images"], out["labels"].reshape(-1)

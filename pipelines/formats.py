@@ -24,12 +24,12 @@ import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 
 from pipelines.long_tail import long_tailed_counts
-from pipelines.splits import DataError, SplitIndex, read_split, write_split
+from pipelines.splits import DataError, SplitIndex, outside_root, read_split, write_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FORMATS = ("split_files", "inat", "image_folder", "cifar10_lt", "cifar100_lt")
@@ -42,6 +42,7 @@ __all__ = [
     "read_split",
     "read_inat",
     "read_image_folder",
+    "CifarUnpickler",
     "load_cifar_pickles",
     "build_cifar_lt",
     "read_index",
@@ -65,14 +66,18 @@ def _check_exist(source: Path, paths: list[Path]) -> None:
 
 # ---- iNaturalist 2018 -----------------------------------------------------------------------
 def read_inat(
-    json_file: str | Path, root: str | Path, category_ids: Sequence[int] | None = None
+    json_file: str | Path,
+    root: str | Path,
+    category_ids: Sequence[int] | None = None,
+    allow_outside_root: bool = False,
 ) -> tuple[SplitIndex, list[int]]:
     """Read an iNaturalist-2018-style COCO json into an index; return (index, category_ids).
 
     `category_ids[label]` is the json category id of `label`. Pass the list returned for the
     training json when reading the validation json, so both use the same labels (the
     validation json lists the same categories, but an explicit mapping makes it certain).
-    Every image needs exactly one annotation; `file_name` is relative to `root`.
+    Every image needs exactly one annotation; `file_name` is relative to `root` and may not
+    leave it unless `allow_outside_root` (as `read_split`).
     """
     json_file, root = Path(json_file), Path(root)
     if not root.is_dir():
@@ -125,6 +130,13 @@ def read_inat(
     if not file_of:
         raise DataError(f"{json_file} lists no images")
     ids = list(file_of)  # the json's image order
+    if not allow_outside_root:
+        for n, i in enumerate(ids):
+            if (escaped := outside_root(root, file_of[i])) is not None:
+                raise DataError(
+                    f"{json_file}: images[{n}] file_name {file_of[i]!r} resolves to {escaped}, outside the image "
+                    f"root {root}; expected a path under the root (set data.allow_outside_root=true to allow it)"
+                )
     paths = [root / file_of[i] for i in ids]
     _check_exist(json_file, paths)
     labels = np.array([label_by_image[i] for i in ids], dtype=np.int64)
@@ -197,14 +209,66 @@ def _cifar_dir(cifar_dir: Path, variant: str) -> Path:
     )
 
 
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    """The numpy callables an official CIFAR pickle names, under every module path numpy has used.
+
+    The files were written by Python 2 with numpy 1.x (`numpy.core.multiarray._reconstruct`,
+    `numpy.ndarray`, `numpy.dtype`); numpy ≥ 2 pickles name `numpy._core.multiarray`, and
+    protocol 5 reconstructs from a buffer with `numpy._core.numeric._frombuffer`. The objects
+    are taken from numpy's own reducers, so no module is imported by name.
+    """
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    table: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("numpy.core", "numpy._core"):
+        table[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        table[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return table
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """`_codecs.encode` as pickle protocols 0–2 use it for bytes (`encode(str, 'latin1')`), and nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode is allowed only as encode(str, 'latin1'), got encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that admits only what the official CIFAR python files contain.
+
+    Dicts, lists, tuples, bytes/str, ints, floats and bools are built by pickle opcodes
+    without any global; the only globals admitted are numpy's array/dtype reconstruction
+    (`_numpy_globals`) and `_codecs.encode(str, 'latin1')` (bytes in protocol ≤ 2). Any other
+    global (`os.system`, `builtins.eval`, `subprocess.Popen`, …) is refused before it is
+    called, naming it; persistent ids are refused too (the default Unpickler's behaviour).
+    """
+
+    ALLOWED: ClassVar[dict[tuple[str, str], object]] = {**_numpy_globals(), ("_codecs", "encode"): _latin1_encode}
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused global '{module}.{name}'") from None
+
+
 def _unpickle(path: Path) -> dict:
-    # The CIFAR python files are pickles (the official format); only load files you trust.
+    """Read one CIFAR python pickle through `CifarUnpickler`: a file naming any other global is refused."""
     try:
         with open(path, "rb") as f:
-            doc = pickle.load(f, encoding="bytes")
+            doc = CifarUnpickler(f, encoding="bytes").load()
     except OSError as exc:
         raise DataError(f"cannot read CIFAR file {path}: {exc.strerror}") from None
-    except Exception as exc:  # unpickling errors come in many types
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith("refused global"):
+            allowed = sorted({f"{m}.{n}" for m, n in CifarUnpickler.ALLOWED})
+            raise DataError(
+                f"{path}: {exc}; a CIFAR python file holds only dicts, lists, bytes/str, ints and numpy arrays "
+                f"(allowed globals: {', '.join(allowed)}). The file was NOT loaded: it is not an official CIFAR "
+                "file and may be crafted to run code"
+            ) from None
+        raise DataError(f"{path} is not a CIFAR python pickle (UnpicklingError: {exc})") from None
+    except Exception as exc:  # truncated / garbage files raise many types (EOFError, ValueError, …)
         raise DataError(f"{path} is not a CIFAR python pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(doc, dict):
         raise DataError(f"{path}: expected a pickled dict, got {type(doc).__name__}")
@@ -345,6 +409,7 @@ def read_index(
     root: str | Path | None = None,
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
+    allow_outside_root: bool = False,
 ) -> LabeledIndex:
     """Read one split of any format: `fmt` in ("split_files", "inat", "image_folder").
 
@@ -357,14 +422,14 @@ def read_index(
     if fmt == "split_files":
         if root is None:
             raise DataError("format 'split_files' needs the image root")
-        index = read_split(source, root, num_classes)
+        index = read_split(source, root, num_classes, allow_outside_root)
         names = list(class_names) if class_names is not None else [str(i) for i in range(index.num_classes)]
         return LabeledIndex(index, names)
     if fmt == "inat":
         if root is None:
             raise DataError("format 'inat' needs the image root")
         ids = [int(c) for c in class_names] if class_names is not None else None
-        index, ids = read_inat(source, root, ids)
+        index, ids = read_inat(source, root, ids, allow_outside_root)
         return _checked(LabeledIndex(index, [str(c) for c in ids]), num_classes)
     if fmt == "image_folder":
         index, names = read_image_folder(source, class_names)

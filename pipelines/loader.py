@@ -14,32 +14,175 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
-from pipelines.splits import DataError, SplitIndex
+from pipelines.splits import DataError, SameClassOrder, SplitIndex
+
+
+BadImage = tuple[str, str]  # (path, reason)
+
+
+def read_rgb(path) -> Image.Image:
+    """Open and fully decode one image as RGB (PIL raises for missing / truncated / corrupt files)."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 class ImageListDataset(Dataset):
-    """(image, label) pairs of one split; an unreadable image stops with its path."""
+    """(image, label) pairs of one split.
 
-    def __init__(self, index: SplitIndex, transform) -> None:
-        self.index = index
-        self.transform = transform
+    on_bad_image="fail": an unreadable image stops with a DataError naming its path.
+    on_bad_image="skip": it is replaced by the next readable image of the same class (the
+    class's images in index order, cyclically from the bad one: a deterministic choice that
+    does not depend on which worker reads it), and the item is (image, label, bad) where
+    `bad` lists the (path, reason) of every file that failed on the way; `SkipCollate`
+    gathers them per batch and `ImageLoader` strips them off in the main process.
+
+    An index `i` may also be a (i, epoch, position) tuple (`PositionedSampler`): the
+    transform's randomness is then seeded from (seed, epoch, position), so a sample's
+    augmentation does not depend on which worker draws it, or when (bitwise resume).
+    """
+
+    def __init__(self, index: SplitIndex, transform, on_bad_image: str = "fail", seed: int = 0) -> None:
+        if on_bad_image not in ("fail", "skip"):
+            raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
+        self.index, self.transform, self.on_bad_image, self.seed = index, transform, on_bad_image, int(seed)
+        self._same_class: SameClassOrder | None = None
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int):
-        path = self.index.paths[i]
+    def _replacements(self, i: int) -> list[int]:
+        if self._same_class is None:  # built on the first bad image only
+            self._same_class = SameClassOrder(self.index)
+        return self._same_class(i)
+
+    def __getitem__(self, item):
+        if isinstance(item, tuple):  # (index, epoch, position) from PositionedSampler
+            i, epoch, position = item
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, position]).generate_state(1)[0]))
+        else:
+            i = item
+        path, label = self.index.paths[i], int(self.index.labels[i])
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
+            img = read_rgb(path)
         except Exception as exc:  # PIL raises several types for truncated / corrupt / missing files
-            raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc})") from None
-        return self.transform(img), int(self.index.labels[i])
+            if self.on_bad_image == "fail":
+                raise DataError(f"cannot read image {path} ({_reason(exc)})") from None
+            bad: list[BadImage] = [(str(path), _reason(exc))]
+            for j in self._replacements(i):
+                try:
+                    img = read_rgb(self.index.paths[j])
+                    break
+                except Exception as exc_j:
+                    bad.append((str(self.index.paths[j]), _reason(exc_j)))
+            else:
+                raise DataError(
+                    f"cannot read image {path} ({bad[0][1]}), and none of the {len(bad) - 1} other images of its "
+                    f"class {label} can replace it (e.g. {bad[1:3]})"
+                ) from None
+            return self.transform(img), label, bad
+        if self.on_bad_image == "skip":
+            return self.transform(img), label, []
+        return self.transform(img), label
+
+
+class SkipCollate:
+    """Collate (image, label, bad) items: the inner collate's (images, labels) plus the batch's bad list."""
+
+    def __init__(self, inner=None) -> None:
+        self.inner = inner or default_collate
+
+    def __call__(self, batch):
+        images, labels = self.inner([(b[0], b[1]) for b in batch])
+        return images, labels, [bad for b in batch for bad in b[2]]
+
+
+class PositionedSampler(Sampler):
+    """Yield (index, epoch, position) from an epoch sampler: position is the sample's place
+    in the epoch's global order (rank r's k-th sample is k·world_size + r), counted from the
+    sampler's resume offset, so a sample's augmentation seed is the same whether the epoch
+    runs through or restarts at a checkpoint's position, and differs between ranks."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch, start = getattr(self.sampler, "epoch", 0), getattr(self.sampler, "position", 0)
+        rank, world = getattr(self.sampler, "rank", 0), getattr(self.sampler, "world_size", 1)
+        for k, i in enumerate(self.sampler, start=start):
+            yield (i, epoch, k * world + rank)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class ImageLoader:
+    """A DataLoader that yields (images, labels) and keeps the bad images its workers met.
+
+    `bad_images`: every (path, reason) replaced so far, unique, in the order first met
+    (they cross from the worker processes with each batch). `bad_count`: replacements made,
+    repeats included. With on_bad_image="skip", more than `max_bad_images` × the split's
+    size distinct bad images stops the run with a DataError. `sampler` is the epoch
+    sampler (set_epoch / set_position as before); other attributes are the DataLoader's.
+    """
+
+    def __init__(self, loader: DataLoader, sampler, on_bad_image: str = "fail", max_bad_images: float = 0.0) -> None:
+        self.loader, self.sampler, self.on_bad_image, self.max_bad_images = loader, sampler, on_bad_image, max_bad_images
+        self.bad_images: list[BadImage] = []
+        self.bad_count = 0
+        self._seen: set[str] = set()
+        self._returned = 0  # samples of this rank's epoch returned so far (state_dict)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["loader"], name)
+
+    def __iter__(self):
+        self._returned = getattr(self.sampler, "position", 0)
+        for batch in self.loader:
+            if self.on_bad_image == "skip":
+                images, labels, bad = batch
+                if bad:
+                    self._record(bad)
+                batch = (images, labels)
+            self._returned += len(batch[1])
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """{"epoch", "position": samples of this rank's epoch returned so far} (DaliLoader's keys, minus "dali")."""
+        return {"epoch": getattr(self.sampler, "epoch", 0), "position": self._returned}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next iteration continues `state`'s epoch at its position (bit for bit with
+        position-seeded augmentation, i.e. with workers; with num_workers=0 the caller
+        restores torch's global RNG as well)."""
+        self.sampler.set_epoch(int(state["epoch"]))
+        self.sampler.set_position(int(state["position"]))
+
+    def _record(self, bad: list[BadImage]) -> None:
+        self.bad_count += len(bad)
+        for path, reason in bad:
+            if path not in self._seen:
+                self._seen.add(path)
+                self.bad_images.append((path, reason))
+        size = len(self.loader.dataset)
+        if len(self.bad_images) > self.max_bad_images * size:
+            shown = "; ".join(f"{p} ({r})" for p, r in self.bad_images[:5])
+            raise DataError(
+                f"{len(self.bad_images)} of {size} images of {self.loader.dataset.index.split_file} cannot be read, "
+                f"more than data.max_bad_images={self.max_bad_images:g} of them; e.g. {shown}"
+            )
 
 
 def build_transform(
@@ -130,8 +273,11 @@ def make_loader(
     layout: str = "NCHW",
     dtype: str = "float32",
     drop_last: bool | None = None,
-) -> DataLoader:
-    """A DataLoader over `index`: (images, labels) batches.
+    on_bad_image: str = "fail",
+    max_bad_images: float = 0.0,
+    position_seeded: bool | None = None,
+) -> ImageLoader:
+    """An `ImageLoader` (a DataLoader yielding (images, labels)) over `index`.
 
     Train without `sampler`: InstanceSampler(seed), a fresh permutation per epoch.
     `sampler`: any index sampler with set_epoch, e.g. pipelines.samplers.build_sampler(...)
@@ -139,18 +285,32 @@ def make_loader(
     drop_last: default `train and len(index) > batch_size` (as before).
     layout / dtype: "NCHW" | "NHWC" | "channels_last", "float32" | "float16" | "bfloat16",
     matching DaliLoader's output.
+    on_bad_image / max_bad_images: see ImageListDataset and ImageLoader ("skip" replaces an
+    unreadable image by another of its class and lists it in `loader.bad_images`).
+    position_seeded: seed each sample's augmentation from (seed, epoch, position in the
+    epoch) instead of the workers' RNG streams, so a mid-epoch restart (sampler.set_position)
+    gives the same batches bit for bit. Default: on for a training loader with workers (the
+    num_workers=0 path keeps the process's global RNG stream, as before).
     """
     if sampler is None and train:
         from pipelines.samplers import InstanceSampler
 
         sampler = InstanceSampler(index.labels, index.num_classes, seed=seed)
+    if position_seeded is None:
+        position_seeded = train and num_workers > 0 and hasattr(sampler, "set_position")
+    if position_seeded and not hasattr(sampler, "epoch"):
+        raise ValueError(f"position_seeded needs an epoch sampler (pipelines.samplers), got {type(sampler).__name__}")
+    collate = BatchCollate(layout, dtype) if (layout, dtype) != ("NCHW", "float32") else None
     extra: dict[str, Any] = {}
-    if (layout, dtype) != ("NCHW", "float32"):
-        extra["collate_fn"] = BatchCollate(layout, dtype)
-    return DataLoader(
-        ImageListDataset(index, transform),
+    if on_bad_image == "skip":
+        extra["collate_fn"] = SkipCollate(collate)
+    elif collate is not None:
+        extra["collate_fn"] = collate
+    sampler_seed = getattr(sampler, "seed", seed)
+    loader = DataLoader(
+        ImageListDataset(index, transform, on_bad_image, seed=sampler_seed),
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=PositionedSampler(sampler) if position_seeded else sampler,
         shuffle=False,
         drop_last=(train and len(index) > batch_size) if drop_last is None else drop_last,
         num_workers=num_workers,
@@ -158,3 +318,4 @@ def make_loader(
         persistent_workers=num_workers > 0,
         **extra,
     )
+    return ImageLoader(loader, sampler, on_bad_image, max_bad_images)

@@ -115,6 +115,11 @@ class EpochSampler(Sampler[int]):
             )
         self._start = int(position)
 
+    @property
+    def position(self) -> int:
+        """The pending resume offset: where the next iteration starts in this rank's epoch."""
+        return self._start
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self._start, "seed": self.seed}
 
