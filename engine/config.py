@@ -9,6 +9,8 @@ received and what was expected. The resolved tree is saved with every run.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +28,23 @@ AUTO_ON_OFF = ("auto", "on", "off")
 
 class ConfigError(ValueError):
     """A config key, type or value that cannot be used; the message says which and why."""
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, plus YAML 1.2 floats: PyYAML follows YAML 1.1, where `1e6` and `5e-4` (no dot)
+    are strings; ML configs write learning rates and weight decays exactly that way."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(  # tried after YAML 1.1's own int/float resolvers: only exponent forms reach it
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML with the safe loader (no tags that build objects) and YAML 1.2 floats (`1e6`, `-3e-5`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 — _Loader is a SafeLoader subclass
 
 
 @dataclass
@@ -168,12 +187,16 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():  # `1e5` steps: written as a float, meant as an int
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads a bare on/off (yes/no) as a boolean
@@ -220,7 +243,7 @@ def parse_override(text: str) -> dict:
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
     return _nest(key, value)
@@ -232,7 +255,7 @@ def available_presets() -> list[str]:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
@@ -295,6 +318,7 @@ def validate(cfg: Config) -> None:
 
     _check(cfg.method in METHODS, "method", cfg.method, f"one of {', '.join(METHODS)}")
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "an integer ≥ 1")
+    _check(0 <= cfg.seed < 2**63, "seed", cfg.seed, "an integer in [0, 2^63)")
     d = cfg.data
     _check(d.format in FORMATS, "data.format", d.format, f"one of {', '.join(FORMATS)}")
     _check(d.sampler in SAMPLERS, "data.sampler", d.sampler, f"one of {', '.join(SAMPLERS)}")
@@ -308,6 +332,10 @@ def validate(cfg: Config) -> None:
     _check(d.imbalance_profile in ("exp", "step"), "data.imbalance_profile", d.imbalance_profile, "'exp' or 'step'")
     _check(d.imbalance_ratio >= 1, "data.imbalance_ratio", d.imbalance_ratio, "a number ≥ 1")
     _check(d.n_max >= 1, "data.n_max", d.n_max, "an integer ≥ 1")
+    n_max = {"digits_lt": d.n_max, "cifar10_lt": 5000, "cifar100_lt": 500}.get(d.format)  # CIFAR: n_max is fixed
+    if n_max is not None:  # the rarest class keeps int(n_max / IF) images
+        _check(int(n_max / d.imbalance_ratio) >= 1, "data.imbalance_ratio", d.imbalance_ratio,
+               f"a ratio ≤ {n_max} (n_max of data.format={d.format}), so that the rarest class keeps an image")
     _check(d.val_per_class >= 1, "data.val_per_class", d.val_per_class, "an integer ≥ 1")
     _check(d.test_per_class >= 1, "data.test_per_class", d.test_per_class, "an integer ≥ 1")
     _check(d.image_size >= 8, "data.image_size", d.image_size, "an integer ≥ 8")
@@ -337,6 +365,9 @@ def validate(cfg: Config) -> None:
     o = cfg.optim
     _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "an integer ≥ 1")
     _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
+    _check(o.momentum >= 0, "optim.momentum", o.momentum, "a number ≥ 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number ≥ 0")
+    _check(0 < o.lr_decay <= 1, "optim.lr_decay", o.lr_decay, "a number in (0, 1]")
     _check(o.schedule in ("cosine", "multistep"), "optim.schedule", o.schedule, "'cosine' or 'multistep'")
     _check(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, "an integer ≥ 1")
     _check(o.batch_size % o.grad_accum == 0, "optim.batch_size", o.batch_size,
@@ -349,12 +380,16 @@ def validate(cfg: Config) -> None:
         _check(cfg.method == "wvn", "rescale.in_loop", True,
                "method=wvn (Algorithm 1 normalizes the weight vectors before re-scaling them every step)")
     e = cfg.eval
+    _check(e.every >= 1, "eval.every", e.every, "an integer ≥ 1")
+    _check(e.few_threshold >= 0, "eval.few_threshold", e.few_threshold, "an integer ≥ 0")
+    _check(e.many_threshold >= 0, "eval.many_threshold", e.many_threshold, "an integer ≥ 0")
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer ≥ 1")
     _check(e.few_threshold <= e.many_threshold + 1, "eval.few_threshold", e.few_threshold,
            f"≤ eval.many_threshold + 1 ({e.many_threshold + 1})")
-    _check(e.every >= 1, "eval.every", e.every, "an integer ≥ 1")
     r = cfg.run
     _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "'auto', 'cpu' or 'cuda'")
     _check(r.amp in ("auto", "off", "bf16", "fp16"), "run.amp", r.amp, "'auto', 'off', 'bf16' or 'fp16'")
     _check(r.channels_last in AUTO_ON_OFF, "run.channels_last", r.channels_last, "'auto', 'on' or 'off'")
     _check(r.compile in AUTO_ON_OFF, "run.compile", r.compile, "'auto', 'on' or 'off'")
     _check(r.checkpoint_every >= 0, "run.checkpoint_every", r.checkpoint_every, "an integer ≥ 0")
+    _check(r.threads >= 0, "run.threads", r.threads, "an integer ≥ 0 (0 = torch's default)")
