@@ -295,6 +295,41 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+# Keys a `--resume` may change: they do not change the model or the optimization, only how the run
+# is fed, logged, checkpointed and evaluated. `epochs` may grow (the schedule is recomputed for it).
+RESUME_MAY_CHANGE = (
+    "epochs", "data.root", "data.cache_dir", "data.num_workers", "data.loader", "eval.", "run.progress",
+    "run.tensorboard", "run.threads", "run.checkpoint_every",
+)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} → {'optim.lr': 0.1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """(changed keys a resume accepts, changed keys it refuses) between a checkpoint's config and `cfg`."""
+    old, new = flatten(saved), flatten(to_dict(cfg))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, _MISSING) != new.get(k, _MISSING))
+
+    def allowed(key: str) -> bool:
+        if key == "epochs":
+            return new[key] >= old.get(key, 0)
+        return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE)
+
+    return [k for k in changed if allowed(k)], [k for k in changed if not allowed(k)]
+
+
+_MISSING = object()
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

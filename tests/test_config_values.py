@@ -50,3 +50,14 @@ def test_out_of_range_values_name_key_value_and_expectation(override, key, expec
         load_config(overrides=[override])
     message = str(info.value)
     assert f"'{key}'" in message and expected in message and "\n" not in message
+
+
+def test_resume_changes_split_allowed_from_refused():
+    from engine.config import resume_changes, to_dict
+
+    saved = to_dict(load_config())
+    ok, refused = resume_changes(saved, load_config(overrides=["run.progress=false", "data.num_workers=2",
+                                                               "eval.every=5", "epochs=40"]))
+    assert ok == ["data.num_workers", "epochs", "eval.every", "run.progress"] and refused == []
+    ok, refused = resume_changes(saved, load_config(overrides=["optim.lr=0.07", "run.progress=false", "epochs=10"]))
+    assert ok == ["run.progress"] and refused == ["epochs", "optim.lr"]  # fewer epochs would change the schedule
