@@ -9,6 +9,8 @@ received and what was expected. The resolved tree is saved with every run.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +37,23 @@ SCHEDULES = ("cosine", "multistep")
 AMP = ("auto", "off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 AUTO_ON_OFF = ("auto", "on", "off")
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, plus YAML 1.2 floats: PyYAML follows YAML 1.1, where `1e6` and `5e-4` (no dot)
+    are strings; ML configs write learning rates and weight decays exactly that way."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(  # tried after YAML 1.1's own int/float resolvers: only exponent forms reach it
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML with the safe loader (no tags that build objects) and YAML 1.2 floats (`1e6`, `-3e-5`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 — _Loader is a SafeLoader subclass
 
 
 @dataclass
@@ -74,7 +93,8 @@ class DataConfig:
     on_bad_image: str = "fail"  # fail | skip: a train image that cannot be read is replaced by one of its class
     max_bad_images: float = 0.01  # skip: the run fails once more than this fraction of a split is bad
     exclude_file: str = ""  # one relative image path per line (as `engine data check --decode` writes): dropped
-    verify_images: str = "auto"  # before training: decode val/test, open train; auto = on for your data, off for the built-in caches
+    # before training: decode val/test, open train; auto = on for your data, off for the built-in caches
+    verify_images: str = "auto"
 
 
 @dataclass
@@ -168,12 +188,16 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():  # `1e5` steps: written as a float, meant as an int
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads a bare on/off (yes/no) as a boolean
@@ -220,7 +244,7 @@ def parse_override(text: str) -> dict:
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
     return _nest(key, value)
@@ -232,7 +256,7 @@ def available_presets() -> list[str]:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
@@ -272,6 +296,41 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+# Keys a `--resume` may change: they do not change the model or the optimization, only how the run
+# is fed, logged, checkpointed and evaluated. `epochs` may grow (the schedule is recomputed for it).
+RESUME_MAY_CHANGE = (
+    "epochs", "data.root", "data.cache_dir", "data.num_workers", "data.loader", "eval.", "run.progress",
+    "run.tensorboard", "run.threads", "run.checkpoint_every",
+)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} → {'optim.lr': 0.1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """(changed keys a resume accepts, changed keys it refuses) between a checkpoint's config and `cfg`."""
+    old, new = flatten(saved), flatten(to_dict(cfg))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, _MISSING) != new.get(k, _MISSING))
+
+    def allowed(key: str) -> bool:
+        if key == "epochs":
+            return new[key] >= old.get(key, 0)
+        return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE)
+
+    return [k for k in changed if allowed(k)], [k for k in changed if not allowed(k)]
+
+
+_MISSING = object()
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -298,6 +357,7 @@ def validate(cfg: Config) -> None:
 
     _one_of(cfg.method, METHODS, "method")
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "an integer ≥ 1")
+    _check(0 <= cfg.seed < 2**63, "seed", cfg.seed, "an integer in [0, 2^63)")
     _one_of(cfg.model.arch, ARCHS, "model.arch")
     _validate_data(cfg.data)
     _validate_loss(cfg)
@@ -307,15 +367,19 @@ def validate(cfg: Config) -> None:
         _check(METHODS[cfg.method].wvn, "rescale.in_loop", True,
                "method=wvn (Algorithm 1 normalizes the weight vectors before re-scaling them every step)")
     e = cfg.eval
+    _check(e.every >= 1, "eval.every", e.every, "an integer ≥ 1")
+    _check(e.few_threshold >= 0, "eval.few_threshold", e.few_threshold, "an integer ≥ 0")
+    _check(e.many_threshold >= 0, "eval.many_threshold", e.many_threshold, "an integer ≥ 0")
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer ≥ 1")
     _check(e.few_threshold <= e.many_threshold + 1, "eval.few_threshold", e.few_threshold,
            f"≤ eval.many_threshold + 1 ({e.many_threshold + 1})")
-    _check(e.every >= 1, "eval.every", e.every, "an integer ≥ 1")
     r = cfg.run
     _one_of(r.device, DEVICES, "run.device")
     _one_of(r.amp, AMP, "run.amp")
     _one_of(r.channels_last, AUTO_ON_OFF, "run.channels_last")
     _one_of(r.compile, AUTO_ON_OFF, "run.compile")
     _check(r.checkpoint_every >= 0, "run.checkpoint_every", r.checkpoint_every, "an integer ≥ 0")
+    _check(r.threads >= 0, "run.threads", r.threads, "an integer ≥ 0 (0 = torch's default)")
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -330,6 +394,10 @@ def _validate_data(d: DataConfig) -> None:
     _one_of(d.imbalance_profile, PROFILES, "data.imbalance_profile")
     _check(d.imbalance_ratio >= 1, "data.imbalance_ratio", d.imbalance_ratio, "a number ≥ 1")
     _check(d.n_max >= 1, "data.n_max", d.n_max, "an integer ≥ 1")
+    n_max = {"digits_lt": d.n_max, "cifar10_lt": 5000, "cifar100_lt": 500}.get(d.format)  # CIFAR: n_max is fixed
+    if n_max is not None:  # the rarest class keeps int(n_max / IF) images
+        _check(int(n_max / d.imbalance_ratio) >= 1, "data.imbalance_ratio", d.imbalance_ratio,
+               f"a ratio ≤ {n_max} (n_max of data.format={d.format}), so that the rarest class keeps an image")
     _check(d.val_per_class >= 1, "data.val_per_class", d.val_per_class, "an integer ≥ 1")
     _check(d.test_per_class >= 1, "data.test_per_class", d.test_per_class, "an integer ≥ 1")
     _check(d.image_size >= 8, "data.image_size", d.image_size, "an integer ≥ 8")
@@ -367,6 +435,9 @@ def _validate_optim(cfg: Config) -> None:
     o = cfg.optim
     _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "an integer ≥ 1")
     _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
+    _check(o.momentum >= 0, "optim.momentum", o.momentum, "a number ≥ 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number ≥ 0")
+    _check(0 < o.lr_decay <= 1, "optim.lr_decay", o.lr_decay, "a number in (0, 1]")
     _one_of(o.schedule, SCHEDULES, "optim.schedule")
     _check(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, "an integer ≥ 1")
     _check(o.batch_size % o.grad_accum == 0, "optim.batch_size", o.batch_size,

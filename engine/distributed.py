@@ -81,3 +81,51 @@ def broadcast_error(message: str | None) -> str | None:
     if not (dist.is_available() and dist.is_initialized()):
         return message
     return next((f"rank {r}: {m}" for r, m in enumerate(all_gather_objects(message)) if m), None)
+
+
+# --------------------------------------------------------------------------- Wen center update under DDP
+
+
+def exchange_bytes(rows_per_rank: int, dim: int, num_classes: int, world_size: int, feature_bytes: int = 4) -> dict:
+    """Bytes each rank sends (= receives) to build the global batch's per-class sums, per strategy.
+
+    reduce: ring all-reduce of the (K, d) sums and (K,) counts in fp32: 2·(W−1)/W · K·(d+1)·4.
+    gather: all-gather of every rank's (B, d) features and (B,) int64 labels: (W−1)·B·(d·e + 8).
+    """
+    w = world_size
+    return {
+        "reduce": int(2 * (w - 1) / w * num_classes * (dim + 1) * 4),
+        "gather": int((w - 1) * rows_per_rank * (dim * feature_bytes + 8)),
+    }
+
+
+def global_class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int, class_sums,
+                      rows_per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class feature sums (K, d) and counts (K,) over the global batch, the same on every rank.
+
+    `class_sums(features, labels, K)` computes them for one set of rows (it must be deterministic, so that
+    every rank computing from the same gathered rows gets the same bits). Whichever exchange moves fewer
+    bytes is used: the K×d sums (all-reduce) or the B×d rows (all-gather, padded to `rows_per_rank` with
+    label −1 so no rank needs to know another's batch size: no extra sync).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return class_sums(features, labels, num_classes)
+    world = dist.get_world_size()
+    cost = exchange_bytes(rows_per_rank, features.shape[1], num_classes, world, features.element_size())
+    if cost["reduce"] <= cost["gather"]:
+        sums, counts = class_sums(features, labels, num_classes)
+        all_reduce_sum_(sums, counts)
+        return sums, counts
+    pad = rows_per_rank - features.shape[0]
+    if pad < 0:
+        raise ValueError(f"global_class_sums: {features.shape[0]} rows on this rank, rows_per_rank={rows_per_rank}")
+    rows = torch.cat([features.detach(), features.new_zeros(pad, features.shape[1])])
+    ids = torch.cat([labels, labels.new_full((pad,), -1)])
+    all_rows = [torch.empty_like(rows) for _ in range(world)]
+    all_ids = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(all_rows, rows)
+    dist.all_gather(all_ids, ids)
+    rows, ids = torch.cat(all_rows), torch.cat(all_ids)
+    # Padding rows go to an extra class K that is dropped: masking would need a data-dependent shape (a sync).
+    sums, counts = class_sums(rows, torch.where(ids < 0, num_classes, ids), num_classes + 1)
+    return sums[:num_classes], counts[:num_classes]

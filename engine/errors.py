@@ -26,6 +26,12 @@ class CalibrationError(EngineError, ValueError):
     """A calibration request that cannot be served (unknown method, bad parameter)."""
 
 
+class StorageError(EngineError, OSError):
+    """A file that cannot be written (disk full, read-only folder, no permission); names the path and errno."""
+
+    exit_code = 1
+
+
 class TrainingError(EngineError, RuntimeError):
     """Training cannot go on (non-finite loss, a run folder that is in the way)."""
 

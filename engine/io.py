@@ -1,27 +1,54 @@
-"""Atomic file writes (temp file next to the target + fsync + rename): a reader never sees half a file."""
+"""Atomic file writes (temp file next to the target + fsync + rename): a reader never sees half a file.
+
+Files get the mode the user's umask gives (mkstemp alone would make them 0600, unreadable to colleagues),
+and a write that fails for a reason outside the program (disk full, read-only folder, no permission) is a
+`StorageError` naming the path and the errno (ENOSPC, EROFS, EACCES), with no temp file left behind.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from engine.errors import StorageError
+
+
+def storage_error(path: Path, exc: OSError) -> StorageError:
+    cause = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+    return StorageError(f"cannot write {path}: {exc.strerror or exc}{f' ({cause})' if cause else ''}")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 def atomic_write_bytes(path: str | Path, write: Callable[[Any], Any]) -> None:
     """Call `write(fileobj)` on a temp file next to `path`, then rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise storage_error(path, exc) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise storage_error(path, exc) from None
+        if isinstance(exc.__context__, OSError) and exc.__context__.errno:  # torch.save wraps the OSError
+            raise storage_error(path, exc.__context__) from None
         raise
 
 

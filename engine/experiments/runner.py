@@ -18,7 +18,7 @@ from typing import Hashable
 import yaml
 
 from engine import train as training
-from engine.config import Config, config_from_dict, to_dict
+from engine.config import Config, config_from_dict, to_dict, yaml_load
 from engine.errors import CheckpointError, ConfigError
 from engine.io import write_json
 
@@ -37,7 +37,7 @@ def _comparable(cfg_dict: dict) -> dict:
 
 def saved_config(run_dir: Path) -> dict | None:
     try:
-        return yaml.safe_load((run_dir / "config.yaml").read_text())
+        return yaml_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return None
 

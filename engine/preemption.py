@@ -1,0 +1,60 @@
+"""Preemption: SIGTERM / SIGUSR1 ask the run to stop at the next step boundary.
+
+Schedulers announce preemption with a signal (Slurm: SIGTERM, or `--signal=USR1@90` some seconds before
+the kill; Kubernetes and most clouds: SIGTERM, then SIGKILL after a grace period). The handler only sets a
+flag; the training loop finishes the step it is in, writes an atomic checkpoint, and the process exits
+with `PREEMPTED_EXIT_CODE`, which a job script turns into a requeue (docs/launch.md). `--resume auto`
+then continues from that checkpoint.
+
+Under DDP every rank receives the signal from the launcher, but not at the same step: the loop agrees
+on the flag with one all-reduce (`any_rank`) at the step boundary, so all ranks stop at the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure; try again later"
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Set by a signal handler, read by the training loop at step boundaries."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else ""
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after writing its checkpoint; the CLI exits with PREEMPTED_EXIT_CODE."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=SIGNALS) -> Iterator[StopRequest]:
+    """Install flag-setting handlers for `signals` (main thread only) and restore the old ones afterwards."""
+    request = StopRequest()
+    previous = {}
+    try:
+        for sig in signals:
+            previous[sig] = signal.signal(sig, request._handle)
+    except ValueError:  # not the main thread (e.g. a test runner's worker thread): no handlers, never set
+        pass
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
