@@ -5,7 +5,9 @@ Backbone features are collected once per split (backbone in eval mode) and re-us
 
 Sweeps of one parameter (the value with the best val top-1 is chosen; ties: the smaller):
 
-* ``rs``           WVN paper Eq. 7: w_k ← (n_1/n_k)^γ · w_k (the same re-scaling as `engine rescale`).
+* ``rs``           WVN paper Eq. 7: w_k ← (n_1/n_k)^γ · w_k (the same re-scaling as `engine rescale`);
+                   n_k the observed training counts, or with `rescale.counts=profile` / `--counts profile`
+                   the un-rounded profile n_max·IF^(−k/(C−1)) of the official AdjustBnd4Imbalance code.
 * ``tau_norm``     Kang et al. 2020: w_k ← w_k / ‖w_k‖^τ.
 * ``logit_adjust`` Menon et al. 2021 (post-hoc): z_k ← z_k − τ · log π_k, π_k = n_k / Σ n.
 
@@ -42,6 +44,7 @@ from torch import Tensor
 from engine.evaluate import Features, format_table, head_logits, reporter, scalars
 from engine.heads import rescale_factors
 from engine.losses import log_prior
+from pipelines.long_tail import profile_counts
 from pipelines.samplers import ClassAwareSampler
 
 SWEEPS = ("rs", "tau_norm", "logit_adjust")
@@ -66,6 +69,25 @@ def inclusive_range(start: float, stop: float, step: float) -> list[float]:
 def rs_weight(weight: Tensor, class_counts: np.ndarray, gamma: float) -> Tensor:
     """w_k ← (n_1/n_k)^γ · w_k."""
     return weight * rescale_factors(class_counts, gamma).to(weight)[:, None]
+
+
+def rs_counts(cfg, class_counts: np.ndarray, counts: str | None = None) -> np.ndarray:
+    """The n_k that RS re-scales with: `counts` (default cfg.rescale.counts) = "observed" → the
+    training counts; "profile" → the un-rounded profile those counts were built from (float64)."""
+    from engine.config import PROFILE_FORMATS, RS_COUNTS
+
+    counts = counts or cfg.rescale.counts
+    if counts not in RS_COUNTS:
+        raise CalibrationError(f"RS counts must be one of {', '.join(RS_COUNTS)}, got {counts!r}")
+    if counts == "observed":
+        return np.asarray(class_counts)
+    if cfg.data.format not in PROFILE_FORMATS:
+        raise CalibrationError(f"RS counts 'profile' need data built by the long-tailed profile (data.format in "
+                               f"{', '.join(PROFILE_FORMATS)}), got data.format={cfg.data.format}")
+    try:
+        return np.asarray(profile_counts(class_counts, cfg.data.imbalance_ratio, cfg.data.imbalance_profile))
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from None
 
 
 def tau_norm_weight(weight: Tensor, tau: float) -> Tensor:
@@ -177,12 +199,15 @@ def retrain_classifier(method: str, model, feats: dict[str, Features], class_cou
 
 
 def calibrate(model, cfg, data, device, method: str, values: list[float] | None = None, epochs: int = 10,
-              lr: float = 0.1, batch_size: int = 128, seed: int = 0) -> dict:
-    """Run one calibration method on a loaded model; the model itself is left untouched."""
+              lr: float = 0.1, batch_size: int = 128, seed: int = 0, rs_count: str | None = None) -> dict:
+    """Run one calibration method on a loaded model; the model itself is left untouched.
+    `rs_count` (observed | profile; default cfg.rescale.counts): the n_k of `rs` (see `rs_counts`)."""
     from engine.posthoc import split_features
 
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    if rs_count is not None and method != "rs":
+        raise CalibrationError(f"RS counts ({rs_count}) go with method rs, got method {method}")
     counts = data.class_counts
     feats = split_features(cfg, data, model, device, ("val", "test") if method in SWEEPS else ("val", "test", "train"))
     report = reporter(cfg, counts)
@@ -196,7 +221,10 @@ def calibrate(model, cfg, data, device, method: str, values: list[float] | None 
             values = inclusive_range(start, stop, step)
         if any(v < 0 for v in values):
             raise CalibrationError(f"{method}: parameter values must be ≥ 0, got {values}")
-        rows, chosen = sweep(values, sweep_logits_fn(method, model, counts), feats, report, name)
+        fn_counts = rs_counts(cfg, counts, rs_count) if method == "rs" else counts
+        rows, chosen = sweep(values, sweep_logits_fn(method, model, fn_counts), feats, report, name)
+        if method == "rs":
+            result["counts"] = rs_count or cfg.rescale.counts
     else:
         rows, chosen, state = retrain_classifier(method, model, feats, counts, report, epochs, lr, batch_size, seed)
         result.update({"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
@@ -214,13 +242,13 @@ def calibrate(model, cfg, data, device, method: str, values: list[float] | None 
 
 
 def calibrate_checkpoint(checkpoint: str | Path, method: str, values: list[float] | None = None, epochs: int = 10,
-                         lr: float = 0.1, batch_size: int = 128, seed: int = 0) -> dict:
+                         lr: float = 0.1, batch_size: int = 128, seed: int = 0, rs_count: str | None = None) -> dict:
     """`engine calibrate`: writes calibrate_<method>.json and .png next to the checkpoint, prints a table."""
     from engine.checkpoint import atomic_write_text
     from engine.posthoc import load_run
 
     _, cfg, data, model, device = load_run(checkpoint)
-    result = calibrate(model, cfg, data, device, method, values, epochs, lr, batch_size, seed)
+    result = calibrate(model, cfg, data, device, method, values, epochs, lr, batch_size, seed, rs_count)
     run_dir = Path(checkpoint).parent
     out_json, out_png = run_dir / f"calibrate_{method}.json", run_dir / f"calibrate_{method}.png"
     result["checkpoint"] = str(checkpoint)

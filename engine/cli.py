@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=float, help="one γ: report val and test")
     g.add_argument("--sweep", help="START:STOP:STEP (inclusive), γ chosen on val, e.g. 0:1:0.1")
     r.add_argument("--save", default=None, help="with --gamma: write the re-scaled checkpoint here")
+    r.add_argument("--counts", choices=("observed", "profile"), default=None,
+                   help="n_i of RS: observed training counts, or the un-rounded profile n_max·IF^(−i/(C−1)) of the "
+                        "official AdjustBnd4Imbalance code (default: the run's rescale.counts)")
     s = sub.add_parser("sweep", help="train a grid × seeds, choose on val, report test (mean ± std)")
     s.add_argument("--out", required=True, help="sweep folder (finished runs in it are re-used)")
     s.add_argument("--preset", default=DEFAULT_PRESET)
@@ -62,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float, default=0.1, help="crt/lws: SGD learning rate (cosine schedule)")
     c.add_argument("--batch-size", type=int, default=128, help="crt/lws: class-aware batch size")
     c.add_argument("--seed", type=int, default=0, help="crt/lws: init and sampling seed")
+    c.add_argument("--counts", choices=("observed", "profile"), default=None,
+                   help="rs: n_k observed or the un-rounded long-tailed profile (default: the run's rescale.counts)")
 
     m = sub.add_parser("compare", help="many/medium/few/all table and plot across run folders")
     m.add_argument("runs", nargs="+", help="run folders (or metrics.json files)")
@@ -161,7 +166,8 @@ def _cmd_calibrate(args) -> int:
         raise ConfigError(f"--sweep goes with --method {'/'.join(SWEEPS)}, got --method {args.method}")
     values = _parse_sweep(args.sweep) if args.sweep is not None else None
     try:
-        calibrate_checkpoint(args.checkpoint, args.method, values, args.epochs, args.lr, args.batch_size, args.seed)
+        calibrate_checkpoint(args.checkpoint, args.method, values, args.epochs, args.lr, args.batch_size, args.seed,
+                             args.counts)
     except CalibrationError as exc:
         raise ConfigError(str(exc)) from None
     return 0
@@ -182,16 +188,20 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_rescale(args) -> int:
+    from engine.calibration import CalibrationError
     from engine.posthoc import rescale_checkpoint, sweep_checkpoint
 
-    if args.gamma is not None:
-        if args.gamma < 0:
-            raise ConfigError(f"--gamma must be ≥ 0, got {args.gamma}")
-        rescale_checkpoint(args.checkpoint, args.gamma, args.save)
-    else:
-        if args.save:
-            raise ConfigError("--save goes with --gamma (re-run with the γ the sweep chose)")
-        sweep_checkpoint(args.checkpoint, _parse_sweep(args.sweep))
+    if args.gamma is not None and args.gamma < 0:
+        raise ConfigError(f"--gamma must be ≥ 0, got {args.gamma}")
+    if args.gamma is None and args.save:
+        raise ConfigError("--save goes with --gamma (re-run with the γ the sweep chose)")
+    try:
+        if args.gamma is not None:
+            rescale_checkpoint(args.checkpoint, args.gamma, args.save, args.counts)
+        else:
+            sweep_checkpoint(args.checkpoint, _parse_sweep(args.sweep), args.counts)
+    except CalibrationError as exc:  # e.g. --counts profile on data not built by the profile
+        raise ConfigError(str(exc)) from None
     return 0
 
 

@@ -22,6 +22,8 @@ DEFAULT_PRESET = "digits-lt"
 FORMATS = ("digits_lt", "split_files", "inat", "image_folder", "cifar10_lt", "cifar100_lt")
 SAMPLERS = ("instance", "class_aware", "sqrt", "progressive")
 AUTO_ON_OFF = ("auto", "on", "off")
+PROFILE_FORMATS = ("digits_lt", "cifar10_lt", "cifar100_lt")  # built by pipelines.long_tail's profile
+RS_COUNTS = ("observed", "profile")
 
 
 class ConfigError(ValueError):
@@ -75,8 +77,8 @@ class LossConfig:
     center_alpha: float = 0.5  # α of Wen et al.'s center update
     label_smoothing: float = 0.0
     # Baseline losses (engine/losses.py); each is read only by its own method.
-    focal_gamma: float = 2.0  # focal, cb_focal: (1 − p_y)^γ (Lin et al.)
-    cb_beta: float = 0.9999  # cb_ce, cb_focal, ldam_drw's DRW weights: effective-number β (Cui et al.)
+    focal_gamma: float = 2.0  # focal, cb_focal, cb_softmax_focal: (1 − p_t)^γ (Lin et al.)
+    cb_beta: float = 0.9999  # cb_*, ldam_drw's DRW weights: effective-number β (Cui et al.)
     ldam_max_margin: float = 0.5  # ldam_drw: margin C of the rarest class (Cao et al.)
     ldam_scale: float = 30.0  # ldam_drw: s of the normalized logits
     drw_epoch: int = 0  # ldam_drw: 0-based epoch re-weighting starts (0 = ⌊0.8·epochs⌋, Cao's 160 of 200)
@@ -104,6 +106,10 @@ class RescaleConfig:
     # w_i ← (n_1/n_i)^γ · w_i. Needs method=wvn. Post-hoc RS is `engine rescale`.
     in_loop: bool = False
     gamma: float = 0.0
+    # n_i of post-hoc RS (`engine rescale`, `engine calibrate --method rs`): observed = the training
+    # counts; profile = the un-rounded n_max·IF^(−i/(C−1)) the official AdjustBnd4Imbalance code uses
+    # (data built by the profile: digits_lt, cifar10_lt, cifar100_lt).
+    counts: str = "observed"
 
 
 @dataclass
@@ -132,8 +138,8 @@ class RunConfig:
 
 @dataclass
 class Config:
-    # ce | ce_bias | eo | uc_only | eo_uc | wvn | focal | cb_ce | cb_focal | ldam_drw | balanced_softmax
-    # | logit_adjusted  (see engine/heads.py)
+    # ce | ce_bias | eo | uc_only | eo_uc | wvn | focal | cb_ce | cb_focal | cb_softmax_focal | ldam_drw
+    # | balanced_softmax | logit_adjusted  (see engine/heads.py)
     method: str = "eo_uc"
     seed: int = 0
     epochs: int = 30
@@ -348,6 +354,12 @@ def validate(cfg: Config) -> None:
     if cfg.rescale.in_loop:
         _check(cfg.method == "wvn", "rescale.in_loop", True,
                "method=wvn (Algorithm 1 normalizes the weight vectors before re-scaling them every step)")
+    _check(cfg.rescale.counts in RS_COUNTS, "rescale.counts", cfg.rescale.counts, "'observed' or 'profile'")
+    if cfg.rescale.counts == "profile":
+        _check(d.format in PROFILE_FORMATS, "rescale.counts", "profile",
+               f"data.format in {', '.join(PROFILE_FORMATS)} (data built by the profile), got {d.format}")
+        _check(not cfg.rescale.in_loop, "rescale.counts", "profile",
+               "rescale.in_loop=false (the profile convention is the official code's post-hoc RS)")
     e = cfg.eval
     _check(e.few_threshold <= e.many_threshold + 1, "eval.few_threshold", e.few_threshold,
            f"≤ eval.many_threshold + 1 ({e.many_threshold + 1})")

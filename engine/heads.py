@@ -18,8 +18,9 @@ training class counts, passed in at construction):
 |------------------|---------------------|------------------------------------------------------|
 | focal            | w·f                 | focal, γ = loss.focal_gamma (Lin et al.)             |
 | cb_ce            | w·f                 | class-balanced CE, β = loss.cb_beta (Cui et al.)     |
-| cb_focal         | w·f                 | class-balanced focal (Cui et al.)                    |
-| ldam_drw         | s·cos(f, w)         | LDAM margins + DRW from loss.drw_epoch (Cao et al.)  |
+| cb_focal         | w·f                 | class-balanced sigmoid focal, Cui et al.'s (one-vs-all) |
+| cb_softmax_focal | w·f                 | class-balanced weights × softmax focal, / B          |
+| ldam_drw         | s·cos(f, w)         | LDAM margins + DRW from loss.drw_epoch, / Σ w_y (Cao et al.) |
 | balanced_softmax | w·f                 | CE on w·f + log π (Ren et al.)                       |
 | logit_adjusted   | w·f                 | CE on w·f + τ·log π, τ = loss.logit_adjust_tau (Menon et al.) |
 
@@ -65,6 +66,7 @@ METHODS: dict[str, MethodSpec] = {
     "focal": MethodSpec(loss="focal"),
     "cb_ce": MethodSpec(loss="cb_ce"),
     "cb_focal": MethodSpec(loss="cb_focal"),
+    "cb_softmax_focal": MethodSpec(loss="cb_softmax_focal"),
     "ldam_drw": MethodSpec(loss="ldam_drw", cosine=True),
     "balanced_softmax": MethodSpec(loss="logit_adjusted"),
     "logit_adjusted": MethodSpec(loss="logit_adjusted"),
@@ -166,7 +168,9 @@ class OffsetHead(nn.Module):
             weight = self.class_weight if kind.startswith("cb_") else None
             if kind == "cb_ce":
                 return losses.weighted_cross_entropy(logits, labels, weight)
-            return losses.focal_loss(logits, labels, self.focal_gamma, weight)
+            if kind == "cb_focal":  # Cui et al.'s sigmoid form
+                return losses.sigmoid_focal_loss(logits, labels, self.focal_gamma, weight)
+            return losses.focal_loss(logits, labels, self.focal_gamma, weight)  # focal, cb_softmax_focal
         return kernels.offset_head_loss(
             features,
             self.weight,

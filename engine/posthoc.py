@@ -71,14 +71,18 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test") -> dict:
     return result
 
 
-def rescale_checkpoint(checkpoint: str | Path, gamma: float, save: str | Path | None = None) -> dict:
-    from engine.calibration import rs_weight
+def rescale_checkpoint(checkpoint: str | Path, gamma: float, save: str | Path | None = None,
+                       rs_count: str | None = None) -> dict:
+    """RS at one γ; `rs_count` = observed | profile (default the run's rescale.counts), see calibration.rs_counts."""
+    from engine.calibration import rs_counts, rs_weight
 
     state, cfg, data, model, device = load_run(checkpoint)
     feats = split_features(cfg, data, model, device)
-    weight = rs_weight(model.head.weight.detach().float().cpu(), data.class_counts, gamma)
+    rs_count = rs_count or cfg.rescale.counts
+    weight = rs_weight(model.head.weight.detach().float().cpu(), rs_counts(cfg, data.class_counts, rs_count), gamma)
     result = {
         "gamma": gamma,
+        "counts": rs_count,
         "val": _report(cfg, data, model, feats["val"], weight),
         "test": _report(cfg, data, model, feats["test"], weight),
     }
@@ -88,26 +92,27 @@ def rescale_checkpoint(checkpoint: str | Path, gamma: float, save: str | Path | 
     if save:
         with torch.no_grad():
             model.head.weight.copy_(weight.to(model.head.weight))
-        save_checkpoint(Path(save), {**state, "model": model.state_dict(), "rescaled_gamma": gamma})
+        save_checkpoint(Path(save), {**state, "model": model.state_dict(), "rescaled_gamma": gamma,
+                                     "rescaled_counts": rs_count})
         print(f"re-scaled checkpoint: {save}")
     print(f"written: {out}")
     return result
 
 
-def sweep_checkpoint(checkpoint: str | Path, gammas: list[float]) -> dict:
+def sweep_checkpoint(checkpoint: str | Path, gammas: list[float], rs_count: str | None = None) -> dict:
     """RS γ sweep (WVN Fig. 10): val and test accuracy per γ; γ chosen by val top-1 (ties: smaller γ).
 
     The sweep itself is `engine.calibration.sweep` with the `rs` formula (also `engine calibrate --method rs`)."""
-    from engine.calibration import sweep, sweep_logits_fn
+    from engine.calibration import rs_counts, sweep, sweep_logits_fn
 
     _, cfg, data, model, device = load_run(checkpoint)
     feats = split_features(cfg, data, model, device)
-
-    full, best = sweep(gammas, sweep_logits_fn("rs", model, data.class_counts), feats, reporter(cfg, data.class_counts),
-                       "gamma")
+    rs_count = rs_count or cfg.rescale.counts
+    logits_fn = sweep_logits_fn("rs", model, rs_counts(cfg, data.class_counts, rs_count))
+    full, best = sweep(gammas, logits_fn, feats, reporter(cfg, data.class_counts), "gamma")
     rows = [{"gamma": r["gamma"], "val": scalars(r["val"]), "test": scalars(r["test"])} for r in full]
-    result = {"method": cfg.method, "chosen_gamma": best["gamma"], "chosen_by": "val top1", "rows": rows,
-              "test_at_chosen": best["test"]}
+    result = {"method": cfg.method, "counts": rs_count, "chosen_gamma": best["gamma"], "chosen_by": "val top1",
+              "rows": rows, "test_at_chosen": best["test"]}
     run_dir = Path(checkpoint).parent
     atomic_write_text(run_dir / "rescale_sweep.json", json.dumps(result, indent=2))
     _plot_sweep(run_dir / "rescale_sweep.png", rows, best["gamma"], cfg.method)
