@@ -10,13 +10,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import tiny
 
 from engine import calibration as C
 from engine.checkpoint import load_checkpoint
 from engine.cli import main
 from engine.config import Config, ConfigError, load_config
 from engine.heads import rescale_factors
-from helpers import tiny
 from pipelines.long_tail import long_tailed_counts, long_tailed_profile, profile_counts
 
 
