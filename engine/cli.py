@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import DEFAULT_PRESET, available_presets, load_config
+from engine.config import DEFAULT_PRESET, RS_COUNTS, available_presets, load_config
 from engine.errors import ConfigError, EngineError
 from engine.experiments.study_design import PRESETS as STUDY_PRESETS
 from engine.logs import launch_rank, setup_logging
@@ -60,6 +60,9 @@ def _add_posthoc(sub) -> None:
     g.add_argument("--gamma", type=float, help="one γ: report val and test")
     g.add_argument("--sweep", help="START:STOP:STEP (inclusive), γ chosen on val, e.g. 0:1:0.1")
     r.add_argument("--save", default=None, help="with --gamma: write the re-scaled checkpoint here")
+    r.add_argument("--counts", choices=RS_COUNTS, default=None,
+                   help="n_i of RS: observed training counts, or the un-rounded profile n_max·IF^(−i/(C−1)) of the "
+                        "official AdjustBnd4Imbalance code (default: the run's rescale.counts)")
     c = sub.add_parser("calibrate", help="post-hoc calibration of a checkpoint, chosen on val, reported on test")
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--method", required=True, choices=CALIBRATIONS)
@@ -69,6 +72,8 @@ def _add_posthoc(sub) -> None:
     c.add_argument("--lr", type=float, default=0.1, help="crt/lws: SGD learning rate (cosine schedule)")
     c.add_argument("--batch-size", type=int, default=128, help="crt/lws: class-aware batch size")
     c.add_argument("--seed", type=int, default=0, help="crt/lws: init and sampling seed")
+    c.add_argument("--counts", choices=RS_COUNTS, default=None,
+                   help="rs: n_k observed or the un-rounded long-tailed profile (default: the run's rescale.counts)")
 
 
 def _add_experiments(sub) -> None:
@@ -167,7 +172,7 @@ def _cmd_calibrate(args) -> list[str]:
         raise ConfigError(f"--sweep goes with --method {'/'.join(SWEEPS)}, got --method {args.method}")
     values = _parse_sweep(args.sweep) if args.sweep is not None else None
     return calibrate_checkpoint(args.checkpoint, args.method, values, args.epochs, args.lr, args.batch_size,
-                                args.seed)[1]
+                                args.seed, rs_count=args.counts)[1]
 
 
 def _cmd_rescale(args) -> list[str]:
@@ -179,7 +184,7 @@ def _cmd_rescale(args) -> list[str]:
     if args.save and args.gamma is None:
         raise ConfigError("--save goes with --gamma (re-run with the γ the sweep chose)")
     values = [args.gamma] if args.gamma is not None else _parse_sweep(args.sweep)
-    return calibrate_checkpoint(args.checkpoint, "rs", values, save=args.save)[1]
+    return calibrate_checkpoint(args.checkpoint, "rs", values, save=args.save, rs_count=args.counts)[1]
 
 
 def _cmd_sweep(args) -> list[str]:

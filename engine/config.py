@@ -37,6 +37,8 @@ SCHEDULES = ("cosine", "multistep")
 AMP = ("auto", "off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 AUTO_ON_OFF = ("auto", "on", "off")
+PROFILE_FORMATS = ("digits_lt", "cifar10_lt", "cifar100_lt")  # built by pipelines.long_tail's profile
+RS_COUNTS = ("observed", "profile")  # the n_i of RS: training counts, or the un-rounded profile (official code)
 
 
 class _Loader(yaml.SafeLoader):
@@ -124,6 +126,9 @@ class RescaleConfig:
     # w_i ← (n_1/n_i)^γ · w_i. Needs method=wvn. Post-hoc RS is `engine rescale`.
     in_loop: bool = False
     gamma: float = 0.0
+    # n_i of RS (post hoc and in the loop): observed = the training counts (the formula's definition);
+    # profile = the un-rounded n_max·IF^(−i/(C−1)) the official AdjustBnd4Imbalance code uses (CIFAR-LT-style data)
+    counts: str = "observed"
 
 
 @dataclass
@@ -362,10 +367,7 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg.data)
     _validate_loss(cfg)
     _validate_optim(cfg)
-    _check(cfg.rescale.gamma >= 0, "rescale.gamma", cfg.rescale.gamma, "a number ≥ 0")
-    if cfg.rescale.in_loop:
-        _check(METHODS[cfg.method].wvn, "rescale.in_loop", True,
-               "method=wvn (Algorithm 1 normalizes the weight vectors before re-scaling them every step)")
+    _validate_rescale(cfg)
     e = cfg.eval
     _check(e.every >= 1, "eval.every", e.every, "an integer ≥ 1")
     _check(e.few_threshold >= 0, "eval.few_threshold", e.few_threshold, "an integer ≥ 0")
@@ -380,6 +382,20 @@ def validate(cfg: Config) -> None:
     _one_of(r.compile, AUTO_ON_OFF, "run.compile")
     _check(r.checkpoint_every >= 0, "run.checkpoint_every", r.checkpoint_every, "an integer ≥ 0")
     _check(r.threads >= 0, "run.threads", r.threads, "an integer ≥ 0 (0 = torch's default)")
+
+
+def _validate_rescale(cfg: Config) -> None:
+    rs = cfg.rescale
+    _check(rs.gamma >= 0, "rescale.gamma", rs.gamma, "a number ≥ 0")
+    if rs.in_loop:
+        _check(METHODS[cfg.method].wvn, "rescale.in_loop", True,
+               "method=wvn (Algorithm 1 normalizes the weight vectors before re-scaling them every step)")
+    _one_of(rs.counts, RS_COUNTS, "rescale.counts")
+    if rs.counts == "profile":
+        _check(cfg.data.format in PROFILE_FORMATS, "rescale.counts", "profile",
+               f"data.format in {', '.join(PROFILE_FORMATS)} (data built by the profile), got {cfg.data.format}")
+        _check(not rs.in_loop, "rescale.counts", "profile",
+               "rescale.in_loop=false (the profile convention is the official code's post-hoc RS)")
 
 
 def _validate_data(d: DataConfig) -> None:

@@ -195,6 +195,12 @@ def _cb_ce_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
 
 
 def _cb_focal_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
+    """Cui et al.'s class-balanced focal loss: per-class sigmoids (one-vs-all), as their paper and code."""
+    return losses.sigmoid_focal_loss(_linear(head, features), labels, head.focal_gamma, head.class_weight)
+
+
+def _cb_softmax_focal_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
+    """Class-balanced weights × softmax focal loss, / B (a softmax variant; not Cui et al.'s definition)."""
     return losses.focal_loss(_linear(head, features), labels, head.focal_gamma, head.class_weight)
 
 
@@ -210,6 +216,7 @@ LOSSES: dict[str, Callable[[Head, Tensor, Tensor], Tensor]] = {
     "focal": _focal_loss,
     "cb_ce": _cb_ce_loss,
     "cb_focal": _cb_focal_loss,
+    "cb_softmax_focal": _cb_softmax_focal_loss,
     "ldam_drw": _ldam_drw_loss,
 }
 

@@ -1,23 +1,35 @@
 """Baseline losses the papers compare against (the math; the head in engine/heads.py calls it).
 
-All functions take logits (B, K) and int64 labels (B,) and return the batch mean; they
+All functions take logits (B, K) and int64 labels (B,) and return a batch mean; they
 compute in the logits' dtype (float64 in the tests). n_j is the training count of class j.
 
 * focal (Lin et al. 2017): ℓ_i = −(1 − p_{i,y})^γ · log p_{i,y}, p = softmax(z) (softmax form).
 * class-balanced (Cui et al. 2019): w_j = (1 − β) / (1 − β^{n_j}) (inverse effective number
-  of samples), normalized so Σ_j w_j = K; `cb_ce` ℓ_i = w_{y_i}·CE, `cb_focal` ℓ_i = w_{y_i}·focal.
+  of samples), normalized so Σ_j w_j = K (their code: `weights / np.sum(weights) * K`);
+  `cb_ce` ℓ_i = w_{y_i}·CE, batch loss Σ_i w_{y_i} ℓ_i / B (Cui's softmax branch).
+* `cb_focal` is Cui et al.'s class-balanced focal loss, the sigmoid (one-vs-all) form their
+  paper defines and their code trains (`focal_loss` in src/cifar_main.py): one-hot targets
+  y_{ik}, per-class BCE ℓ_{ik} = −y log σ(z) − (1 − y) log(1 − σ(z)), modulator
+  (1 − p_t)^γ = exp(−γ·y·z − γ·log(1 + e^{−z})), each sample's weight w_{y_i} broadcast over its
+  K terms, summed and divided by Σ_{ik} y_{ik} = B. `sigmoid_focal_loss` below.
+  `cb_softmax_focal` keeps the softmax form w_{y_i}·focal (divided by B; not a form Cui et al.
+  report). Cui's model also has a last-layer bias initialized to −log(K − 1) (prior π = 1/K) for
+  the sigmoid losses; this head has no bias for `cb_focal` (logits w·f, as every baseline here).
 * LDAM (Cao et al. 2019): logits s·cos(f, w_k) (normalized features and weights),
   margin m_j = C · n_j^{−1/4} / max_k n_k^{−1/4} (largest margin C) subtracted from the
   target logit before the scale: ℓ_i = CE(s·(cos_i − m_{y_i}·e_{y_i}), y_i).
-* DRW (Cao et al.): no weights before the deferral epoch, the class-balanced weights
-  (β = 0.9999, Σ w = K) from it on.
+* DRW (Cao et al.): no weights before the deferral epoch (plain batch mean), the
+  class-balanced weights (β = 0.9999, Σ w = K) from it on, and then the batch loss is
+  Σ_i w_{y_i} ℓ_i / Σ_i w_{y_i} (Algorithm 1 lines 10–11; their code
+  `F.cross_entropy(..., weight=per_cls_weights)`), not Cui's / B.
 * logit-adjusted / Balanced Softmax (Menon et al. 2021 / Ren et al. 2020): CE on
   z + τ·log π with π_j = n_j / Σ n (τ = 1: Balanced Softmax). The head serves it through
   the reference kernel's `bias=` flag, a fixed additive bias (so the fused head does too);
   prediction uses the plain logits.
 
-Weighted losses use the weighted batch mean Σ_i w_{y_i} ℓ_i / B (Cui et al.'s form, with
-Σ_j w_j = K), not Σ_i w_{y_i} ℓ_i / Σ_i w_{y_i}.
+Two normalizations of a class-weighted batch, each as its authors wrote it: Cui et al.
+(`cb_ce`, `cb_focal`; `cb_softmax_focal` follows them) divide Σ_i w_{y_i} ℓ_i by B; Cao et
+al. (`ldam_drw`) divide it by Σ_i w_{y_i}.
 """
 
 from __future__ import annotations
@@ -72,7 +84,7 @@ def _weighted_mean(per_sample: Tensor, labels: Tensor, weight: Tensor | None) ->
 
 
 def focal_loss(logits: Tensor, labels: Tensor, gamma: float, weight: Tensor | None = None) -> Tensor:
-    """mean_i w_{y_i}·(−(1 − p_{i,y_i})^γ · log p_{i,y_i}); γ = 0 and no weight is plain CE."""
+    """Softmax focal: mean_i w_{y_i}·(−(1 − p_{i,y_i})^γ · log p_{i,y_i}); γ = 0 and no weight is plain CE."""
     if gamma < 0:
         raise ValueError(f"focal γ must be ≥ 0, got {gamma}")
     log_p = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
@@ -85,8 +97,27 @@ def weighted_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor | None
     return _weighted_mean(F.cross_entropy(logits, labels, reduction="none"), labels, weight)
 
 
+def sigmoid_focal_loss(logits: Tensor, labels: Tensor, gamma: float, weight: Tensor | None = None) -> Tensor:
+    """Cui et al.'s (class-balanced) sigmoid focal loss: Σ_{i,k} w_{y_i}·(1 − p_{t,ik})^γ·BCE(z_ik, y_ik) / B.
+
+    y = one-hot(labels); p_t = σ(z) where y = 1, 1 − σ(z) where y = 0. Both factors in
+    log-sigmoid form, stable for any z:
+        BCE = softplus(z) − y·z                       (= −log p_t)
+        (1 − p_t)^γ = exp(−γ·(y·z + softplus(−z)))   (Cui's exp(−γ·y·z − γ·log(1 + e^{−z})))
+    The sum is divided by Σ y = B (Cui: "normalize by the total number of positive samples")."""
+    if gamma < 0:
+        raise ValueError(f"focal γ must be ≥ 0, got {gamma}")
+    onehot = F.one_hot(labels, logits.shape[1]).to(logits)
+    bce = F.softplus(logits) - onehot * logits
+    per_term = bce if gamma == 0 else torch.exp(-gamma * (onehot * logits + F.softplus(-logits))) * bce
+    if weight is not None:
+        per_term = per_term * weight.to(logits)[labels][:, None]
+    return per_term.sum() / onehot.sum()
+
+
 def ldam_loss(cosine: Tensor, labels: Tensor, margins: Tensor, scale: float, weight: Tensor | None = None) -> Tensor:
-    """mean_i w_{y_i}·CE(s·(cos_i − m_{y_i} e_{y_i}), y_i) with cos the normalized logits."""
+    """CE(s·(cos_i − m_{y_i} e_{y_i}), y_i) with cos the normalized logits: the plain batch mean without
+    `weight`, Σ_i w_{y_i} ℓ_i / Σ_i w_{y_i} with it (Cao et al.'s DRW phase, `F.cross_entropy(weight=)`)."""
     onehot = F.one_hot(labels, cosine.shape[1]).to(cosine)
     logits = scale * (cosine - onehot * margins.to(cosine)[None, :])
-    return weighted_cross_entropy(logits, labels, weight)
+    return F.cross_entropy(logits, labels, weight=None if weight is None else weight.to(logits))

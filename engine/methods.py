@@ -8,9 +8,9 @@ loss_cfg, class_counts)` builds the head from it. This module holds data only (n
 so the config can check `method=` against the registry without importing the models.
 
 To add a method: write its loss as a function `(head, features, labels) -> loss` in
-engine/heads.py's LOSSES (e.g. a `cb_softmax_focal` that reads `head.class_weight`), then add
-one `Method("cb_softmax_focal", loss="cb_softmax_focal", paper=...)` entry below; README's method table is
-`method_table()` (tests/test_heads.py keeps them equal).
+engine/heads.py's LOSSES (e.g. `_cb_softmax_focal_loss`, which reads `head.class_weight`), then add
+one `Method(name, loss=name, paper=...)` entry below; README's method table is `method_table()`
+(tests/test_heads.py keeps them equal).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class LossConfig:
     center_alpha: float = 0.5  # α of Wen et al.'s center update
     label_smoothing: float = 0.0
     # Baseline losses (engine/losses.py); each is read only by its own method.
-    focal_gamma: float = 2.0  # focal, cb_focal: (1 − p_y)^γ (Lin et al.)
-    cb_beta: float = 0.9999  # cb_ce, cb_focal, ldam_drw's DRW weights: effective-number β (Cui et al.)
+    focal_gamma: float = 2.0  # focal, cb_focal, cb_softmax_focal: (1 − p_t)^γ (Lin et al.)
+    cb_beta: float = 0.9999  # cb_*, ldam_drw's DRW weights: effective-number β (Cui et al.)
     ldam_max_margin: float = 0.5  # ldam_drw: margin C of the rarest class (Cao et al.)
     ldam_scale: float = 30.0  # ldam_drw: s of the normalized logits
     drw_epoch: int = 0  # ldam_drw: 0-based epoch re-weighting starts (0 = ⌊0.8·epochs⌋, Cao's 160 of 200)
@@ -63,7 +63,8 @@ _ALL = (
     Method("wvn", wvn=True, paper="WVN, Algorithm 1"),
     Method("focal", loss="focal", paper="Lin et al. 2017"),
     Method("cb_ce", loss="cb_ce", paper="Cui et al. 2019"),
-    Method("cb_focal", loss="cb_focal", paper="Cui et al. 2019"),
+    Method("cb_focal", loss="cb_focal", paper="Cui et al. 2019 (their sigmoid form)"),
+    Method("cb_softmax_focal", loss="cb_softmax_focal", paper="softmax variant of Cui et al.'s CB focal"),
     Method("ldam_drw", loss="ldam_drw", cosine=True, paper="Cao et al. 2019"),
     Method("balanced_softmax", loss="logit_adjusted", prior_tau=1.0, paper="Ren et al. 2020"),
     Method("logit_adjusted", loss="logit_adjusted", paper="Menon et al. 2021"),
@@ -73,9 +74,10 @@ METHODS: dict[str, Method] = {m.name: m for m in _ALL}
 # The loss column of the method table for the losses that are not the offset head's.
 LOSS_TEXT = {
     "focal": "focal, γ = `loss.focal_gamma`",
-    "cb_ce": "class-balanced CE, β = `loss.cb_beta`",
-    "cb_focal": "class-balanced focal",
-    "ldam_drw": "LDAM + DRW from `loss.drw_epoch`",
+    "cb_ce": "class-balanced CE, β = `loss.cb_beta`, Σ/B",
+    "cb_focal": "class-balanced sigmoid (one-vs-all) focal, Σ/B",
+    "cb_softmax_focal": "class-balanced softmax focal, Σ/B",
+    "ldam_drw": "LDAM + DRW from `loss.drw_epoch`, Σ w_y ℓ / Σ w_y",
     "logit_adjusted": "CE on `w·f + τ·log π`",
 }
 

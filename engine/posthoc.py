@@ -8,7 +8,9 @@ Backbone features are collected once per split (backbone in eval mode) and re-us
 
 Sweeps of one parameter (the value with the best val top-1 is chosen; ties: the smaller):
 
-* ``rs``           WVN paper Eq. 7: w_k ← (n_1/n_k)^γ · w_k (`engine rescale` is this method).
+* ``rs``           WVN paper Eq. 7: w_k ← (n_1/n_k)^γ · w_k (`engine rescale` is this method); n_k the
+                   observed training counts, or with `rescale.counts=profile` / `--counts profile` the
+                   un-rounded profile n_max·IF^(−k/(C−1)) of the official AdjustBnd4Imbalance code.
 * ``tau_norm``     Kang et al. 2020: w_k ← w_k / ‖w_k‖^τ.
 * ``logit_adjust`` Menon et al. 2021 (post-hoc): z_k ← z_k − τ · log π_k, π_k = n_k / Σ n.
 
@@ -45,6 +47,7 @@ from engine.evaluate import Features, scalars
 from engine.heads import Head, rescale_factors
 from engine.losses import log_prior
 from engine.runs import EVAL_SPLITS, LoadedRun, split_features
+from pipelines.long_tail import profile_counts
 from pipelines.samplers import ClassAwareSampler
 
 SWEEPS = ("rs", "tau_norm", "logit_adjust")
@@ -72,6 +75,25 @@ def default_values(method: str) -> list[float]:
 def rs_weight(weight: Tensor, class_counts: np.ndarray, gamma: float) -> Tensor:
     """w_k ← (n_1/n_k)^γ · w_k."""
     return weight * rescale_factors(class_counts, gamma).to(weight)[:, None]
+
+
+def rs_counts(cfg, class_counts: np.ndarray, counts: str | None = None) -> np.ndarray:
+    """The n_k that RS re-scales with: `counts` (default cfg.rescale.counts) = "observed" → the
+    training counts; "profile" → the un-rounded profile those counts were built from (float64)."""
+    from engine.config import PROFILE_FORMATS, RS_COUNTS
+
+    counts = counts or cfg.rescale.counts
+    if counts not in RS_COUNTS:
+        raise CalibrationError(f"RS counts must be one of {', '.join(RS_COUNTS)}, got {counts!r}")
+    if counts == "observed":
+        return np.asarray(class_counts)
+    if cfg.data.format not in PROFILE_FORMATS:
+        raise CalibrationError(f"RS counts 'profile' need data built by the long-tailed profile (data.format in "
+                               f"{', '.join(PROFILE_FORMATS)}), got data.format={cfg.data.format}")
+    try:
+        return np.asarray(profile_counts(class_counts, cfg.data.imbalance_ratio, cfg.data.imbalance_profile))
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from None
 
 
 def tau_norm_weight(weight: Tensor, tau: float) -> Tensor:
@@ -184,12 +206,19 @@ def retrain_classifier(method: str, head: Head, feats: dict[str, Features], clas
 
 
 def calibrate(run: LoadedRun, method: str, values: list[float] | None = None, epochs: int = 10, lr: float = 0.1,
-              batch_size: int = 128, seed: int = 0, feats: dict[str, Features] | None = None) -> dict:
+              batch_size: int = 128, seed: int = 0, feats: dict[str, Features] | None = None,
+              rs_count: str | None = None) -> dict:
     """Run one calibration method on a loaded run (the model is left untouched); returns the result dict.
 
-    `feats` (from `split_features`) lets several methods share one pass of the backbone."""
+    `feats` (from `split_features`) lets several methods share one pass of the backbone; `rs_count`
+    (observed | profile; default cfg.rescale.counts) is the n_k of `rs` (see `rs_counts`)."""
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    if rs_count is not None and method != "rs":
+        raise CalibrationError(f"RS counts ({rs_count}) go with method rs, got method {method}")
+    if method in ("rs", "tau_norm", "lws", "crt") and run.state.get("rescaled_gamma") is not None:
+        raise CalibrationError(f"{run.checkpoint} already holds a classifier re-scaled with γ = "
+                               f"{run.state['rescaled_gamma']}; calibrate the original checkpoint instead")
     counts, head, name = run.data.class_counts, run.model.head, PARAM_NAME[method]
     if feats is None:
         feats = split_features(run, EVAL_SPLITS if method in SWEEPS else (*EVAL_SPLITS, "train"))
@@ -200,8 +229,11 @@ def calibrate(run: LoadedRun, method: str, values: list[float] | None = None, ep
         values = default_values(method) if values is None else values
         if any(v < 0 for v in values):
             raise CalibrationError(f"{method}: parameter values must be ≥ 0, got {values}")
-        rows, chosen = sweep(values, lambda f, v: calibrated_logits(method, head, f.features, v, counts), feats,
+        fn_counts = rs_counts(run.cfg, counts, rs_count) if method == "rs" else counts
+        rows, chosen = sweep(values, lambda f, v: calibrated_logits(method, head, f.features, v, fn_counts), feats,
                              run.report, name)
+        if method == "rs":
+            result["counts"] = rs_count or run.cfg.rescale.counts
     else:
         rows, chosen, state = retrain_classifier(method, head, feats, counts, run.report, epochs, lr, batch_size,
                                                  seed)

@@ -44,7 +44,7 @@ def test_class_balanced_weights_and_margins_and_prior():
 
 
 @pytest.mark.parametrize("gamma,beta", [(0.0, None), (2.0, None), (1.5, 0.999)])
-def test_focal_and_cb_focal(gamma, beta):
+def test_focal_and_cb_softmax_focal(gamma, beta):
     z, y = _batch()
     w = _cb_weights(beta) if beta is not None else [1.0] * K
     expected = 0.0
@@ -79,7 +79,7 @@ def test_ldam_with_drw(epoch, reweighted):
         cos = [float(fi @ wk / (np.linalg.norm(fi) * np.linalg.norm(wk))) for wk in w.numpy()]
         z = [s * (cos[k] - (m[k] if k == yi else 0.0)) for k in range(K)]
         expected += weights[yi] * -math.log(_softmax_row(z)[yi])
-    expected /= len(y)
+    expected /= sum(weights[yi] for yi in y.tolist())  # Cao et al.: Σ_i w_{y_i} (= B before the DRW epoch)
     cosine = torch.nn.functional.normalize(f, dim=1) @ torch.nn.functional.normalize(w, dim=1).t()
     got = losses.ldam_loss(cosine, y, losses.ldam_margins(COUNTS, c), s, losses.drw_weights(COUNTS, beta, epoch, 4))
     assert got.item() == pytest.approx(expected, rel=1e-10)
@@ -113,15 +113,21 @@ def test_logit_adjusted_losses_use_the_reference_bias_flag(method, tau):
     assert "prior_bias" not in head.state_dict()  # a function of the counts, not a checkpoint entry
 
 
-@pytest.mark.parametrize("method", ["focal", "cb_ce", "cb_focal"])
+@pytest.mark.parametrize("method", ["focal", "cb_ce", "cb_focal", "cb_softmax_focal"])
 def test_head_serves_focal_and_cb(method):
     g = torch.Generator().manual_seed(4)
     f, y = torch.randn(8, 5, generator=g), torch.randint(0, K, (8,), generator=g)
     head = Head(5, K, METHODS[method], LossConfig(focal_gamma=1.5, cb_beta=0.99), np.array(COUNTS))
     z = f @ head.weight.t()
     w = losses.class_balanced_weights(COUNTS, 0.99) if method.startswith("cb_") else None
-    expected = (losses.weighted_cross_entropy(z, y, w) if method == "cb_ce" else losses.focal_loss(z, y, 1.5, w))
+    if method == "cb_ce":
+        expected = losses.weighted_cross_entropy(z, y, w)
+    elif method == "cb_focal":  # Cui et al.'s sigmoid form
+        expected = losses.sigmoid_focal_loss(z, y, 1.5, w)
+    else:  # focal, cb_softmax_focal
+        expected = losses.focal_loss(z, y, 1.5, w)
     torch.testing.assert_close(head.loss(f, y), expected.float())
+    torch.testing.assert_close(head(f), z)  # prediction logits stay w·f
     head.loss(f, y).backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 
@@ -131,3 +137,100 @@ def test_baselines_need_class_counts():
         if spec.loss != "offset":
             with pytest.raises(ValueError, match=f"method '{method}' needs the training class counts"):
                 Head(5, K, spec)
+
+
+# --------------------------------------------------------------------------- the authors' definitions, by hand
+#
+# A 3-class example whose numbers are derived on paper from the authors' formulas (not from the code
+# under test): counts n = (4, 2, 1), β = 0.5. Effective-number weights (1 − β)/(1 − β^n) =
+# (0.5/(15/16), 0.5/(3/4), 0.5/0.5) = (8/15, 2/3, 1), sum 11/5, scaled to Σ = K = 3: w = (8/11, 10/11, 15/11).
+# Logits use ln 3 and 0, where σ(ln 3) = 3/4, σ(−ln 3) = 1/4, σ(0) = 1/2.
+
+HAND_COUNTS = [4, 2, 1]
+HAND_W = [8 / 11, 10 / 11, 15 / 11]
+LN3 = math.log(3)
+HAND_Z = torch.tensor([[LN3, 0.0, -LN3], [LN3, -LN3, 0.0]], dtype=torch.float64)  # two samples
+HAND_Y = torch.tensor([0, 2])
+
+
+def test_class_balanced_weights_by_hand():
+    assert losses.class_balanced_weights(HAND_COUNTS, 0.5).tolist() == pytest.approx(HAND_W, rel=1e-15)
+    # Cao et al.'s DRW: idx = epoch // 160 → β = 0 (all ones) before epoch 160 of 200, 0.9999 from it on.
+    assert losses.drw_weights(HAND_COUNTS, 0.5, 159, 160).tolist() == [1.0, 1.0, 1.0]
+    assert losses.drw_weights(HAND_COUNTS, 0.5, 160, 160).tolist() == pytest.approx(HAND_W, rel=1e-15)
+
+
+def test_ldam_drw_normalizes_by_the_weights_as_cao():
+    """Cao et al. Algorithm 1 lines 10–11 / `F.cross_entropy(s·z, y, weight=per_cls_weights)`.
+
+    Sample A (y = 0): margin-adjusted logits (ln 2, 0, 0) → p_y = 2/4, ℓ_A = ln 2.
+    Sample B (y = 2): margin-adjusted logits (0, ln 3, 0) → p_y = 1/5, ℓ_B = ln 5.
+    Before DRW: (ln 2 + ln 5)/2 = ln(10)/2 = 1.1512925464970228.
+    DRW: (8/11·ln 2 + 15/11·ln 5)/(8/11 + 15/11) = (8 ln 2 + 15 ln 5)/23 = 1.2907280926517857
+    (Cui's / B would give (8 ln 2 + 15 ln 5)/22 = 1.349397551408685)."""
+    margins = torch.tensor([0.5, 0.25, 1.0], dtype=torch.float64)  # m_y is subtracted from the target cosine
+    cosine = torch.tensor([[math.log(2) + 0.5, 0.0, 0.0], [0.0, LN3, 1.0]], dtype=torch.float64)
+    plain = losses.ldam_loss(cosine, HAND_Y, margins, 1.0)
+    drw = losses.ldam_loss(cosine, HAND_Y, margins, 1.0, losses.class_balanced_weights(HAND_COUNTS, 0.5))
+    assert plain.item() == pytest.approx(1.1512925464970228, rel=1e-14)
+    assert drw.item() == pytest.approx(1.2907280926517857, rel=1e-14)
+    # The scale multiplies the margin-adjusted cosine: s = 2 on halved cosines and margins is the same loss.
+    assert losses.ldam_loss(cosine / 2, HAND_Y, margins / 2, 2.0).item() == pytest.approx(1.1512925464970228, rel=1e-14)
+
+
+def test_drw_epoch_is_caos_160_of_200():
+    from engine.config import load_config
+    from engine.models import head_loss_config
+
+    cfg = load_config(overrides=["epochs=200", "method=ldam_drw"])
+    assert head_loss_config(cfg).drw_epoch == 160
+
+
+@pytest.mark.parametrize("weighted,gamma,expected", [
+    # Per-class terms (1 − p_t)^γ·(−log p_t), p_t = σ(z) for the label class, 1 − σ(z) otherwise:
+    # A (y = 0, z = (ln 3, 0, −ln 3)): ln(4/3)/16 + ln 2/4 + ln(4/3)/16 = ln(4/3)/8 + ln 2/4
+    # B (y = 2, z = (ln 3, −ln 3, 0)): (9/16)·ln 4 + ln(4/3)/16 + ln 2/4 = 11 ln 2/8 + ln(4/3)/16
+    # γ = 2: (A + B)/2 = 3/32·ln(4/3) + 13/16·ln 2
+    (False, 2.0, 0.59015227849731),
+    # class-balanced: (8/11·A + 15/11·B)/2 = (31/16·ln(4/3) + 181/8·ln 2)/22
+    (True, 2.0, 0.7381744988883677),
+    # γ = 0 (Cui's modulator = 1): A = 2 ln(4/3) + ln 2, B = 3 ln 2 + ln(4/3)
+    (False, 0.0, 1.8178174697975618),  # (A + B)/2
+    (True, 0.0, 2.0752247643491954),  # (8/11·A + 15/11·B)/2
+])
+def test_cb_focal_is_cuis_sigmoid_focal_by_hand(weighted, gamma, expected):
+    w = losses.class_balanced_weights(HAND_COUNTS, 0.5) if weighted else None
+    got = losses.sigmoid_focal_loss(HAND_Z, HAND_Y, gamma, w)
+    assert got.dtype == torch.float64 and got.item() == pytest.approx(expected, rel=1e-14)
+
+
+def test_cb_softmax_focal_by_hand():
+    """Softmax form: A: e^z = (3, 1, 1/3) → p_0 = 9/13; B: p_2 = 1/(13/3) = 3/13. With γ = 2 and the weights / B:
+    (8/11·(4/13)²·ln(13/9) + 15/11·(10/13)²·ln(13/3))/2 = 0.6042427044233946, not Cui's sigmoid
+    number above."""
+    got = losses.focal_loss(HAND_Z, HAND_Y, 2.0, losses.class_balanced_weights(HAND_COUNTS, 0.5))
+    assert got.item() == pytest.approx(0.6042427044233946, rel=1e-14)
+
+
+def test_sigmoid_focal_against_the_direct_formula_and_stable():
+    z, y = _batch(5, b=9)
+    w = _cb_weights(0.99)
+    for gamma in (0.0, 0.5, 2.0):
+        total = 0.0
+        for zi, yi in zip(z.tolist(), y.tolist()):
+            for k, zk in enumerate(zi):
+                p = 1 / (1 + math.exp(-zk))
+                pt = p if k == yi else 1 - p
+                total += w[yi] * (1 - pt) ** gamma * -math.log(pt)
+        got = losses.sigmoid_focal_loss(z, y, gamma, losses.class_balanced_weights(COUNTS, 0.99))
+        assert got.item() == pytest.approx(total / len(y), rel=1e-12)
+    # Saturated logits, where σ underflows: y = 0, z = (−200, 200, 0), γ = 2 → 200 + 200 + ln 2/4 per sample.
+    for dtype in (torch.float64, torch.float32):
+        zs = torch.tensor([[-200.0, 200.0, 0.0]], dtype=dtype, requires_grad=True)
+        loss = losses.sigmoid_focal_loss(zs, torch.tensor([0]), 2.0)
+        assert loss.item() == pytest.approx(400 + math.log(2) / 4, rel=1e-6)
+        loss.backward()
+        assert torch.isfinite(zs.grad).all()
+    assert torch.autograd.gradcheck(lambda t: losses.sigmoid_focal_loss(t, y, 1.5), (z.clone().requires_grad_(),))
+    with pytest.raises(ValueError, match="focal γ must be ≥ 0, got -1"):
+        losses.sigmoid_focal_loss(z, y, -1.0)

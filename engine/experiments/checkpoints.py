@@ -15,7 +15,7 @@ import torch
 from engine.checkpoint import save_checkpoint
 from engine.evaluate import format_table
 from engine.io import write_json
-from engine.posthoc import calibrate, rs_weight
+from engine.posthoc import calibrate, rs_counts, rs_weight
 from engine.render import save_png, subplots
 from engine.runs import load_run, split_features
 
@@ -34,12 +34,13 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test") -> tuple[di
 
 def calibrate_checkpoint(checkpoint: str | Path, method: str, values: list[float] | None = None, epochs: int = 10,
                          lr: float = 0.1, batch_size: int = 128, seed: int = 0,
-                         save: str | Path | None = None) -> tuple[dict, list[str]]:
+                         save: str | Path | None = None, rs_count: str | None = None) -> tuple[dict, list[str]]:
     """`engine calibrate` (and `engine rescale`): calibrate_<method>.json and .png next to the checkpoint.
 
-    `save` (RS with one γ): also write the checkpoint with the re-scaled classifier there."""
+    `save` (RS with one γ): also write the checkpoint with the re-scaled classifier there (it records
+    γ and the counts convention, and a later RS on it is refused)."""
     run = load_run(checkpoint)
-    result = calibrate(run, method, values, epochs, lr, batch_size, seed)
+    result = calibrate(run, method, values, epochs, lr, batch_size, seed, rs_count=rs_count)
     result["checkpoint"] = str(checkpoint)
     out_json, out_png = run.run_dir / f"calibrate_{method}.json", run.run_dir / f"calibrate_{method}.png"
     write_json(out_json, result)
@@ -51,9 +52,10 @@ def calibrate_checkpoint(checkpoint: str | Path, method: str, values: list[float
     if save:
         head = run.model.head
         with torch.no_grad():
-            head.weight.copy_(rs_weight(head.weight.detach().float().cpu(), run.data.class_counts, chosen)
-                              .to(head.weight))
-        save_checkpoint(Path(save), {**run.state, "model": run.model.state_dict(), "rescaled_gamma": chosen})
+            counts = rs_counts(run.cfg, run.data.class_counts, rs_count)
+            head.weight.copy_(rs_weight(head.weight.detach().float().cpu(), counts, chosen).to(head.weight))
+        save_checkpoint(Path(save), {**run.state, "model": run.model.state_dict(), "rescaled_gamma": chosen,
+                                     "rescaled_counts": result["counts"]})
         lines.append(f"re-scaled checkpoint: {save}")
     return result, lines + [f"written: {out_json}, {out_png}"]
 
