@@ -123,11 +123,15 @@ def _offset_head_loss(
 
 @torch.no_grad()
 def class_feature_sums(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Per-class sums Σ_{i: y_i=j} f_i (K, d) and counts n_j (K,) of one batch, in float32."""
+    """Per-class sums Σ_{i: y_i=j} f_i (K, d) and counts n_j (K,) of one batch, in float32.
+
+    No host sync (index_add_ only: no bincount, nonzero or .item()), so it can run inside a
+    CUDA graph and never stalls the training step."""
     f = features.detach().float()
     sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype, device=f.device)
     sums.index_add_(0, labels, f)
-    counts = torch.bincount(labels, minlength=num_classes).to(f.dtype)
+    counts = torch.zeros(num_classes, dtype=f.dtype, device=f.device)
+    counts.index_add_(0, labels, torch.ones(labels.shape[0], dtype=f.dtype, device=f.device))
     return sums, counts
 
 
