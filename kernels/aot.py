@@ -243,7 +243,15 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] == ["--compile-json"]:  # child of compile_launches: keys (JSON) in, results (JSON) out
-        out = [_compile(_key_from_json(k)).__dict__ for k in json.loads(sys.stdin.read())]
-        print(json.dumps(out))
+        keys = [_key_from_json(k) for k in json.loads(sys.stdin.read())]
+        workers = min(len(keys), os.cpu_count() or 1)
+        if workers > 1:  # compiling is CPU-bound (MLIR passes, ptxas): one process per core
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers) as pool:
+                results = list(pool.map(_compile, keys))
+        else:
+            results = [_compile(k) for k in keys]
+        print(json.dumps([r.__dict__ for r in results]))
     else:
         main()

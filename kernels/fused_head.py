@@ -101,7 +101,7 @@ and it captures in a CUDA graph (no host sync, no data-dependent shape).
 from __future__ import annotations
 
 import os
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields, replace
 from typing import Any, Optional
 
 import torch
@@ -242,7 +242,8 @@ class _Tiles:
 
 
 # Compiled configs, chosen so that every specialization compiles without register spills
-# and within sm_80's 163 KiB of shared memory (tests/test_fused_head_aot.py proves it).
+# and within sm_80's 163 KiB of shared memory (tests/test_fused_head_aot.py proves it;
+# `python -m kernels.aot` prints registers / spills / shared / MMA per kernel).
 # IEEE fp32 runs on FMA units: its accumulators live in registers, so its tiles are small.
 _GPU_TILES = {
     # kernel:        {mode: tiles}
@@ -331,6 +332,11 @@ def plan_forward(
     mode = gemm_mode(f.dtype, w.dtype, _resolve_tf32(flags.tf32), interpret)
     dz_dtype = _dz_dtype(mode)
     t_log, t_gf, t_gw = (_tiles(k, mode, interpret) for k in ("logits", "grad_features", "grad_weight"))
+    if not interpret:  # heavier epilogues (stats atomics; dC) get narrower d tiles: no spills
+        if flags.sums:
+            t_gf = replace(t_gf, d=min(t_gf.d, 64))
+        if flags.c_grad:
+            t_gw = replace(t_gw, d=min(t_gw.d, 64))
 
     chunk = flags.chunk_rows
     if chunk <= 0:

@@ -11,10 +11,11 @@ for GPUTarget("cuda", 90|80, 32). Each specialization must:
 The engine's flags come from the engine itself: `engine.heads.OffsetHead.loss` is called with
 `kernels.offset_head_loss` replaced by a recorder, so a new method or flag shows up here.
 
-Default: every method's flag set once per (precision, arch) at (512, 2048, 8142) plus eo_uc at
-every shape — every kernel × precision × arch, deduplicated by specialization (about a minute on
-two cores). LT_AOT_FULL=1: the whole methods × precisions × B{256,512} × d{512,2048} ×
-K{1000,8142,131072} matrix, also with label smoothing and center_grad=True.
+Default (see `cases`): every kernel × precision × arch at least once, every engine method and
+every benchmark shape for the default precision (AMP bf16); compiled in a child process, one
+worker per core, each specialization once (2–3 minutes on two cores with a cold Triton cache).
+LT_AOT_FULL=1: the whole methods × precisions × B{256,512} × d{512,2048} × K{1000,8142,131072}
+matrix, also with label smoothing and every optional epilogue.
 """
 
 from __future__ import annotations
@@ -65,25 +66,33 @@ def engine_flag_sets(label_smoothing: float) -> dict[str, tuple[fh.HeadFlags, bo
     return out
 
 
+# The non-engine variant the tests and `fused_offset_head_loss_with_stats` launch: every
+# optional epilogue on (per-class stats, dC, dB, label smoothing).
+EVERYTHING = (fh.HeadFlags(1.0, 1.0, True, 0.1, True, stats=True), True)
+DEFAULT_DTYPE = "amp_bf16"  # the engine's default CUDA run (run.amp=auto)
+
+
 def cases(dtype: str, arch: int):
-    """(label, launches) to compile for one precision and arch."""
-    flag_sets = engine_flag_sets(0.0)
+    """(label, launches) to compile for one precision and arch.
+
+    Default: eo_uc (all five kernels, the engine's method) and EVERYTHING at (512, 2048, 8142) for
+    every precision; for the default precision also every engine method (with and without label
+    smoothing) and eo_uc at every benchmark shape (K = 131072 is the one divisible by 16: other
+    specializations). LT_AOT_FULL=1: every method × shape × precision."""
+    methods = engine_flag_sets(0.0)
+    methods.update({f"{m}+ls": v for m, v in engine_flag_sets(0.1).items()})
+    methods["everything"] = EVERYTHING
     if FULL:
-        flag_sets.update({f"{m}+ls": v for m, v in engine_flag_sets(0.1).items()})
-        flag_sets["eo_uc+center_grad+bias"] = (fh.HeadFlags(1.0, 1.0, True, 0.1, True), True)
-        shapes = SHAPES_FULL
+        grid = itertools.product(methods.items(), SHAPES_FULL)
+    elif dtype == DEFAULT_DTYPE:
+        grid = itertools.chain(
+            itertools.product(methods.items(), [(512, 2048, 8142)]),
+            itertools.product([("eo_uc", methods["eo_uc"])], SHAPES_FULL),
+        )
     else:
-        ls = engine_flag_sets(0.1)
-        flag_sets["ce_bias+ls"] = ls["ce_bias"]
-        flag_sets["eo_uc+center_grad+bias+stats"] = (fh.HeadFlags(1.0, 1.0, True, 0.1, True, stats=True), True)
-        shapes = [(512, 2048, 8142)]
-    for (method, (flags, bias)), (B, d, K) in itertools.product(flag_sets.items(), shapes):
+        grid = itertools.product([("eo_uc", methods["eo_uc"]), ("everything", EVERYTHING)], [(512, 2048, 8142)])
+    for (method, (flags, bias)), (B, d, K) in grid:
         yield f"{method} B{B} d{d} K{K}", aot.launches_for(B, d, K, dtype, flags, bias)
-    if not FULL:  # eo_uc (the default method: all five kernels) at every other benchmark shape
-        flags, bias = flag_sets["eo_uc"]
-        for B, d, K in SHAPES_FULL:
-            if (B, d, K) != (512, 2048, 8142):
-                yield f"eo_uc B{B} d{d} K{K}", aot.launches_for(B, d, K, dtype, flags, bias)
 
 
 def test_engine_methods_reach_the_fused_op():
@@ -143,6 +152,6 @@ def test_detector_sees_spills_and_missing_tensor_cores():
     flags = fh.HeadFlags(1.0, 1.0, True, 0.0, False)
     (launch,) = [x for x in aot.launches_for(512, 2048, 8142, "fp32", flags, False) if x.name == "_grad_weight_kernel"]
     big = fh.Launch(launch.kernel, launch.grid, launch.args,
-                    {**launch.constexprs, "BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_D": 256}, 4, 2)
+                    {**launch.constexprs, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_D": 128}, 4, 2)
     c = aot.compile_launch(big, 80)
     assert c.spill_stores > 0 and c.mma == "" and c.ffma > 0
