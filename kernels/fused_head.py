@@ -33,8 +33,8 @@ Kernels, in launch order (one launch each per row chunk; `plan_forward` builds t
                           epilogue (an fp32 accumulator only exists across row chunks and
                           only when dW itself is not fp32)                  grid d/BD × K/BN
     loss = Σ row losses (+ λ2·UC, the last entry): one torch reduction.
-Launches per forward: 5 kernels + the loss sum (+1 memset when per-class stats are
-asked for): 6–7 ≤ 8 for every method. No host sync: labels are validated on the host only
+Launches per forward: 4–5 kernels + the loss sum (+1 memset when per-class stats are
+asked for): ≤ 7 for every method (eo_uc: 6, or 7 with stats). No host sync: labels are validated on the host only
 when they live on the CPU (free), else in-kernel with tl.device_assert (flags.debug).
 
 GEMM precision — one operand dtype for all three GEMMs (z = f·Wᵀ, dF = dz·W, dW = dzᵀ·F),
@@ -71,23 +71,33 @@ Gradient derivation (everything is divided by B):
     õ_k = ½ c_k·w_k ⇒ ∂L/∂w_k += ½ c_k ∂L/∂õ_k,  ∂L/∂c_k += ½ w_k ∂L/∂õ_k
     center_grad=False: c is a constant (the reference's `c.detach()`).
 
-HBM traffic — see `modelled_bytes` (the numbers below are its output). Each kernel's
-docstring gives its bytes/FLOPs; the model counts every tensor once per kernel, which
-holds because each grid is ordered (program id 0 fastest) so that programs sharing the
-large operand tile run side by side and share it through L2 (logits: the M/BM programs of
-one W tile; grad_weight: the d/BD programs of one dz column slab). Ideal = read f and W
-twice, C once (offset), write dF and dW, logits streamed once in the feature dtype.
-Engine default (eo_uc, center_grad=False, no stats), B=512, d=2048:
+HBM traffic — `modelled_bytes` (the numbers below are its output). Each kernel's docstring
+(kernels/fused_head_triton.py) gives its bytes/FLOPs; the model counts every tensor once per
+kernel, which holds because each grid is ordered (program id 0 fastest) so that programs
+sharing the large operand tile run side by side and share it through L2 (logits: the M/BM
+programs of one W tile; grad_features: the M/BM programs of one W column slab; grad_weight:
+the d/BD programs of one dz column slab — the old grid re-read dz from HBM once per d slice).
+Ideal = read f and W twice, C once (offset), write dF and dW, logits streamed once in the
+feature dtype. Engine default (eo_uc, center_grad=False, no stats), B=512, d=2048, per fwd+bwd:
 
     | dtype (f / W)  | K      | modelled GB | ideal GB | ratio |
     |----------------|--------|-------------|----------|-------|
-    | bf16 / bf16    | 1000   | 0.033       | 0.023    | 1.43  |
-    | bf16 / bf16    | 8142   | 0.25        | 0.16     | 1.52  |
-    | bf16 / bf16    | 131072 | 3.97        | 2.28     | 1.74  |
-    | bf16 / fp32    | 1000   | 0.058       | 0.041    | 1.41  |
-    | bf16 / fp32    | 8142   | 0.44        | 0.30     | 1.47  |
-    | bf16 / fp32    | 131072 | 7.0         | 4.43     | 1.58  |
-(regenerate with `python -m kernels.fused_head`).
+    | bf16 / bf16    | 1000   | 0.0589      | 0.0237   | 2.48  |
+    | bf16 / bf16    | 8142   | 0.345       | 0.148    | 2.33  |
+    | bf16 / bf16    | 131072 | 5.26        | 2.29     | 2.30  |
+    | bf16 / fp32    | 1000   | 0.0916      | 0.0401   | 2.29  |
+    | bf16 / fp32    | 8142   | 0.611       | 0.281    | 2.17  |
+    | bf16 / fp32    | 131072 | 9.56        | 4.44     | 2.15  |
+    | fp32 / fp32    | 1000   | 0.114       | 0.0474   | 2.40  |
+    | fp32 / fp32    | 8142   | 0.655       | 0.296    | 2.21  |
+    | fp32 / fp32    | 131072 | 9.98        | 4.58     | 2.18  |
+(regenerate: `python -c "from kernels import fused_head; print(fused_head._traffic_table())"`).
+Where the excess over the ideal is, at bf16 / fp32 (AMP), K=131072 (GB): offset_uc 2.15 (reads W
+and C), logits 1.35 (W + the fp32 z scratch), ce_rows 0.41, grad_features 1.21, grad_weight 2.28
+(dz, C for ½c∂L/∂õ, dW), backward `grad * g_loss` 2.15 (reads and writes dF, dW). Still above
+the 2× target: the next step is Cut-Cross-Entropy's split — the forward keeps only the row lse,
+the backward recomputes the logit tile and folds g_loss into 1/B (no backward scaling pass, no
+fp32 z round trip), at the price of one more W read and +33% GEMM FLOPs.
 
 Entry points:
     fused_offset_head_loss(...)              -> loss              (autograd-aware)
@@ -782,5 +792,3 @@ def _traffic_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
-    print(_traffic_table())

@@ -519,3 +519,26 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(fc.grad, fe.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(wc.grad, we.grad, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- traffic model
+
+
+def test_traffic_table_in_docstring_is_current():
+    """The module docstring's byte table is `modelled_bytes`' output (regenerate it when a kernel changes)."""
+    for line in fused_head._traffic_table().splitlines():
+        assert "    " + line in fused_head.__doc__, f"docstring table out of date; expected the row:\n{line}"
+
+
+def test_modelled_bytes_accounting():
+    """Hand check at K=1000, bf16: f = 2 MiB-ish, W = 4 MB; the model's ideal and a few kernel terms."""
+    B, D, K = 512, 2048, 1000
+    m = fused_head.modelled_bytes(B, D, K, torch.bfloat16, torch.bfloat16)
+    f, W = B * D * 2, K * D * 2
+    assert m["ideal"] == 2 * (f + W) + W + f + W + B * K * 2
+    assert m["kernels"]["offset_uc"] == 2 * W + 4 * K
+    assert m["kernels"]["backward_scale"] == 2 * (f + W)
+    assert m["total"] == sum(m["kernels"].values()) and m["ratio"] == m["total"] / m["ideal"]
+    # fp32 accumulators across row chunks appear only when B·K forces several chunks.
+    big = fused_head.modelled_bytes(4096, D, 131072, torch.bfloat16, torch.bfloat16)
+    assert big["kernels"]["grad_weight"] > fused_head.modelled_bytes(512, D, 131072)["kernels"]["grad_weight"]
