@@ -706,13 +706,20 @@ def _triton_usable(*tensors: Tensor) -> bool:
     )
 
 
-def _pick_backend(backend: str, features, weight, centers, bias) -> str:
+def _dispatch(backend: str, with_stats: bool, features, weight, centers, labels, *args, **kwargs):
+    """The backend choice of both public entry points (loss, or loss + per-class stats)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        ts = [features, weight, centers] + ([bias] if bias is not None else [])
-        return "triton" if _triton_usable(*ts) else "torch"
-    return backend
+        ts = [features, weight, centers] + ([kwargs["bias"]] if kwargs["bias"] is not None else [])
+        backend = "triton" if _triton_usable(*ts) else "torch"
+    if backend == "triton":
+        fused = fused_offset_head_loss_with_stats if with_stats else fused_offset_head_loss
+        return fused(features, weight, centers, labels, *args, **kwargs)
+    loss = _ref.offset_head_loss(features, weight, centers, labels, *args, **kwargs)
+    if not with_stats:
+        return loss
+    return (loss, *_ref.class_feature_sums(features, labels, weight.shape[0]))
 
 
 def offset_head_loss(
@@ -733,11 +740,8 @@ def offset_head_loss(
     "triton" = the fused kernel (CUDA, or CPU under TRITON_INTERPRET=1),
     "auto" = Triton for CUDA tensors of float32/bfloat16/float16, the reference otherwise
     (so CPU training is unchanged)."""
-    args = (features, weight, centers, labels, lambda_center, lambda_uniform)
-    kwargs = dict(use_offset=use_offset, bias=bias, label_smoothing=label_smoothing, center_grad=center_grad)
-    if _pick_backend(backend, features, weight, centers, bias) == "torch":
-        return _ref.offset_head_loss(*args, **kwargs)
-    return fused_offset_head_loss(*args, **kwargs)
+    return _dispatch(backend, False, features, weight, centers, labels, lambda_center, lambda_uniform,
+                     use_offset=use_offset, bias=bias, label_smoothing=label_smoothing, center_grad=center_grad)
 
 
 def offset_head_loss_with_stats(
@@ -757,12 +761,8 @@ def offset_head_loss_with_stats(
     """`offset_head_loss` plus the batch's per-class feature sums (K, d) and counts (K,), float32,
     detached, for `wen_center_update` after the optimizer step — without a host sync on either
     backend (fused: from the same pass; torch: `reference.class_feature_sums`, index_add_ only)."""
-    args = (features, weight, centers, labels, lambda_center, lambda_uniform)
-    kwargs = dict(use_offset=use_offset, bias=bias, label_smoothing=label_smoothing, center_grad=center_grad)
-    if _pick_backend(backend, features, weight, centers, bias) == "torch":
-        sums, counts = _ref.class_feature_sums(features, labels, weight.shape[0])
-        return _ref.offset_head_loss(*args, **kwargs), sums, counts
-    return fused_offset_head_loss_with_stats(*args, **kwargs)
+    return _dispatch(backend, True, features, weight, centers, labels, lambda_center, lambda_uniform,
+                     use_offset=use_offset, bias=bias, label_smoothing=label_smoothing, center_grad=center_grad)
 
 
 __all__ = [
