@@ -21,6 +21,7 @@ from kernels.reference import (
     head_logits,
     uniform_constraint,
     wen_center_update,
+    wen_center_update_from_batch,
 )
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "offset_head_loss_with_stats",
     "uniform_constraint",
     "wen_center_update",
+    "wen_center_update_from_batch",
 ]

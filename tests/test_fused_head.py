@@ -342,12 +342,13 @@ def test_sync_detector_can_fail(monkeypatch):
 
 
 def test_center_update_path_has_no_sync():
-    """class_feature_sums + wen_center_update: index_add_ only, no bincount/.item()."""
+    """class_feature_sums + wen_center_update (dense) and wen_center_update_from_batch: no bincount/.item()."""
     f, w, c, b, y = make_inputs(16, 37, 19, seed=2)
     centers, fd, yd = c.float().to(DEVICE), f.float().to(DEVICE), y.to(DEVICE)
     with _OpLog() as log:
         sums, counts = kernels.class_feature_sums(fd, yd, 37)
         kernels.wen_center_update(centers, sums, counts, 0.5)
+        kernels.wen_center_update_from_batch(centers, fd, yd, 0.5)
     assert not SYNC_OPS.intersection(log.ops), sorted(SYNC_OPS.intersection(log.ops))
     assert counts.sum().item() == 16
 
