@@ -3,12 +3,16 @@
 `offset_head_loss` dispatches (backend="auto" | "triton" | "torch") between the fused
 Triton head (`kernels.fused_head`) and the plain-PyTorch definition, which stays
 importable as `kernels.reference.offset_head_loss`. "auto" keeps the reference on CPU.
+`offset_head_loss_with_stats` also returns the batch's per-class feature sums and counts
+(from the same fused pass on CUDA) for `wen_center_update`, with no host sync on either path.
 """
 
 from kernels.fused_head import (
+    HeadFlags,
     fused_offset_head_loss,
     fused_offset_head_loss_with_stats,
     offset_head_loss,
+    offset_head_loss_with_stats,
 )
 from kernels.reference import (
     class_feature_sums,
@@ -17,9 +21,11 @@ from kernels.reference import (
     head_logits,
     uniform_constraint,
     wen_center_update,
+    wen_center_update_from_batch,
 )
 
 __all__ = [
+    "HeadFlags",
     "class_feature_sums",
     "empirical_offset",
     "estimated_offset",
@@ -27,6 +33,8 @@ __all__ = [
     "fused_offset_head_loss_with_stats",
     "head_logits",
     "offset_head_loss",
+    "offset_head_loss_with_stats",
     "uniform_constraint",
     "wen_center_update",
+    "wen_center_update_from_batch",
 ]

@@ -9,67 +9,110 @@ Same definition as `kernels.reference.offset_head_loss` (read that file first):
          + λ1 · 1/B Σ_i ‖f_i − c_{y_i}‖²                center loss
          + λ2 · Σ_k p_k log p_k,  p = softmax(−õ)       uniform constraint (Eq. 5)
 
-Design (after Liger-Kernel's FusedLinearCrossEntropy, not its code): the loss is
-a scalar, so every gradient is computed *in the forward pass* and the backward
-only multiplies the saved gradients by grad_output. The batch is processed in
-row chunks, so only a (chunk, K) fp32 logits scratch exists at any time, never
-the full (B, K) one; K = 131,072 works. fp32 accumulators of size (K, d) for dW
-(and the per-class feature sums, which double as Wen's center-update statistics
-and as the center-loss gradient of c) are kept, as in Liger.
+Design (after Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy,
+not their code): the loss is a scalar, so every gradient is computed *in the forward*
+and the backward only multiplies the saved gradients by grad_output. The batch is
+processed in row chunks so that only a (chunk, K) logits scratch exists, never a
+(B, K) one at large B·K; at the benchmark shapes (B=512, K ≤ 131072) one chunk holds
+the whole batch, so every kernel runs once.
 
-Kernels (all accumulate in fp32, whatever the input dtype):
-    _offset_kernel        õ_k = ½ Σ_d c_kd w_kd                           grid K/BK
-    _uniform_kernel       UC value and g_k = dUC/dõ_k (3 streaming passes) grid 1
-  per row chunk [r0, r0+M):
-    _logits_kernel        z tile = f·Wᵀ − õ + b  (tl.dot over d), stored to the
-                          (M, K) scratch, plus per-tile softmax partials
-                          (max m_t, Σexp(z − m_t), Σz) for an online softmax  grid M/BM × K/BN
-    _ce_rows_kernel       merges the tile partials (online softmax), CE_ε per row,
-                          then overwrites z with dz = ∂L/∂z in place          grid M
-    _grad_features_kernel dF = dz·W  (+ center term), per-class sums/counts,
-                          center-loss value per row                      grid M/BM × d/BD
-    _grad_weight_kernel   dW_acc += dzᵀ·f_chunk,  colsum_k += Σ_i dz_ik       grid K/BN × d/BD
-  once:
-    _finalize_kernel      offset/uniform terms of dW, dC; dB; casts       grid K/BN × d/BD
+Kernels, in launch order (one launch each per row chunk; `plan_forward` builds the list):
+    _offset_uc_kernel     õ_k = ½ c_k·w_k and, for the uniform constraint, per-CTA partials
+                          (max q, Σe^{q−m}, Σe^{q−m}q) of q = −õ: stage 1 of a two-stage
+                          reduction (stage 2 runs in _ce_rows_kernel's first program)   grid K/BK
+    _logits_kernel        z tile = f·Wᵀ − õ + b (tensor cores), stored fp32 to the (M, K)
+                          scratch, per-tile softmax partials (m_t, Σe^{z−m_t}, Σz) and
+                          z_{i,y_i} (taken from the tile that holds y_i)    grid M/BM × K/BN
+    _ce_rows_kernel       merges the partials (online softmax), CE_ε + λ1‖f−c_y‖² per row,
+                          dz = softmax − (1−ε)[k=y] − ε/K (unscaled by 1/B) into a *separate*
+                          buffer in the GEMM dtype (z_y comes from the logits kernel: no
+                          read of a row that is being overwritten), UC merge     grid M
+    _grad_features_kernel dF = dz·W / B (+ 2λ1/B (f − c_y)); per-class sums/counts
+                          (atomics) when asked                              grid M/BM × d/BD
+    _grad_weight_kernel   dW = dzᵀ·F / B + ½ c ∂L/∂õ, dC, dB, Σ_i dz_ik: the finalize is its
+                          epilogue (an fp32 accumulator only exists across row chunks and
+                          only when dW itself is not fp32)                  grid d/BD × K/BN
+    loss = Σ row losses (+ λ2·UC, the last entry): one torch reduction.
+Launches per forward: 4–5 kernels + the loss sum (+1 memset when per-class stats are
+asked for): ≤ 7 for every method (eo_uc: 6, or 7 with stats). No host sync: labels are validated on the host only
+when they live on the CPU (free), else in-kernel with tl.device_assert (flags.debug).
 
-Gradient derivation (everything is divided by B through dz):
+GEMM precision — one operand dtype for all three GEMMs (z = f·Wᵀ, dF = dz·W, dW = dzᵀ·F),
+loaded in the storage dtype and converted in registers, always accumulated in fp32;
+the softmax/CE/UC math is fp32 everywhere:
+
+    | features   | weight/centers | GEMM operands               | dz stored as |
+    |------------|----------------|-----------------------------|--------------|
+    | bf16       | bf16 or fp32   | bf16 tensor cores (AMP: W   | bf16         |
+    |            | (AMP)          | tile cast in registers)     |              |
+    | fp16       | fp16 or fp32   | fp16 tensor cores           | fp16         |
+    | fp32       | bf16 / fp16    | that low-precision dtype    | that dtype   |
+    | fp32       | fp32           | TF32 tensor cores if tf32   | fp32         |
+    |            |                | (flags.tf32, default torch. |              |
+    |            |                | backends.cuda.matmul.       |              |
+    |            |                | allow_tf32), else IEEE fp32 |              |
+    |            |                | FMA with small tiles        |              |
+
+dz is stored without the 1/B factor (|dz| ≤ 1), so fp16 loses only probabilities below
+fp16's subnormal range (< 6e-8), as an autocast fp16 linear's backward would; 1/B is
+applied to the fp32 accumulators. Under the interpreter (TRITON_INTERPRET=1) bf16/fp16
+modes round the operands to that dtype and multiply in fp32 (numpy has no bf16 dot).
+
+Gradient derivation (everything is divided by B):
     CE_ε(z_i, y) = lse(z_i) − (1−ε) z_iy − ε/K Σ_k z_ik
-        (= (1−ε)(−log p_iy) + ε/K Σ_k (−log p_ik), PyTorch's label smoothing)
-    dz_ik = ∂L/∂z_ik = (softmax(z_i)_k − (1−ε)[k = y_i] − ε/K) / B
-    z_ik = f_i·w_k − õ_k + b_k  ⇒
-        ∂L/∂f_i   += Σ_k dz_ik w_k                 (dF = dz·W)
-        ∂L/∂w_k   += Σ_i dz_ik f_i                 (dW = dzᵀ·F)
-        ∂L/∂b_k    = Σ_i dz_ik
-        ∂L/∂õ_k   += −Σ_i dz_ik                    (only with use_offset)
-    center loss  λ1/B Σ_i ‖f_i − c_{y_i}‖²  ⇒
-        ∂L/∂f_i   += 2λ1/B (f_i − c_{y_i})
-        ∂L/∂c_k   += −2λ1/B Σ_{i: y_i=k} (f_i − c_k) = −2λ1/B (S_k − n_k c_k)
-        with S_k = Σ_{i: y_i=k} f_i and n_k the class count: exactly the statistics
-        Wen's center update needs, so they are computed once and returned.
+    dz_ik = softmax(z_i)_k − (1−ε)[k = y_i] − ε/K;      ∂L/∂z_ik = dz_ik / B
+    ∂L/∂f_i = Σ_k dz_ik w_k / B,   ∂L/∂w_k = Σ_i dz_ik f_i / B,   ∂L/∂b_k = Σ_i dz_ik / B
+    ∂L/∂õ_k += −Σ_i dz_ik / B  (use_offset)
+    center loss: ∂L/∂f_i += 2λ1/B (f_i − c_{y_i}),  ∂L/∂c_k += −2λ1/B (S_k − n_k c_k)
+        S_k = Σ_{i: y_i=k} f_i, n_k the class count (also Wen's update statistics)
     uniform constraint UC = Σ_k p_k log p_k, p = softmax(q), q = −õ:
-        ∂UC/∂q_j = Σ_k (log p_k + 1) p_k (δ_kj − p_j) = p_j (log p_j − Σ_k p_k log p_k)
-        ⇒ g_j = ∂UC/∂õ_j = −p_j (log p_j − Σ_k p_k log p_k),   ∂L/∂õ_k += λ2 g_k
-    õ_k = ½ c_k·w_k  ⇒  ∂L/∂w_k += ½ c_k ∂L/∂õ_k,   ∂L/∂c_k += ½ w_k ∂L/∂õ_k
-    center_grad=False: c is a constant (the reference's `c.detach()`): no dC at all,
-    but the offset and center terms still give dW and dF.
+        with m = max q, s = Σ e^{q−m}, t = Σ e^{q−m} q (merged over CTAs):
+        lse = m + log s,  UC = t/s − lse,   ∂UC/∂õ_j = −p_j (log p_j − UC),  ∂L/∂õ += λ2 ∂UC/∂õ
+    õ_k = ½ c_k·w_k ⇒ ∂L/∂w_k += ½ c_k ∂L/∂õ_k,  ∂L/∂c_k += ½ w_k ∂L/∂õ_k
+    center_grad=False: c is a constant (the reference's `c.detach()`).
+
+HBM traffic — `modelled_bytes` (the numbers below are its output). Each kernel's docstring
+(kernels/fused_head_triton.py) gives its bytes/FLOPs; the model counts every tensor once per
+kernel, which holds because each grid is ordered (program id 0 fastest) so that programs
+sharing the large operand tile run side by side and share it through L2 (logits: the M/BM
+programs of one W tile; grad_features: the M/BM programs of one W column slab; grad_weight:
+the d/BD programs of one dz column slab — the old grid re-read dz from HBM once per d slice).
+Ideal = read f and W twice, C once (offset), write dF and dW, logits streamed once in the
+feature dtype. Engine default (eo_uc, center_grad=False, no stats), B=512, d=2048, per fwd+bwd:
+
+    | dtype (f / W)  | K      | modelled GB | ideal GB | ratio |
+    |----------------|--------|-------------|----------|-------|
+    | bf16 / bf16    | 1000   | 0.0589      | 0.0237   | 2.48  |
+    | bf16 / bf16    | 8142   | 0.345       | 0.148    | 2.33  |
+    | bf16 / bf16    | 131072 | 5.26        | 2.29     | 2.30  |
+    | bf16 / fp32    | 1000   | 0.0916      | 0.0401   | 2.29  |
+    | bf16 / fp32    | 8142   | 0.611       | 0.281    | 2.17  |
+    | bf16 / fp32    | 131072 | 9.56        | 4.44     | 2.15  |
+    | fp32 / fp32    | 1000   | 0.114       | 0.0474   | 2.40  |
+    | fp32 / fp32    | 8142   | 0.655       | 0.296    | 2.21  |
+    | fp32 / fp32    | 131072 | 9.98        | 4.58     | 2.18  |
+(regenerate: `python -c "from kernels import fused_head; print(fused_head._traffic_table())"`).
+Where the excess over the ideal is, at bf16 / fp32 (AMP), K=131072 (GB): offset_uc 2.15 (reads W
+and C), logits 1.35 (W + the fp32 z scratch), ce_rows 0.41, grad_features 1.21, grad_weight 2.28
+(dz, C for ½c∂L/∂õ, dW), backward `grad * g_loss` 2.15 (reads and writes dF, dW). Still above
+the 2× target: the next step is Cut-Cross-Entropy's split — the forward keeps only the row lse,
+the backward recomputes the logit tile and folds g_loss into 1/B (no backward scaling pass, no
+fp32 z round trip), at the price of one more W read and +33% GEMM FLOPs.
 
 Entry points:
     fused_offset_head_loss(...)              -> loss              (autograd-aware)
     fused_offset_head_loss_with_stats(...)   -> (loss, sums, counts)
     offset_head_loss(..., backend="auto")    dispatcher: "triton" | "torch" | "auto"
-The work is registered as the custom op `lt_engine::fused_offset_head` (torch.library),
-with a fake (meta) implementation and an autograd formula, so torch.compile traces
-it without a graph break.
-
-Interpreter (TRITON_INTERPRET=1, CPU tensors): the same kernels run on numpy.
-tl.dot on bf16/fp16 tiles is wrong there (numpy has no bf16), so every dot
-upcasts its tiles to fp32 when interpreting (`_DOT_FP32_IEEE`).
+The work is the custom op `lt_engine::fused_offset_head` (torch.library) with a fake
+implementation and an autograd formula: torch.compile traces it without a graph break,
+and it captures in a CUDA graph (no host sync, no data-dependent shape).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from dataclasses import astuple, dataclass, fields, replace
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -92,14 +135,66 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "tr
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# tl.dot modes (constexpr MODE of `_mma`).
-_DOT_FP32_IEEE = 0  # fp32 tiles, exact fp32 products (interpreter; fp32 without TF32)
-_DOT_FP32_TF32 = 1  # fp32 tiles on TF32 tensor cores (fp32 when torch allows TF32; fp16 grads)
-_DOT_BF16 = 2  # bf16 tiles, fp32 accumulation
-_DOT_FP16 = 3  # fp16 tiles, fp32 accumulation (logits of fp16 inputs only)
+# GEMM operand modes (constexpr MODE of `_mma`).
+MODE_IEEE = 0  # fp32 operands, exact fp32 FMA products
+MODE_TF32 = 1  # fp32 operands on TF32 tensor cores
+MODE_BF16 = 2  # bf16 operands (cast in registers), fp32 accumulation
+MODE_FP16 = 3  # fp16 operands (cast in registers), fp32 accumulation
+MODE_BF16_EMULATED = 4  # interpreter: operands rounded to bf16, multiplied in fp32
+MODE_FP16_EMULATED = 5  # interpreter: operands rounded to fp16, multiplied in fp32
+TENSOR_CORE_MODES = (MODE_TF32, MODE_BF16, MODE_FP16)
 
-# Row-chunk size: the (chunk, K) fp32 logits scratch stays under this many bytes.
-_CHUNK_BYTES = 256 * 2**20
+# Triton compile options of flags.debug: device assertions on; Triton's integer-overflow
+# sanitizer (on by default with debug) off — it fails to compile `d0 + tl.arange(...)` loops.
+DEBUG_OPTIONS = {"debug": True, "sanitize_overflow": False}
+
+# Row-chunk size: the (chunk, K) fp32 logits + dz scratch stays under this many bytes.
+_CHUNK_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class HeadFlags:
+    """Every scalar option of the op, in the custom op's schema order (its one definition).
+
+    tf32: -1 follows torch.backends.cuda.matmul.allow_tf32, 0 = IEEE fp32, 1 = TF32 (fp32 inputs only).
+    debug: in-kernel label range assertion (tl.device_assert) on CUDA.
+    stats: also return the batch's per-class feature sums (K, d) and counts (K,).
+    chunk_rows: > 0 forces the row-chunk size (tests)."""
+
+    lambda_center: float = 1.0
+    lambda_uniform: float = 1.0
+    use_offset: bool = True
+    label_smoothing: float = 0.0
+    center_grad: bool = True
+    chunk_rows: int = 0
+    tf32: int = -1
+    debug: bool = False
+    stats: bool = False
+
+    @property
+    def center(self) -> bool:
+        return self.lambda_center != 0.0
+
+    @property
+    def uniform(self) -> bool:
+        return self.lambda_uniform != 0.0
+
+    @property
+    def smooth(self) -> bool:
+        return self.label_smoothing != 0.0
+
+    @property
+    def c_grad(self) -> bool:
+        """c takes a gradient only when asked and when it appears in the loss at all."""
+        return bool(self.center_grad) and (self.use_offset or self.uniform or self.center)
+
+    @property
+    def sums(self) -> bool:
+        """Per-class sums S_k are computed when returned or needed by dC's center term."""
+        return self.stats or (self.c_grad and self.center)
+
+    def op_args(self) -> tuple:
+        return astuple(self)
 
 
 def _empty(shape, dtype, device) -> Tensor:
@@ -108,289 +203,284 @@ def _empty(shape, dtype, device) -> Tensor:
 
 
 if HAS_TRITON:
+    from kernels.fused_head_triton import (
+        _ce_rows_kernel,
+        _grad_features_kernel,
+        _grad_weight_kernel,
+        _logits_kernel,
+        _offset_uc_kernel,
+    )
 
-    @triton.jit
-    def _mma(a, b, acc, MODE: tl.constexpr):
-        """acc + a @ b with fp32 accumulation; MODE picks the tile dtype fed to the tensor cores."""
-        if MODE == 0:
-            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif MODE == 1:
-            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
-        elif MODE == 2:
-            out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-        else:
-            out = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
-        return out
 
-    @triton.jit
-    def _offset_kernel(W, C, OFF, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        # õ_k = ½ Σ_d c_kd w_kd, fp32.
-        pid = tl.program_id(0)
-        ks = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        rows = ks.to(tl.int64) * D
-        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            m = kmask[:, None] & (ds < D)[None, :]
-            w = tl.load(W + rows[:, None] + ds[None, :], mask=m, other=0.0).to(tl.float32)
-            c = tl.load(C + rows[:, None] + ds[None, :], mask=m, other=0.0).to(tl.float32)
-            acc += tl.sum(w * c, axis=1)
-        tl.store(OFF + ks, 0.5 * acc, mask=kmask)
+# --------------------------------------------------------------------------- precision
 
-    @triton.jit
-    def _uniform_kernel(OFF, G, UC, K, BLOCK: tl.constexpr):
-        # p = softmax(q), q = −õ.  Pass 1: lse(q) by online max/sum.  Pass 2: H' = Σ p log p.
-        # Pass 3: g_k = dUC/dõ_k = −p_k (log p_k − H')  (derivation in the module docstring).
-        m = -float("inf")
-        s = 0.0
-        for k0 in range(0, K, BLOCK):
-            ks = k0 + tl.arange(0, BLOCK)
-            q = -tl.load(OFF + ks, mask=ks < K, other=float("inf"))
-            m_new = tl.maximum(m, tl.max(q, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(q - m_new), axis=0)
-            m = m_new
-        lse = m + tl.log(s)
-        h = 0.0
-        for k0 in range(0, K, BLOCK):
-            ks = k0 + tl.arange(0, BLOCK)
-            kmask = ks < K
-            logp = -tl.load(OFF + ks, mask=kmask, other=0.0) - lse
-            h += tl.sum(tl.where(kmask, tl.exp(logp) * logp, 0.0), axis=0)
-        for k0 in range(0, K, BLOCK):
-            ks = k0 + tl.arange(0, BLOCK)
-            kmask = ks < K
-            logp = -tl.load(OFF + ks, mask=kmask, other=0.0) - lse
-            tl.store(G + ks, -tl.exp(logp) * (logp - h), mask=kmask)
-        tl.store(UC, h)
 
-    @triton.jit
-    def _logits_kernel(
-        F, W, OFF, BIAS, Z, PMAX, PSUM, PZ,
-        row0, M, K, D, NT,
-        USE_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SMOOTH: tl.constexpr, MODE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        # z tile (BLOCK_M rows of the chunk × BLOCK_N classes) = f·Wᵀ − õ + b, then per-row
-        # partials of this tile for the online softmax: m_t = max z, s_t = Σ exp(z − m_t), Σ z.
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rl = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows local to the chunk
-        rmask = rl < M
-        ks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        kmask = ks < K
-        frow = (row0 + rl).to(tl.int64) * D
-        wrow = ks.to(tl.int64) * D
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            dmask = ds < D
-            f = tl.load(F + frow[:, None] + ds[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-            w = tl.load(W + wrow[:, None] + ds[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
-            acc = _mma(f, tl.trans(w), acc, MODE)
-        if USE_OFFSET:
-            acc -= tl.load(OFF + ks, mask=kmask, other=0.0)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(BIAS + ks, mask=kmask, other=0.0).to(tl.float32)[None, :]
-        zrow = rl.to(tl.int64) * K
-        tl.store(Z + zrow[:, None] + ks[None, :], acc, mask=rmask[:, None] & kmask[None, :])
-        z = tl.where(kmask[None, :], acc, -float("inf"))
-        m_t = tl.max(z, axis=1)
-        s_t = tl.sum(tl.exp(z - m_t[:, None]), axis=1)
-        prow = rl.to(tl.int64) * NT + pid_n
-        tl.store(PMAX + prow, m_t, mask=rmask)
-        tl.store(PSUM + prow, s_t, mask=rmask)
-        if SMOOTH:
-            tl.store(PZ + prow, tl.sum(tl.where(kmask[None, :], acc, 0.0), axis=1), mask=rmask)
+def gemm_mode(features_dtype: torch.dtype, weight_dtype: torch.dtype, tf32: bool, interpret: bool = False) -> int:
+    """The operand mode of all three GEMMs (table in the module docstring): the low-precision
+    dtype of the features (autocast's dtype) or else of the weight; fp32 → TF32 or IEEE."""
+    low = next((t for t in (features_dtype, weight_dtype) if t in (torch.bfloat16, torch.float16)), None)
+    if low is None:
+        return MODE_IEEE if (interpret or not tf32) else MODE_TF32
+    if low == torch.bfloat16:
+        return MODE_BF16_EMULATED if interpret else MODE_BF16
+    return MODE_FP16_EMULATED if interpret else MODE_FP16
 
-    @triton.jit
-    def _ce_rows_kernel(
-        Z, PMAX, PSUM, PZ, LABELS, CE,
-        row0, K, NT, inv_b, eps,
-        SMOOTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        # One row: merge the tile partials (online softmax: m ← max(m, m_t),
-        # s ← s·e^{m_old−m} + s_t·e^{m_t−m}), lse = m + log s,
-        # CE_ε = lse − (1−ε) z_y − ε/K Σ_k z_k, then dz_k = (e^{z_k − lse} − (1−ε)[k=y] − ε/K)/B
-        # written over z.
-        r = tl.program_id(0)
-        prow = r.to(tl.int64) * NT
-        m = -float("inf")
-        s = 0.0
-        zsum = 0.0
-        for t0 in range(0, NT, BLOCK_T):
-            ts = t0 + tl.arange(0, BLOCK_T)
-            tmask = ts < NT
-            mt = tl.load(PMAX + prow + ts, mask=tmask, other=-float("inf"))
-            st = tl.load(PSUM + prow + ts, mask=tmask, other=0.0)
-            m_new = tl.maximum(m, tl.max(mt, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(st * tl.exp(mt - m_new), axis=0)
-            m = m_new
-            if SMOOTH:
-                zsum += tl.sum(tl.load(PZ + prow + ts, mask=tmask, other=0.0), axis=0)
-        lse = m + tl.log(s)
-        y = tl.load(LABELS + row0 + r)
-        zrow = r.to(tl.int64) * K
-        z_y = tl.load(Z + zrow + y)
-        ce = lse - (1.0 - eps) * z_y
-        if SMOOTH:
-            ce -= eps / K * zsum
-        tl.store(CE + row0 + r, ce)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < K
-            z = tl.load(Z + zrow + ks, mask=kmask, other=0.0)
-            dz = tl.exp(z - lse) - tl.where(ks == y, 1.0 - eps, 0.0)
-            if SMOOTH:
-                dz -= eps / K
-            tl.store(Z + zrow + ks, dz * inv_b, mask=kmask)
 
-    @triton.jit
-    def _grad_features_kernel(
-        DZ, W, F, C, LABELS, DF, SUMS, COUNTS, SQ,
-        row0, M, K, D, center_scale,
-        CENTER: tl.constexpr, MODE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        # dF tile = Σ_k dz[:, k] w_k  (+ 2λ1/B (f − c_y)), written once in F's dtype.
-        # Epilogue also accumulates the per-class sums S_y += f, counts n_y += 1 and the
-        # center-loss value ‖f − c_y‖² per row (atomics: labels repeat across rows).
-        pid_m = tl.program_id(0)
-        pid_d = tl.program_id(1)
-        rl = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rl < M
-        ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = ds < D
-        zrow = rl.to(tl.int64) * K
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < K
-            dz = tl.load(DZ + zrow[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(W + ks.to(tl.int64)[:, None] * D + ds[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
-            acc = _mma(dz, w, acc, MODE)
-        rows = (row0 + rl).to(tl.int64)
-        m2 = rmask[:, None] & dmask[None, :]
-        f = tl.load(F + rows[:, None] * D + ds[None, :], mask=m2, other=0.0).to(tl.float32)
-        y = tl.load(LABELS + rows, mask=rmask, other=0)
-        tl.atomic_add(SUMS + y[:, None] * D + ds[None, :], f, mask=m2)
-        if pid_d == 0:
-            tl.atomic_add(COUNTS + y, tl.full((BLOCK_M,), 1.0, tl.float32), mask=rmask)
-        if CENTER:
-            c = tl.load(C + y[:, None] * D + ds[None, :], mask=m2, other=0.0).to(tl.float32)
-            diff = f - c
-            tl.atomic_add(SQ + rows, tl.sum(diff * diff, axis=1), mask=rmask)
-            acc += center_scale * diff
-        tl.store(DF + rows[:, None] * D + ds[None, :], acc.to(DF.dtype.element_ty), mask=m2)
+def _dz_dtype(mode: int) -> torch.dtype:
+    """dz is stored in the GEMM operand dtype (the kernels would cast it to that anyway)."""
+    if mode in (MODE_BF16, MODE_BF16_EMULATED):
+        return torch.bfloat16
+    if mode in (MODE_FP16, MODE_FP16_EMULATED):
+        return torch.float16
+    return torch.float32
 
-    @triton.jit
-    def _grad_weight_kernel(
-        DZ, F, DW_ACC, DZSUM,
-        row0, M, K, D,
-        NEED_COLSUM: tl.constexpr, MODE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        # dW_acc[k-tile, d-tile] += Σ_i dz_ik f_i over the chunk's rows (this program owns the
-        # tile, launches of successive chunks are ordered: plain load-add-store, no atomics).
-        # colsum_k = Σ_i dz_ik (for ∂L/∂b and ∂L/∂õ) is accumulated by the pid_d == 0 column.
-        pid_n = tl.program_id(0)
-        pid_d = tl.program_id(1)
-        ks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        kmask = ks < K
-        ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = ds < D
-        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
-            rl = m0 + tl.arange(0, BLOCK_M)
-            rmask = rl < M
-            dz = tl.load(DZ + rl.to(tl.int64)[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            f = tl.load(F + (row0 + rl).to(tl.int64)[:, None] * D + ds[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-            acc = _mma(tl.trans(dz), f, acc, MODE)
-            if NEED_COLSUM:
-                colsum += tl.sum(dz, axis=0)
-        ptrs = DW_ACC + ks.to(tl.int64)[:, None] * D + ds[None, :]
-        m2 = kmask[:, None] & dmask[None, :]
-        tl.store(ptrs, tl.load(ptrs, mask=m2, other=0.0) + acc, mask=m2)
-        if NEED_COLSUM:
-            if pid_d == 0:
-                tl.store(DZSUM + ks, tl.load(DZSUM + ks, mask=kmask, other=0.0) + colsum, mask=kmask)
 
-    @triton.jit
-    def _finalize_kernel(
-        DW_ACC, DZSUM, G, W, C, SUMS, COUNTS, DW, DC, DB,
-        K, D, lam_u, center_scale,
-        USE_OFFSET: tl.constexpr, UNIFORM: tl.constexpr, CENTER: tl.constexpr,
-        CENTER_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        # ∂L/∂õ_k = −colsum_k [use_offset] + λ2 g_k [uniform]
-        # dW = dW_acc + ½ c ∂L/∂õ;   dC = ½ w ∂L/∂õ − 2λ1/B (S − n c)  [center_grad];  dB = colsum.
-        pid_n = tl.program_id(0)
-        pid_d = tl.program_id(1)
-        ks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        kmask = ks < K
-        ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        m2 = kmask[:, None] & (ds < D)[None, :]
-        offs = ks.to(tl.int64)[:, None] * D + ds[None, :]
-        dw = tl.load(DW_ACC + offs, mask=m2, other=0.0)
-        if USE_OFFSET or UNIFORM:
-            doff = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            if USE_OFFSET:
-                doff -= tl.load(DZSUM + ks, mask=kmask, other=0.0)
-            if UNIFORM:
-                doff += lam_u * tl.load(G + ks, mask=kmask, other=0.0)
-            c = tl.load(C + offs, mask=m2, other=0.0).to(tl.float32)
-            dw += 0.5 * c * doff[:, None]
-        tl.store(DW + offs, dw.to(DW.dtype.element_ty), mask=m2)
-        if CENTER_GRAD:
-            dc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-            if USE_OFFSET or UNIFORM:
-                w = tl.load(W + offs, mask=m2, other=0.0).to(tl.float32)
-                dc += 0.5 * w * doff[:, None]
-            if CENTER:
-                c2 = tl.load(C + offs, mask=m2, other=0.0).to(tl.float32)
-                s = tl.load(SUMS + offs, mask=m2, other=0.0)
-                n = tl.load(COUNTS + ks, mask=kmask, other=0.0)
-                dc -= center_scale * (s - n[:, None] * c2)
-            tl.store(DC + offs, dc.to(DC.dtype.element_ty), mask=m2)
-        if HAS_BIAS:
-            if pid_d == 0:
-                colsum = tl.load(DZSUM + ks, mask=kmask, other=0.0)
-                tl.store(DB + ks, colsum.to(DB.dtype.element_ty), mask=kmask)
+def _resolve_tf32(flag: int) -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32) if flag < 0 else bool(flag)
+
+
+# --------------------------------------------------------------------------- tile configs
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    m: int  # rows of the batch per program (BLOCK_M)
+    n: int  # classes per program (BLOCK_N / BLOCK_K over K)
+    d: int  # feature columns per program / per step (BLOCK_D)
+    warps: int
+    stages: int
+
+
+# Compiled configs, chosen so that every specialization compiles without register spills
+# and within sm_80's 163 KiB of shared memory (tests/test_fused_head_aot.py proves it;
+# `python -m kernels.aot` prints registers / spills / shared / MMA per kernel).
+# IEEE fp32 runs on FMA units: its accumulators live in registers, so its tiles are small.
+_GPU_TILES = {
+    # kernel:        {mode: tiles}
+    "logits": {
+        MODE_BF16: _Tiles(128, 128, 64, 8, 3), MODE_FP16: _Tiles(128, 128, 64, 8, 3),
+        MODE_TF32: _Tiles(128, 128, 32, 8, 3), MODE_IEEE: _Tiles(64, 64, 16, 4, 2),
+    },
+    "grad_features": {
+        MODE_BF16: _Tiles(64, 64, 128, 4, 3), MODE_FP16: _Tiles(64, 64, 128, 4, 3),
+        MODE_TF32: _Tiles(64, 32, 128, 4, 3), MODE_IEEE: _Tiles(32, 32, 64, 4, 2),
+    },
+    "grad_weight": {
+        MODE_BF16: _Tiles(64, 128, 128, 8, 3), MODE_FP16: _Tiles(64, 128, 128, 8, 3),
+        MODE_TF32: _Tiles(32, 128, 128, 8, 3), MODE_IEEE: _Tiles(16, 64, 64, 4, 2),
+    },
+}
+_INTERPRET_TILES = _Tiles(64, 128, 64, 4, 1)  # interpreter: big blocks, few loop iterations
+
+
+def _tiles(kernel: str, mode: int, interpret: bool) -> _Tiles:
+    return _INTERPRET_TILES if interpret else _GPU_TILES[kernel][mode]
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------- launch plan
+
+
+@dataclass
+class Launch:
+    """One kernel launch: what the launcher runs and what the AOT test compiles."""
+
+    kernel: Any  # triton.JITFunction
+    grid: tuple
+    args: tuple  # runtime arguments in the kernel's order (tensors, ints, floats)
+    constexprs: dict
+    num_warps: int
+    num_stages: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+    def run(self, debug: bool = False) -> None:
+        opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if debug:  # on CUDA only: compiles tl.device_assert in (the interpreter ignores it)
+            opts.update(DEBUG_OPTIONS)
+        self.kernel[self.grid](*self.args, **self.constexprs, **opts)
+
+
+@dataclass
+class Plan:
+    """Every launch of one forward, in order, and the buffers the op returns."""
+
+    launches: list
+    rowloss: Tensor  # (B,) or (B + 1,) with λ2·UC last: loss = rowloss.sum()
+    dF: Tensor
+    dW: Tensor
+    dC: Tensor
+    dB: Tensor
+    stats: Tensor  # (K·d + K,) fp32: per-class sums (K, d) then counts (K,); (0,) when not asked for
+    mode: int
+    chunk_rows: int
+
+
+def plan_forward(
+    features: Tensor, weight: Tensor, centers: Tensor, labels: Tensor, bias: Tensor | None, flags: HeadFlags,
+    *, interpret: bool | None = None,
+) -> Plan:
+    """Allocate the outputs/scratch and list the launches of one forward. No kernel runs and no
+    tensor is read here (meta tensors work: tests/test_fused_head_aot.py compiles these launches).
+    Expects contiguous inputs and int64 labels (`_forward_impl` makes them so)."""
+    interpret = INTERPRET if interpret is None else interpret
+    B, D = features.shape
+    K = weight.shape[0]
+    f, w, c, b, y = features, weight, centers, bias, labels
+    dev = f.device
+    f32 = torch.float32
+    has_bias = b is not None
+    mode = gemm_mode(f.dtype, w.dtype, _resolve_tf32(flags.tf32), interpret)
+    dz_dtype = _dz_dtype(mode)
+    t_log, t_gf, t_gw = (_tiles(k, mode, interpret) for k in ("logits", "grad_features", "grad_weight"))
+    if not interpret:  # heavier epilogues (stats atomics; dC) get narrower d tiles: no spills
+        if flags.sums:
+            t_gf = replace(t_gf, d=min(t_gf.d, 64))
+        if flags.c_grad:
+            t_gw = replace(t_gw, d=min(t_gw.d, 64))
+
+    chunk = flags.chunk_rows
+    if chunk <= 0:
+        per_row = K * (4 + dz_dtype.itemsize)
+        chunk = max(t_log.m, (_CHUNK_BYTES // per_row) // t_log.m * t_log.m)
+    M_max = min(B, chunk)
+    n_chunks = _cdiv(B, M_max)
+    NT = _cdiv(K, t_log.n)
+    off_block = 128 if interpret else 32
+    NUC = _cdiv(K, off_block)
+
+    dummy = torch.empty(1, dtype=f32, device=dev)
+    need_off = flags.use_offset or flags.uniform
+    off = _empty((K,), f32, dev) if need_off else dummy
+    ucp = _empty((NUC * 3,), f32, dev) if flags.uniform else dummy
+    ucs = _empty((2,), f32, dev) if flags.uniform else dummy
+    z = _empty((M_max, K), f32, dev)
+    dz = _empty((M_max, K), dz_dtype, dev)
+    pmax = _empty((M_max, NT), f32, dev)
+    psum = _empty((M_max, NT), f32, dev)
+    pz = _empty((M_max, NT), f32, dev) if flags.smooth else dummy
+    zy = _empty((M_max,), f32, dev)
+    rowloss = _empty((B + 1 if flags.uniform else B,), f32, dev)
+    if flags.sums:  # one zero-fill for both accumulators
+        stats = torch.zeros(K * D + K, dtype=f32, device=dev)
+        sums_arg, counts_arg = stats[: K * D], stats[K * D:]
+    else:
+        stats = torch.empty(0, dtype=f32, device=dev)
+        sums_arg = counts_arg = dummy
+    dF = _empty((B, D), f.dtype, dev)
+    dW = _empty((K, D), w.dtype, dev)
+    if n_chunks == 1:
+        acc = dummy
+    else:  # accumulator across row chunks: dW itself when fp32, else an fp32 scratch
+        acc = dW if w.dtype == f32 else _empty((K, D), f32, dev)
+    need_colsum = flags.use_offset or has_bias
+    dzsum = _empty((K,), f32, dev) if (need_colsum and n_chunks > 1) else dummy
+    dC = _empty((K, D), c.dtype, dev) if flags.c_grad else torch.empty(0, dtype=c.dtype, device=dev)
+    dB = _empty((K,), b.dtype, dev) if has_bias else torch.empty(0, dtype=f32, device=dev)
+    bias_arg = b if has_bias else dummy
+
+    inv_b = 1.0 / B
+    center_scale = 2.0 * float(flags.lambda_center) / B
+    launches = []
+    if need_off:
+        launches.append(Launch(
+            _offset_uc_kernel, (NUC,), (w, c, off, ucp, K, D),
+            dict(UNIFORM=flags.uniform, BLOCK_K=off_block, BLOCK_D=64 if interpret else 128), num_warps=4,
+        ))
+    bt = _pow2(max(NT, NUC if flags.uniform else 1), 16, 1024)
+    bkr = _pow2(K, 16, 1024 if interpret else 2048)
+    for i, r0 in enumerate(range(0, B, M_max)):
+        M = min(M_max, B - r0)
+        launches.append(Launch(
+            _logits_kernel, (_cdiv(M, t_log.m), NT),
+            (f, w, off, bias_arg, y, z, pmax, psum, pz, zy, r0, M, K, D, NT),
+            dict(USE_OFFSET=flags.use_offset, HAS_BIAS=has_bias, SMOOTH=flags.smooth, MODE=mode,
+                 DEBUG=bool(flags.debug) and not interpret,
+                 BLOCK_M=t_log.m, BLOCK_N=t_log.n, BLOCK_D=t_log.d),
+            t_log.warps, t_log.stages,
+        ))
+        launches.append(Launch(
+            _ce_rows_kernel, (M,),
+            (z, dz, pmax, psum, pz, zy, f, c, y, ucp, ucs, rowloss,
+             r0, B, K, D, NT, NUC, inv_b, float(flags.label_smoothing), float(flags.lambda_center),
+             float(flags.lambda_uniform)),
+            dict(SMOOTH=flags.smooth, CENTER=flags.center, UNIFORM=flags.uniform,
+                 BLOCK_T=bt, BLOCK_K=bkr, BLOCK_D=_pow2(D, 16, 1024)),
+            4 if interpret else 8,
+        ))
+        launches.append(Launch(
+            _grad_features_kernel, (_cdiv(M, t_gf.m), _cdiv(D, t_gf.d)),
+            (dz, w, f, c, y, dF, sums_arg, counts_arg, r0, M, K, D, inv_b, center_scale),
+            dict(CENTER=flags.center, STATS=flags.sums, MODE=mode,
+                 BLOCK_M=t_gf.m, BLOCK_K=t_gf.n, BLOCK_D=t_gf.d),
+            t_gf.warps, t_gf.stages,
+        ))
+        launches.append(Launch(
+            _grad_weight_kernel, (_cdiv(D, t_gw.d), _cdiv(K, t_gw.n)),
+            (dz, f, w, c, off, ucs, sums_arg, counts_arg, acc, dzsum, dW, dC if flags.c_grad else dummy,
+             dB if has_bias else dummy,
+             r0, M, K, D, inv_b, float(flags.lambda_uniform), center_scale, int(i == 0), int(i == n_chunks - 1)),
+            dict(USE_OFFSET=flags.use_offset, UNIFORM=flags.uniform, CENTER=flags.center,
+                 CENTER_GRAD=flags.c_grad, HAS_BIAS=has_bias, MODE=mode,
+                 BLOCK_M=t_gw.m, BLOCK_N=t_gw.n, BLOCK_D=t_gw.d),
+            t_gw.warps, t_gw.stages,
+        ))
+    return Plan(launches, rowloss, dF, dW, dC, dB, stats, mode, M_max)
+
+
+# --------------------------------------------------------------------------- traffic model
+
+
+def modelled_bytes(
+    B: int, D: int, K: int, features_dtype=torch.bfloat16, weight_dtype=torch.bfloat16, flags: HeadFlags | None = None,
+    tf32: bool = True,
+) -> dict:
+    """HBM bytes per fwd+bwd of the fused head, per kernel, as the kernels' docstrings count them
+    (each tensor once per kernel: the grids are ordered for L2 reuse of the shared operand), and
+    the ideal: f and W read twice, C once (offset), dF and dW written, logits streamed once in
+    the feature dtype. The backward's `grad * g_loss` scaling (read + write dF, dW) is included."""
+    flags = flags or HeadFlags(lambda_center=1.0, lambda_uniform=1.0, use_offset=True, center_grad=False)
+    ef, ew = features_dtype.itemsize, weight_dtype.itemsize
+    ez = _dz_dtype(gemm_mode(features_dtype, weight_dtype, tf32)).itemsize
+    f, W = B * D * ef, K * D * ew
+    chunk = max(1, min(B, _CHUNK_BYTES // (K * (4 + ez))))
+    chunks = _cdiv(B, chunk)
+    NT = _cdiv(K, 128)
+    need_off = flags.use_offset or flags.uniform
+    out = {}
+    out["offset_uc"] = 2 * W + 4 * K if need_off else 0
+    out["logits"] = f + chunks * W + 4 * B * K + 4 * B * NT * (3 if flags.smooth else 2) + 4 * B
+    out["ce_rows"] = 4 * B * K + ez * B * K + 4 * B * NT * 2 + (2 * f if flags.center else 0)
+    out["grad_features"] = ez * B * K + chunks * W + f + (2 * f if flags.center else 0) + (
+        4 * B * D * 2 if flags.sums else 0)
+    gw = ez * B * K + chunks * f + W + (W if need_off else 0)
+    if chunks > 1:
+        gw += (chunks - 1) * 2 * K * D * 4
+    if flags.c_grad:
+        gw += 3 * W + 4 * K * D
+    out["grad_weight"] = gw
+    out["stats_memset"] = 4 * (K * D + K) if flags.sums else 0
+    out["backward_scale"] = 2 * (f + W) + (2 * W if flags.c_grad else 0)
+    total = sum(out.values())
+    ideal = 2 * (f + W) + (W if need_off else 0) + f + W + B * K * ef
+    return dict(kernels=out, total=total, ideal=ideal, ratio=total / ideal)
+
+
+def flops(B: int, D: int, K: int) -> int:
+    """Matmul FLOPs per fwd+bwd: logits, dF = dz·W, dW = dzᵀ·F (the O(B·K + K·d) rest is ignored)."""
+    return 6 * B * K * D
 
 
 # --------------------------------------------------------------------------- host side
-
-
-def _fp32_dot_mode() -> int:
-    if INTERPRET:
-        return _DOT_FP32_IEEE
-    return _DOT_FP32_TF32 if torch.backends.cuda.matmul.allow_tf32 else _DOT_FP32_IEEE
-
-
-def _logits_dot_mode(a: torch.dtype, b: torch.dtype) -> int:
-    """Tile dtype of f·Wᵀ: native bf16/fp16 when both operands are, fp32 otherwise (mixed inputs)."""
-    if INTERPRET:
-        return _DOT_FP32_IEEE  # interpreter: tl.dot on bf16/fp16 tiles is wrong
-    if a == b == torch.bfloat16:
-        return _DOT_BF16
-    if a == b == torch.float16:
-        return _DOT_FP16
-    return _fp32_dot_mode()
-
-
-def _grad_dot_mode(other: torch.dtype) -> int:
-    """Tile dtype of dz·W and dzᵀ·F: dz (fp32, ~p/B) is rounded to bf16 only when the other
-    operand is bf16 (same exponent range as fp32); fp16 would flush small dz to zero, so
-    fp16 operands are multiplied as TF32 (10-bit mantissa, fp32 range: exact for fp16)."""
-    if INTERPRET:
-        return _DOT_FP32_IEEE
-    if other == torch.bfloat16:
-        return _DOT_BF16
-    if other == torch.float16:
-        return _DOT_FP32_TF32
-    return _fp32_dot_mode()
 
 
 def _check_inputs(features, weight, centers, labels, bias, label_smoothing) -> None:
@@ -429,7 +519,11 @@ def _check_inputs(features, weight, centers, labels, bias, label_smoothing) -> N
 
 
 def _check_labels(labels: Tensor, K: int) -> None:
-    """Out-of-range labels would read/write outside the (K, ·) buffers: reject them on the host."""
+    """Out-of-range labels would read/write outside the (K, ·) buffers. Checked here only for CPU
+    labels, where it costs no device sync; CUDA labels are validated where the data is read
+    (the pipelines) and in-kernel with tl.device_assert under flags.debug."""
+    if labels.device.type != "cpu":
+        return
     bad = (labels < 0) | (labels >= K)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -438,137 +532,36 @@ def _check_labels(labels: Tensor, K: int) -> None:
         )
 
 
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+def _forward_impl(features, weight, centers, labels, bias, flags: HeadFlags):
+    """Loss, all gradients and (flags.stats) the per-class stats in one pass over the batch.
 
-
-def _forward_impl(
-    features: Tensor,
-    weight: Tensor,
-    centers: Tensor,
-    labels: Tensor,
-    bias: Tensor | None,
-    lambda_center: float,
-    lambda_uniform: float,
-    use_offset: bool,
-    label_smoothing: float,
-    center_grad: bool,
-    chunk_rows: int,
-):
-    """Loss, all gradients and the per-class stats in one pass over the batch.
-
-    Returns (loss, dF, dW, dC, dB, sums, counts); dC / dB are empty (0,) tensors when the
-    centers take no gradient / there is no bias.
-    """
+    Returns (loss, dF, dW, dC, dB, stats); dC / dB / stats are empty (0,) tensors when the
+    centers take no gradient / there is no bias / no stats were asked for; `split_stats`
+    views stats as the per-class sums (K, d) and counts (K,)."""
     if not HAS_TRITON:
         raise RuntimeError("the fused head needs triton; use backend='torch'")
-    _check_inputs(features, weight, centers, labels, bias, label_smoothing)
+    _check_inputs(features, weight, centers, labels, bias, flags.label_smoothing)
     if features.device.type == "cpu" and not INTERPRET:
         raise RuntimeError(
             "backend='triton' got CPU tensors but Triton's interpreter is off: set the environment "
             "variable TRITON_INTERPRET=1 before importing `kernels` (or use backend='torch')"
         )
-    B, D = features.shape
     K = weight.shape[0]
     labels = labels.to(torch.int64).contiguous()
     _check_labels(labels, K)
-    f = features.contiguous()
-    w = weight.contiguous()
-    c = centers.contiguous()
-    b = bias.contiguous() if bias is not None else None
-    dev = f.device
-
-    center = lambda_center != 0.0
-    uniform = lambda_uniform != 0.0
-    smooth = label_smoothing != 0.0
-    has_bias = b is not None
-    # c takes a gradient only when asked and when it appears in the loss at all.
-    c_grad = bool(center_grad) and (use_offset or uniform or center)
-    need_colsum = use_offset or has_bias
-    f32 = torch.float32
-
-    # Block sizes. Interpreter: every loop iteration costs milliseconds, so blocks are large.
-    if INTERPRET:
-        BM, BN, BD, BKR, warps, stages = 64, 128, 64, 1024, 4, 1
-    else:
-        BM, BN, BD, BKR, warps, stages = 64, 128, 64, 2048, 4, 3
-    if chunk_rows <= 0:
-        chunk_rows = max(BM, (_CHUNK_BYTES // (4 * K)) // BM * BM)
-    M_max = min(B, chunk_rows)
-    NT = triton.cdiv(K, BN)
-
-    # Outputs / scratch. `_empty` buffers are entirely written by a kernel; zeros are accumulators.
-    dummy = torch.empty(1, dtype=f32, device=dev)
-    off = _empty((K,), f32, dev) if (use_offset or uniform) else dummy
-    g = _empty((K,), f32, dev) if uniform else dummy
-    uc = _empty((1,), f32, dev) if uniform else dummy
-    z = _empty((M_max, K), f32, dev)
-    pmax = _empty((M_max, NT), f32, dev)
-    psum = _empty((M_max, NT), f32, dev)
-    pz = _empty((M_max, NT), f32, dev) if smooth else dummy
-    ce = _empty((B,), f32, dev)
-    sq = torch.zeros(B, dtype=f32, device=dev) if center else dummy
-    sums = torch.zeros(K, D, dtype=f32, device=dev)
-    counts = torch.zeros(K, dtype=f32, device=dev)
-    dzsum = torch.zeros(K, dtype=f32, device=dev) if need_colsum else dummy
-    dF = _empty((B, D), f.dtype, dev)
-    if w.dtype == f32:
-        # fp32 weights: dW itself is the accumulator; _finalize_kernel reads then writes each
-        # element from the same program, so the in-place update is race-free (saves K·d·4 bytes).
-        dW = dw_acc = torch.zeros(K, D, dtype=f32, device=dev)
-    else:
-        dw_acc = torch.zeros(K, D, dtype=f32, device=dev)
-        dW = _empty((K, D), w.dtype, dev)
-    dC = _empty((K, D), c.dtype, dev) if c_grad else torch.empty(0, dtype=c.dtype, device=dev)
-    dB = _empty((K,), b.dtype, dev) if has_bias else torch.empty(0, dtype=f32, device=dev)
-
-    center_scale = 2.0 * float(lambda_center) / B
-    if use_offset or uniform:
-        _offset_kernel[(triton.cdiv(K, BN),)](w, c, off, K, D, BLOCK_K=BN, BLOCK_D=BD, num_warps=warps)
-    if uniform:
-        _uniform_kernel[(1,)](off, g, uc, K, BLOCK=_pow2(K, 16, 4096), num_warps=8 if not INTERPRET else 1)
-
-    logits_mode = _logits_dot_mode(f.dtype, w.dtype)
-    bt = _pow2(NT, 16, 1024)
-    bkr = _pow2(K, 16, BKR)
-    for r0 in range(0, B, M_max):
-        M = min(M_max, B - r0)
-        _logits_kernel[(triton.cdiv(M, BM), NT)](
-            f, w, off, b if has_bias else dummy, z, pmax, psum, pz,
-            r0, M, K, D, NT,
-            USE_OFFSET=use_offset, HAS_BIAS=has_bias, SMOOTH=smooth, MODE=logits_mode,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages,
-        )
-        _ce_rows_kernel[(M,)](
-            z, pmax, psum, pz, labels, ce,
-            r0, K, NT, 1.0 / B, float(label_smoothing),
-            SMOOTH=smooth, BLOCK_T=bt, BLOCK_K=bkr, num_warps=warps,
-        )
-        _grad_features_kernel[(triton.cdiv(M, BM), triton.cdiv(D, BD))](
-            z, w, f, c, labels, dF, sums, counts, sq,
-            r0, M, K, D, center_scale,
-            CENTER=center, MODE=_grad_dot_mode(w.dtype),
-            BLOCK_M=BM, BLOCK_K=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages,
-        )
-        _grad_weight_kernel[(triton.cdiv(K, BN), triton.cdiv(D, BD))](
-            z, f, dw_acc, dzsum,
-            r0, M, K, D,
-            NEED_COLSUM=need_colsum, MODE=_grad_dot_mode(f.dtype),
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages,
-        )
-    _finalize_kernel[(triton.cdiv(K, BN), triton.cdiv(D, BD))](
-        dw_acc, dzsum, g, w, c, sums, counts, dW, dC if c_grad else dummy, dB if has_bias else dummy,
-        K, D, float(lambda_uniform), center_scale,
-        USE_OFFSET=use_offset, UNIFORM=uniform, CENTER=center, CENTER_GRAD=c_grad, HAS_BIAS=has_bias,
-        BLOCK_N=BN, BLOCK_D=BD, num_warps=warps,
+    plan = plan_forward(
+        features.contiguous(), weight.contiguous(), centers.contiguous(), labels,
+        bias.contiguous() if bias is not None else None, flags,
     )
+    for launch in plan.launches:
+        launch.run(debug=bool(flags.debug) and not INTERPRET)
+    loss = plan.rowloss.sum()
+    return loss, plan.dF, plan.dW, plan.dC, plan.dB, plan.stats
 
-    loss = ce.sum() / B
-    if center:
-        loss = loss + float(lambda_center) * (sq.sum() / B)
-    if uniform:
-        loss = loss + float(lambda_uniform) * uc[0]
-    return loss.reshape(()), dF, dW, dC, dB, sums, counts
+
+def split_stats(stats: Tensor, K: int, D: int) -> tuple[Tensor, Tensor]:
+    """The op's flat stats buffer as (sums (K, d), counts (K,)) views."""
+    return stats[: K * D].view(K, D), stats[K * D:]
 
 
 # --------------------------------------------------------------------------- custom op
@@ -583,41 +576,42 @@ def _fused_head_op(
     centers: Tensor,
     labels: Tensor,
     bias: Optional[Tensor],
-    lambda_center: float,
+    lambda_center: float,  # ↓ HeadFlags' fields, in order
     lambda_uniform: float,
     use_offset: bool,
     label_smoothing: float,
     center_grad: bool,
     chunk_rows: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(
-        features, weight, centers, labels, bias, lambda_center, lambda_uniform,
-        use_offset, label_smoothing, center_grad, chunk_rows,
-    )
+    tf32: int,
+    debug: bool,
+    stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    flags = HeadFlags(lambda_center, lambda_uniform, use_offset, label_smoothing, center_grad, chunk_rows, tf32,
+                      debug, stats)
+    return _forward_impl(features, weight, centers, labels, bias, flags)
+
+
+_N_FLAGS = len(fields(HeadFlags))
 
 
 @_fused_head_op.register_fake
-def _fused_head_fake(
-    features, weight, centers, labels, bias, lambda_center, lambda_uniform,
-    use_offset, label_smoothing, center_grad, chunk_rows,
-):
-    _check_inputs(features, weight, centers, labels, bias, label_smoothing)
+def _fused_head_fake(features, weight, centers, labels, bias, *flag_args):
+    flags = HeadFlags(*flag_args)
+    _check_inputs(features, weight, centers, labels, bias, flags.label_smoothing)
     K, D = weight.shape
-    c_grad = bool(center_grad) and (use_offset or lambda_uniform != 0.0 or lambda_center != 0.0)
     f32 = torch.float32
     return (
         features.new_empty((), dtype=f32),
         torch.empty_like(features, memory_format=torch.contiguous_format),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
-        centers.new_empty((K, D)) if c_grad else centers.new_empty((0,)),
+        centers.new_empty((K, D)) if flags.c_grad else centers.new_empty((0,)),
         bias.new_empty((K,)) if bias is not None else features.new_empty((0,), dtype=f32),
-        features.new_empty((K, D), dtype=f32),
-        features.new_empty((K,), dtype=f32),
+        features.new_empty((K * D + K if flags.sums else 0,), dtype=f32),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    _, dF, dW, dC, dB, _, _ = output
+    _, dF, dW, dC, dB, _ = output
     ctx.has_dc = dC.numel() > 0
     ctx.has_db = inputs[4] is not None
     ctx.save_for_backward(dF, dW, dC, dB)
@@ -634,8 +628,7 @@ def _backward(ctx, g_loss, *_unused):
         dC * g if ctx.has_dc else None,
         None,
         dB * g if ctx.has_db else None,
-        None, None, None, None, None, None,
-    )
+    ) + (None,) * _N_FLAGS
 
 
 _fused_head_op.register_autograd(_backward, setup_context=_setup_context)
@@ -657,17 +650,25 @@ def fused_offset_head_loss_with_stats(
     label_smoothing: float = 0.0,
     center_grad: bool = True,
     chunk_rows: int = 0,
+    tf32: bool | None = None,
+    debug: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused loss (differentiable like the reference) plus the batch's per-class feature
-    sums (K, d) and counts (K,) in float32 (= `reference.class_feature_sums`), for
-    `wen_center_update`. `chunk_rows` > 0 forces the row-chunk size (tests)."""
-    out = _fused_head_op(
-        features, weight, centers, labels, bias,
-        float(lambda_center), float(lambda_uniform), bool(use_offset),
-        float(label_smoothing), bool(center_grad), int(chunk_rows),
+    sums (K, d) and counts (K,) in float32 (= `reference.class_feature_sums`), computed in
+    the same pass, for `wen_center_update`. `chunk_rows` > 0 forces the row-chunk size (tests)."""
+    out = _fused_head_op(features, weight, centers, labels, bias, *_flags(
+        lambda_center, lambda_uniform, use_offset, label_smoothing, center_grad, chunk_rows, tf32, debug, True,
+    ).op_args())
+    sums, counts = split_stats(out[5].detach(), *weight.shape)
+    return out[0], sums, counts
+
+
+def _flags(lambda_center, lambda_uniform, use_offset, label_smoothing, center_grad, chunk_rows, tf32, debug,
+           stats) -> HeadFlags:
+    return HeadFlags(
+        float(lambda_center), float(lambda_uniform), bool(use_offset), float(label_smoothing), bool(center_grad),
+        int(chunk_rows), -1 if tf32 is None else int(bool(tf32)), bool(debug), bool(stats),
     )
-    loss, sums, counts = out[0], out[5], out[6]
-    return loss, sums.detach(), counts.detach()
 
 
 def fused_offset_head_loss(
@@ -683,13 +684,14 @@ def fused_offset_head_loss(
     label_smoothing: float = 0.0,
     center_grad: bool = True,
     chunk_rows: int = 0,
+    tf32: bool | None = None,
+    debug: bool = False,
 ) -> Tensor:
-    """The fused Triton head loss (scalar, float32); same arguments as the reference."""
-    return fused_offset_head_loss_with_stats(
-        features, weight, centers, labels, lambda_center, lambda_uniform,
-        use_offset=use_offset, bias=bias, label_smoothing=label_smoothing,
-        center_grad=center_grad, chunk_rows=chunk_rows,
-    )[0]
+    """The fused Triton head loss (scalar, float32); same arguments as the reference, plus
+    tf32 (None: follow torch.backends.cuda.matmul.allow_tf32) and debug (in-kernel label check)."""
+    return _fused_head_op(features, weight, centers, labels, bias, *_flags(
+        lambda_center, lambda_uniform, use_offset, label_smoothing, center_grad, chunk_rows, tf32, debug, False,
+    ).op_args())[0]
 
 
 BACKENDS = ("auto", "triton", "torch")
@@ -702,6 +704,22 @@ def _triton_usable(*tensors: Tensor) -> bool:
         and all(t.is_cuda for t in tensors)
         and all(t.dtype in _SUPPORTED_DTYPES for t in tensors if t.is_floating_point())
     )
+
+
+def _dispatch(backend: str, with_stats: bool, features, weight, centers, labels, *args, **kwargs):
+    """The backend choice of both public entry points (loss, or loss + per-class stats)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        ts = [features, weight, centers] + ([kwargs["bias"]] if kwargs["bias"] is not None else [])
+        backend = "triton" if _triton_usable(*ts) else "torch"
+    if backend == "triton":
+        fused = fused_offset_head_loss_with_stats if with_stats else fused_offset_head_loss
+        return fused(features, weight, centers, labels, *args, **kwargs)
+    loss = _ref.offset_head_loss(features, weight, centers, labels, *args, **kwargs)
+    if not with_stats:
+        return loss
+    return (loss, *_ref.class_feature_sums(features, labels, weight.shape[0]))
 
 
 def offset_head_loss(
@@ -722,23 +740,55 @@ def offset_head_loss(
     "triton" = the fused kernel (CUDA, or CPU under TRITON_INTERPRET=1),
     "auto" = Triton for CUDA tensors of float32/bfloat16/float16, the reference otherwise
     (so CPU training is unchanged)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    args = (features, weight, centers, labels, lambda_center, lambda_uniform)
-    kwargs = dict(use_offset=use_offset, bias=bias, label_smoothing=label_smoothing, center_grad=center_grad)
-    if backend == "auto":
-        ts = [features, weight, centers] + ([bias] if bias is not None else [])
-        backend = "triton" if _triton_usable(*ts) else "torch"
-    if backend == "torch":
-        return _ref.offset_head_loss(*args, **kwargs)
-    return fused_offset_head_loss(*args, **kwargs)
+    return _dispatch(backend, False, features, weight, centers, labels, lambda_center, lambda_uniform,
+                     use_offset=use_offset, bias=bias, label_smoothing=label_smoothing, center_grad=center_grad)
+
+
+def offset_head_loss_with_stats(
+    features: Tensor,
+    weight: Tensor,
+    centers: Tensor,
+    labels: Tensor,
+    lambda_center: float = 1.0,
+    lambda_uniform: float = 1.0,
+    *,
+    use_offset: bool = True,
+    bias: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    center_grad: bool = True,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`offset_head_loss` plus the batch's per-class feature sums (K, d) and counts (K,), float32,
+    detached, for `wen_center_update` after the optimizer step — without a host sync on either
+    backend (fused: from the same pass; torch: `reference.class_feature_sums`, index_add_ only)."""
+    return _dispatch(backend, True, features, weight, centers, labels, lambda_center, lambda_uniform,
+                     use_offset=use_offset, bias=bias, label_smoothing=label_smoothing, center_grad=center_grad)
 
 
 __all__ = [
     "BACKENDS",
     "HAS_TRITON",
+    "HeadFlags",
     "INTERPRET",
+    "Launch",
     "fused_offset_head_loss",
     "fused_offset_head_loss_with_stats",
+    "gemm_mode",
+    "modelled_bytes",
     "offset_head_loss",
+    "offset_head_loss_with_stats",
+    "plan_forward",
 ]
+
+
+def _traffic_table() -> str:
+    rows = ["| dtype (f / W)  | K      | modelled GB | ideal GB | ratio |",
+            "|----------------|--------|-------------|----------|-------|"]
+    for fd, wd, name in ((torch.bfloat16, torch.bfloat16, "bf16 / bf16"), (torch.bfloat16, torch.float32, "bf16 / fp32"),
+                         (torch.float32, torch.float32, "fp32 / fp32")):
+        for K in (1000, 8142, 131072):
+            m = modelled_bytes(512, 2048, K, fd, wd)
+            rows.append(f"| {name:<14} | {K:<6} | {m['total'] / 1e9:<11.3g} | {m['ideal'] / 1e9:<8.3g} | {m['ratio']:.2f}  |")
+    return "\n".join(rows)
+
+

@@ -123,11 +123,15 @@ def _offset_head_loss(
 
 @torch.no_grad()
 def class_feature_sums(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Per-class sums Σ_{i: y_i=j} f_i (K, d) and counts n_j (K,) of one batch, in float32."""
+    """Per-class sums Σ_{i: y_i=j} f_i (K, d) and counts n_j (K,) of one batch, in float32.
+
+    No host sync (index_add_ only: no bincount, nonzero or .item()), so it can run inside a
+    CUDA graph and never stalls the training step."""
     f = features.detach().float()
     sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype, device=f.device)
     sums.index_add_(0, labels, f)
-    counts = torch.bincount(labels, minlength=num_classes).to(f.dtype)
+    counts = torch.zeros(num_classes, dtype=f.dtype, device=f.device)
+    counts.index_add_(0, labels, torch.ones(labels.shape[0], dtype=f.dtype, device=f.device))
     return sums, counts
 
 
@@ -143,3 +147,23 @@ def wen_center_update(centers: Tensor, sums: Tensor, counts: Tensor, alpha: floa
     """
     delta = (counts[:, None] * centers.float() - sums) / (1.0 + counts[:, None])
     centers.sub_((alpha * delta).to(centers.dtype))
+
+
+@torch.no_grad()
+def wen_center_update_from_batch(
+    centers: Tensor, features: Tensor, labels: Tensor, alpha: float = 0.5, counts: Tensor | None = None
+) -> None:
+    """`wen_center_update` computed per sample, in place, with no (K, d) temporary and no host sync:
+
+        c_j ← c_j + α Σ_{i: y_i=j} (f_i − c_j) / (1 + n_j)      (= c_j − α (n_j c_j − S_j)/(1 + n_j))
+
+    Every sample's step uses the *old* c_{y_i} (gathered before the scatter-add), so the result
+    equals the dense update up to float summation order. Traffic O(B·d + K) instead of O(K·d):
+    the form to use at large K on one process (under DDP the dense sums/counts are what the ranks
+    all-reduce). `counts` (K,) may be given (e.g. the fused head's); otherwise it is counted here."""
+    f = features.detach().float()
+    if counts is None:
+        counts = torch.zeros(centers.shape[0], dtype=f.dtype, device=f.device)
+        counts.index_add_(0, labels, torch.ones(labels.shape[0], dtype=f.dtype, device=f.device))
+    step = alpha * (f - centers[labels].float()) / (1.0 + counts[labels].float())[:, None]
+    centers.index_add_(0, labels, step.to(centers.dtype))

@@ -1,12 +1,17 @@
 """Shared test setup.
 
-TRITON_INTERPRET must be set before any Triton kernel module is imported: it
-makes Triton kernels run on CPU tensors (how CI, which has no GPU, tests them).
+Without a CUDA device the Triton kernels run under Triton's interpreter on CPU tensors
+(how CI, which has no GPU, tests them): TRITON_INTERPRET=1 must be set before any
+Triton kernel module is imported, so it is decided here, first. On a CUDA machine the
+variable is left alone and the same tests run the compiled kernels.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

@@ -153,3 +153,18 @@ def test_wen_update_converges_to_class_mean_at_the_same_rate_for_rare_classes():
         f = mean[y] + 0.01 * torch.randn(31, 3)
         R.wen_center_update(centers, *R.class_feature_sums(f, y, 2), alpha=0.5)
     torch.testing.assert_close(centers, mean, atol=0.02, rtol=0)
+
+
+def test_wen_update_from_batch_equals_dense_update():
+    """The per-sample (sparse) form of Wen's update moves the centers exactly like the dense one."""
+    g = torch.Generator().manual_seed(3)
+    centers = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    f = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 2, 2, 5] + [1] * 14)  # classes 3, 4 absent
+    dense, sparse, given = centers.clone(), centers.clone(), centers.clone()
+    R.wen_center_update(dense, *R.class_feature_sums(f, y, 6), alpha=0.5)
+    R.wen_center_update_from_batch(sparse, f, y, alpha=0.5)
+    R.wen_center_update_from_batch(given, f, y, alpha=0.5, counts=R.class_feature_sums(f, y, 6)[1])
+    torch.testing.assert_close(sparse, dense.float().double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(given, sparse, rtol=0, atol=0)
+    torch.testing.assert_close(sparse[3:5], centers[3:5], rtol=0, atol=0)  # absent classes stay
