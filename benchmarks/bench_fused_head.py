@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from device_limits import copy_rate, device_limits, matmul_rate
+
 from kernels import fused_head, reference
 
 CUDA = torch.cuda.is_available()

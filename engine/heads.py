@@ -27,7 +27,7 @@ import kernels
 from engine import losses
 from engine.methods import METHODS, LossConfig, Method
 
-__all__ = ["Head", "LOSSES", "METHODS", "Method", "OffsetHead", "rescale_factors"]
+__all__ = ["Head", "LOSSES", "METHODS", "Method", "rescale_factors"]
 
 
 class Head(nn.Module):
@@ -146,9 +146,6 @@ class Head(nn.Module):
     @torch.no_grad()
     def estimated_offset(self) -> Tensor:
         return kernels.estimated_offset(self.weight, self.centers)
-
-
-OffsetHead = Head  # the name the fused-head tests (tests/test_fused_head.py) import
 
 
 def _cosine(features: Tensor, weight: Tensor) -> Tensor:

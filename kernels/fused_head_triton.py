@@ -10,6 +10,7 @@ e = bytes of the dz element type, BN/BD = its tile sizes).
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _mma(a, b, acc, MODE: tl.constexpr):
     """acc + a @ b, fp32 accumulation; MODE picks the operand dtype fed to the tensor cores."""

@@ -224,7 +224,8 @@ def format_check_report(report: dict[str, Any], max_listed: int = 20) -> str:
             lines.append(f"    … and {len(items) - max_listed} more")
 
     section("lines that do not parse", report["bad_lines"], lambda x: f"line {x['line']}: {x['error']}: {x['text']!r}")
-    section("labels out of range", report["out_of_range"], lambda x: f"line {x['line']}: label {x['label']} not in [0, {report['num_classes'] - 1}]")
+    top = report["num_classes"] - 1
+    section("labels out of range", report["out_of_range"], lambda x: f"line {x['line']}: label {x['label']} not in [0, {top}]")
     for kind in ("missing", "unreadable", "corrupt"):
         section(f"{kind} images", report[kind], lambda x: f"line {x['line']}: {x['path']} ({x['error']})")
     section("paths outside the root (not opened; data.allow_outside_root)", report["outside_root"],
@@ -252,7 +253,7 @@ def check_splits(split_files: list[str | Path], root: str | Path, **kw) -> dict[
     reports = [check_split(f, root, **kw) for f in split_files]
     where: dict[str, list[dict[str, Any]]] = {}
     root_path = Path(root)
-    for f, rep in zip(split_files, reports):
+    for f in split_files:
         for ln, rel, lab in _parsed_lines(Path(f)):
             where.setdefault(os.path.normpath(root_path / rel), []).append({"split": str(f), "line": ln, "label": lab})
     shared = [{"path": p, "where": w} for p, w in where.items() if len({x["split"] for x in w}) > 1]

@@ -317,7 +317,8 @@ class DaliLoader:
                 crop = (size, size)
                 if self.train and pad > 0:  # CIFAR-style: center crop, then a random crop of the zero-padded image
                     images = fn.crop(images, crop=(size, size))
-                    anchor = fn.cast(fn.random.uniform(values=[float(v) for v in range(-pad, pad + 1)], shape=[2]), dtype=types.INT32)
+                    offsets = [float(v) for v in range(-pad, pad + 1)]
+                    anchor = fn.cast(fn.random.uniform(values=offsets, shape=[2]), dtype=types.INT32)
                     images = fn.slice(
                         images, anchor, [size, size], axes=[0, 1], normalized_anchor=False, normalized_shape=False,
                         out_of_bounds_policy="pad", fill_values=0,

@@ -102,7 +102,7 @@ def read_inat(
         if len(label_of) != len(category_ids):
             raise DataError(f"{json_file}: category_ids mapping has duplicate ids")
         file_of = {}
-        for i, img in enumerate(doc["images"]):
+        for img in doc["images"]:
             file_of[int(img["id"])] = img["file_name"]
         label_by_image: dict[int, int] = {}
         for i, ann in enumerate(doc["annotations"]):

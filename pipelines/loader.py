@@ -22,7 +22,6 @@ from torchvision import transforms as T
 
 from pipelines.splits import DataError, SameClassOrder, SplitIndex
 
-
 BadImage = tuple[str, str]  # (path, reason)
 
 

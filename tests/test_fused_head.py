@@ -19,8 +19,7 @@ CUDA = torch.cuda.is_available()
 assert CUDA or os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TRITON_INTERPRET on CPU"
 
 import kernels  # noqa: E402
-from kernels import fused_head  # noqa: E402
-from kernels import reference  # noqa: E402
+from kernels import fused_head, reference  # noqa: E402
 from kernels.fused_head import HeadFlags, fused_offset_head_loss, fused_offset_head_loss_with_stats  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -98,7 +97,7 @@ def test_every_flag_combination(flags):
         chunk_rows=4,  # 3 row chunks, the last one partial
     )
     check_close(*out, torch.float32)
-    xs, rs = out[1], out[3]
+    xs = out[1]
     if not center_grad:
         assert xs[2].grad is None  # centers are constants, like the reference's c.detach()
 
@@ -481,9 +480,9 @@ def test_dispatcher_backends(monkeypatch):
 
 
 def test_engine_head_loss_unchanged_on_cpu():
-    from engine.heads import OffsetHead
+    from engine.heads import Head
 
-    head = OffsetHead(19, 37, "eo_uc")
+    head = Head(19, 37, "eo_uc")
     f, _, _, _, y = (t.cpu() for t in _small())
     expect = reference.offset_head_loss(
         f, head.weight, head.centers, y, head.lambda_center, head.lambda_uniform,

@@ -8,7 +8,7 @@ for GPUTarget("cuda", 90|80, 32). Each specialization must:
   * fit the SM's shared memory (sm_90: 227 KiB, sm_80: 163 KiB);
   * spill no register (ptxas -v: 0 bytes spill stores / loads);
   * for the GEMM kernels under bf16/fp16/AMP/TF32, use tensor cores (wgmma on sm_90, mma.sync on sm_80).
-The engine's flags come from the engine itself: `engine.heads.OffsetHead.loss` is called with
+The engine's flags come from the engine itself: `engine.heads.Head.loss` is called with
 `kernels.offset_head_loss` replaced by a recorder, so a new method or flag shows up here.
 
 Default (see `cases`): every kernel × precision × arch at least once, every engine method and
@@ -40,7 +40,8 @@ SHAPES_FULL = list(itertools.product((256, 512), (512, 2048), (1000, 8142, 13107
 
 def engine_flag_sets(label_smoothing: float) -> dict[str, tuple[fh.HeadFlags, bool]]:
     """method → (HeadFlags, has bias) as the engine's own head passes them to the fused op."""
-    from engine.heads import METHODS, OffsetHead
+    from engine.heads import METHODS, Head
+    from engine.methods import LossConfig
 
     seen = {}
     real = kernels.offset_head_loss
@@ -57,7 +58,7 @@ def engine_flag_sets(label_smoothing: float) -> dict[str, tuple[fh.HeadFlags, bo
     try:
         for method in METHODS:
             seen.clear()
-            head = OffsetHead(16, 10, method, label_smoothing=label_smoothing, class_counts=np.arange(1, 11))
+            head = Head(16, 10, METHODS[method], LossConfig(label_smoothing=label_smoothing), np.arange(1, 11))
             head.loss(torch.randn(4, 16), torch.tensor([0, 1, 2, 3]))
             if "call" in seen:  # the baselines of engine/losses.py do not use the fused op
                 out[method] = seen["call"]
