@@ -411,7 +411,7 @@ def collect_class_sums(run: Run, epoch: int, features: torch.Tensor, labels: tor
     if run.cfg.eval.diagnostics != "epoch" or epoch != run.cfg.epochs - 1:
         return
     if run.epoch_class_sums is None:
-        run.epoch_class_sums = ClassSums(run.data.num_classes, features.shape[1], run.device)
+        run.epoch_class_sums = ClassSums(len(run.counts), features.shape[1], run.device)
     run.epoch_class_sums.add(features, labels)
 
 

@@ -122,7 +122,7 @@ def test_collect_class_sums_hook_sums_the_last_epoch_only():
     from engine.train import collect_class_sums
 
     cfg = load_config(overrides=["epochs=3"])
-    run = SimpleNamespace(cfg=cfg, data=SimpleNamespace(num_classes=4), device=torch.device("cpu"),
+    run = SimpleNamespace(cfg=cfg, counts=torch.ones(4), device=torch.device("cpu"),
                           epoch_class_sums=None)
     f, y = torch.randn(10, 5), torch.tensor([0, 1, 1, 3, 3, 3, 0, 1, 3, 3])
     collect_class_sums(run, 1, f, y)  # not the last epoch
