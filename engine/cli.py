@@ -1,7 +1,7 @@
 """Command line: `engine train | eval | rescale | sweep | calibrate | compare | study | data check`.
 
     engine train [--preset NAME] [--config FILE] [--out DIR] [--resume] [dotted.key=value ...]
-    engine eval --checkpoint PATH [--split test|val]
+    engine eval --checkpoint PATH [--split test|val] [dotted.key=value ...]
     engine rescale --checkpoint PATH --gamma G          (post-hoc RS, one γ)
     engine rescale --checkpoint PATH --sweep 0:1:0.1    (γ chosen on val, reported on test)
     engine sweep --out DIR --grid method=ce,eo_uc --seeds 0,1,2 [key=value ...]
@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on its test (or val) split")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", choices=("test", "val"), default="test")
+    e.add_argument("overrides", nargs="*", help="dotted.key=value on the checkpoint's config that leave the model as "
+                                                "trained, e.g. data.root=/new/place eval.batch_size=512")
 
     _add_posthoc(sub)
     _add_experiments(sub)
@@ -162,7 +164,7 @@ def _cmd_train(args) -> list[str]:
 def _cmd_eval(args) -> list[str]:
     from engine.experiments.checkpoints import evaluate_checkpoint
 
-    return evaluate_checkpoint(args.checkpoint, args.split)[1]
+    return evaluate_checkpoint(args.checkpoint, args.split, args.overrides)[1]
 
 
 def _cmd_calibrate(args) -> list[str]:

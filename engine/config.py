@@ -37,6 +37,7 @@ SCHEDULES = ("cosine", "multistep")
 AMP = ("auto", "off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 AUTO_ON_OFF = ("auto", "on", "off")
+DIAGNOSTICS = ("epoch", "pass", "off")  # eval.diagnostics: engine/train.py `diagnostics`
 PROFILE_FORMATS = ("digits_lt", "cifar10_lt", "cifar100_lt")  # built by pipelines.long_tail's profile
 RS_COUNTS = ("observed", "profile")  # the n_i of RS: training counts, or the un-rounded profile (official code)
 
@@ -138,7 +139,10 @@ class EvalConfig:
     few_threshold: int = 20
     every: int = 1  # evaluate on the validation split every N epochs
     batch_size: int = 256
-    diagnostics: bool = True  # end-of-run pass over the training split for the empirical offset
+    # Empirical offset ½μ̃_k·w_k (metrics.json → diagnostics): epoch = class means of the last training
+    # epoch's features (augmented images, moving model; no extra pass) | pass = an extra pass over the
+    # training split after training (un-augmented, final model) | off
+    diagnostics: str = "epoch"
 
 
 @dataclass
@@ -370,6 +374,9 @@ def validate(cfg: Config) -> None:
     _validate_rescale(cfg)
     e = cfg.eval
     _check(e.every >= 1, "eval.every", e.every, "an integer ≥ 1")
+    _check(e.diagnostics in DIAGNOSTICS, "eval.diagnostics", e.diagnostics,
+           "one of epoch (class means of the last training epoch), pass (an extra pass over the training split), "
+           "off" + (" — the boolean form is gone: true was `pass`, false is `off`" if e.diagnostics == "on" else ""))
     _check(e.few_threshold >= 0, "eval.few_threshold", e.few_threshold, "an integer ≥ 0")
     _check(e.many_threshold >= 0, "eval.many_threshold", e.many_threshold, "an integer ≥ 0")
     _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer ≥ 1")

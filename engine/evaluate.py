@@ -1,25 +1,36 @@
-"""Evaluation: features once, then the head; top-1, many/medium/few, per-class accuracy,
-and the imbalance metrics of engine/metrics.py (GM, precision/recall/F1, G-mean, IBA,
-cumulative false positives, confusion matrix).
+"""Evaluation: top-1, many/medium/few, per-class accuracy, and the imbalance metrics of
+engine/metrics.py (GM, precision/recall/F1, G-mean, IBA, cumulative false positives, confusion matrix).
 
-Features are collected once per split so that post-hoc changes to the head
-(re-scaling sweeps) re-use them instead of running the backbone again; the logits always
-come from the head's own `Head.logits`.
+Two ways in, one report (`ClassTally.report`), the same numbers:
+
+* `evaluate_loader`: training's evaluation. Each rank runs its shard through backbone and head and
+  tallies per-class counts on the device (correct, support and predicted per class: O(K); plus the
+  K×K confusion matrix while K ≤ CONFUSION_MAX_CLASSES); the tallies are summed over ranks with one
+  all-reduce. No per-sample feature leaves the device.
+* `collect_features` + `accuracy_report`: post-hoc work (engine/posthoc.py, engine/runs.py) that
+  re-uses one split's features for many variants of the head; the logits always come from the head's
+  own `Head.logits`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from engine.metrics import confusion_matrix, imbalance_metrics
+from engine.distributed import all_reduce_sum_
+from engine.metrics import counts_from_tally, tally_metrics
 from engine.models import Classifier
 
 GROUPS = ("many", "medium", "few", "top1")  # the shot groups of every report, and the whole test split
+# Above this many classes the K×K confusion matrix is not kept (K=2048: 32 MiB of int64 on the device and
+# 4M numbers in metrics.json; iNaturalist's 8,142 classes would be 530 MB): the metrics need only O(K) counts.
+CONFUSION_MAX_CLASSES = 2048
 
 
 @dataclass
@@ -28,16 +39,119 @@ class Features:
     labels: Tensor  # (N,) int64
 
 
+def _batches(loader, desc: str | None):
+    """The loader, with a progress bar when `desc` is given (rank 0 with run.progress)."""
+    if desc is None:
+        return loader
+    return tqdm(loader, desc=desc, total=len(loader) if hasattr(loader, "__len__") else None, leave=False,
+                unit="batch")
+
+
 @torch.no_grad()
-def collect_features(model: Classifier, loader: DataLoader, device: torch.device) -> Features:
+def collect_features(model: Classifier, loader: DataLoader, device: torch.device, desc: str | None = None) -> Features:
+    """Backbone features of every sample of `loader`, on the CPU (post-hoc work; `desc`: progress bar)."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
-    for x, y in loader:
+    for x, y in _batches(loader, desc):
         feats.append(model.forward_features(x.to(device, non_blocking=True)).float().cpu())
-        labels.append(y)
+        labels.append(y.cpu())
     model.train(was_training)
     return Features(torch.cat(feats), torch.cat(labels))
+
+
+class ClassTally:
+    """Per-class counts of an evaluation, accumulated on the device without a host sync:
+    correct (TP_k), support (samples of true class k) and predicted (samples predicted as k), each (K,)
+    int64, plus the confusion matrix (K², int64) when K ≤ `CONFUSION_MAX_CLASSES` (or `confusion`)."""
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu", confusion: bool | None = None):
+        self.num_classes = num_classes
+        self.counts = torch.zeros(3, num_classes, dtype=torch.int64, device=device)  # correct, support, predicted
+        keep = num_classes <= CONFUSION_MAX_CLASSES if confusion is None else confusion
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device) if keep else None
+
+    def update(self, predictions: Tensor, labels: Tensor) -> None:
+        # index_add_ with a fixed output size: bincount would read max(labels) to the host (a sync).
+        y, p = labels.to(self.counts.device).long(), predictions.long()
+        ones = torch.ones_like(y)
+        self.counts[0].index_add_(0, y, (p == y).long())
+        self.counts[1].index_add_(0, y, ones)
+        self.counts[2].index_add_(0, p, ones)
+        if self.confusion is not None:
+            self.confusion.index_add_(0, y * self.num_classes + p, ones)
+
+    def all_reduce(self) -> None:
+        """Sum over ranks (one all-reduce per tensor; a no-op on a single process)."""
+        all_reduce_sum_(self.counts, *([self.confusion] if self.confusion is not None else []))
+
+    def report(self, class_counts: np.ndarray, many_threshold: int, few_threshold: int) -> dict:
+        """Accuracies in percent. A group's accuracy is the mean of its classes' accuracies (null if empty).
+
+        Also every metric of `engine.metrics.tally_metrics` (GM in percent; precision, recall, F1, G-mean,
+        IBA as fractions; false positives; the confusion matrix, None above CONFUSION_MAX_CLASSES)."""
+        correct, support, predicted = self.counts.cpu().numpy()
+        per_class = np.where(support > 0, 100.0 * correct / np.maximum(support, 1), np.nan)
+        report = {"top1": float(100.0 * (correct.sum() / max(support.sum(), 1)))}
+        for name, classes in shot_groups(class_counts, many_threshold, few_threshold).items():
+            vals = per_class[classes]
+            vals = vals[~np.isnan(vals)]
+            report[name] = float(vals.mean()) if len(vals) else None
+        report["per_class"] = [None if np.isnan(v) else float(v) for v in per_class]
+        cm = None if self.confusion is None else self.confusion.cpu().numpy().reshape(self.num_classes, -1)
+        report.update(tally_metrics(counts_from_tally(correct, support, predicted), class_counts, cm))
+        return report
+
+
+@torch.no_grad()
+def evaluate_loader(model: Classifier, loader, device: torch.device, class_counts: np.ndarray, many_threshold: int,
+                    few_threshold: int, autocast=contextlib.nullcontext, desc: str | None = None) -> dict:
+    """This rank's shard through backbone and head, per-class counts tallied on the device and summed
+    over ranks: the split's report on every rank. `autocast()`: the run's autocast context for the
+    backbone (the head's logits are computed in float32, as `Head.logits` on collected features)."""
+    was_training = model.training
+    model.eval()
+    tally = ClassTally(len(class_counts), device)
+    for x, y in _batches(loader, desc):
+        with autocast():
+            feats = model.forward_features(x.to(device, non_blocking=True))
+        tally.update(model.head.logits(feats.float()).argmax(dim=1), y.to(device, non_blocking=True))
+    model.train(was_training)
+    tally.all_reduce()  # sync point: every rank's counts, summed
+    return tally.report(class_counts, many_threshold, few_threshold)
+
+
+class ClassSums:
+    """Running per-class feature sums (K, d) and counts (K,) in float32 on the device: the class means
+    μ̃_k of the empirical-offset diagnostic, from training steps (`add` per step) or from a pass."""
+
+    def __init__(self, num_classes: int, dim: int, device: torch.device | str):
+        self.sums = torch.zeros(num_classes, dim, dtype=torch.float32, device=device)
+        self.counts = torch.zeros(num_classes, dtype=torch.float32, device=device)
+
+    def add(self, features: Tensor, labels: Tensor) -> None:
+        labels = labels.to(self.sums.device)
+        self.sums.index_add_(0, labels, features.detach().float())
+        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float32))
+
+    def means(self) -> Tensor:
+        """Σ over ranks (sync point), then the class means (0 for a class with no sample)."""
+        all_reduce_sum_(self.sums, self.counts)
+        return self.sums / self.counts.clamp_min(1)[:, None]
+
+
+@torch.no_grad()
+def class_sums_pass(model: Classifier, loader, device: torch.device, num_classes: int,
+                    autocast=contextlib.nullcontext, desc: str | None = None) -> ClassSums:
+    """Per-class feature sums of this rank's shard of `loader` with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    sums = ClassSums(num_classes, model.head.weight.shape[1], device)
+    for x, y in _batches(loader, desc):
+        with autocast():
+            sums.add(model.forward_features(x.to(device, non_blocking=True)), y)
+    model.train(was_training)
+    return sums
 
 
 def shot_groups(class_counts: np.ndarray, many_threshold: int, few_threshold: int) -> dict[str, np.ndarray]:
@@ -51,24 +165,10 @@ def shot_groups(class_counts: np.ndarray, many_threshold: int, few_threshold: in
 def accuracy_report(
     logits: Tensor, labels: Tensor, class_counts: np.ndarray, many_threshold: int, few_threshold: int
 ) -> dict:
-    """Accuracies in percent. A group's accuracy is the mean of its classes' accuracies (null if empty).
-
-    Also every metric of `engine.metrics.imbalance_metrics` (GM in percent; precision,
-    recall, F1, G-mean, IBA as fractions; false positives; the confusion matrix)."""
-    num_classes = len(class_counts)
-    pred = logits.argmax(dim=1).numpy()
-    y = labels.numpy()
-    correct = np.bincount(y, weights=(pred == y), minlength=num_classes)
-    total = np.bincount(y, minlength=num_classes)
-    per_class = np.where(total > 0, 100.0 * correct / np.maximum(total, 1), np.nan)
-    report = {"top1": float(100.0 * (pred == y).mean())}
-    for name, classes in shot_groups(class_counts, many_threshold, few_threshold).items():
-        vals = per_class[classes]
-        vals = vals[~np.isnan(vals)]
-        report[name] = float(vals.mean()) if len(vals) else None
-    report["per_class"] = [None if np.isnan(v) else float(v) for v in per_class]
-    report.update(imbalance_metrics(confusion_matrix(y, pred, num_classes), class_counts))
-    return report
+    """The report (`ClassTally.report`) of a split's logits (N, K) and labels (N,)."""
+    tally = ClassTally(len(class_counts), logits.device)
+    tally.update(logits.argmax(dim=1), labels)
+    return tally.report(class_counts, many_threshold, few_threshold)
 
 
 def reporter(cfg, class_counts: np.ndarray):

@@ -59,10 +59,17 @@ def _check_cm(cm: np.ndarray) -> np.ndarray:
 def one_vs_rest_counts(cm: np.ndarray) -> dict[str, np.ndarray]:
     """TP, FN, FP, TN per class (float64, shape (K,))."""
     cm = _check_cm(cm)
-    tp = np.diag(cm)
-    fn = cm.sum(axis=1) - tp
-    fp = cm.sum(axis=0) - tp
-    tn = cm.sum() - tp - fn - fp
+    return counts_from_tally(np.diag(cm), cm.sum(axis=1), cm.sum(axis=0))
+
+
+def counts_from_tally(correct: np.ndarray, support: np.ndarray, predicted: np.ndarray) -> dict[str, np.ndarray]:
+    """TP, FN, FP, TN per class (float64) from three O(K) tallies: TP_k (correct), the samples of true
+    class k (support, a row sum of the confusion matrix) and the samples predicted as k (a column sum).
+    Every metric here needs only these, so an evaluation need not hold the K×K matrix."""
+    tp = np.asarray(correct, dtype=np.float64)
+    fn = np.asarray(support, dtype=np.float64) - tp
+    fp = np.asarray(predicted, dtype=np.float64) - tp
+    tn = np.asarray(support, dtype=np.float64).sum() - tp - fn - fp
     return {"tp": tp, "fn": fn, "fp": fp, "tn": tn}
 
 
@@ -72,32 +79,37 @@ def _ratio(num: np.ndarray, den: np.ndarray, empty: float) -> np.ndarray:
     return out
 
 
-def class_accuracy(cm: np.ndarray) -> np.ndarray:
+def _counts(cm_or_counts) -> dict[str, np.ndarray]:
+    """The per-class counts of a confusion matrix, or the counts dict itself (`counts_from_tally`)."""
+    return cm_or_counts if isinstance(cm_or_counts, dict) else one_vs_rest_counts(cm_or_counts)
+
+
+def class_accuracy(cm) -> np.ndarray:
     """TPR_k (= recall = class accuracy) as a fraction; NaN for a class with no test sample."""
-    c = one_vs_rest_counts(cm)
+    c = _counts(cm)
     return _ratio(c["tp"], c["tp"] + c["fn"], np.nan)
 
 
-def specificity(cm: np.ndarray) -> np.ndarray:
+def specificity(cm) -> np.ndarray:
     """TNR_k = TN_k / (TN_k + FP_k); NaN when every sample is of class k."""
-    c = one_vs_rest_counts(cm)
+    c = _counts(cm)
     return _ratio(c["tn"], c["tn"] + c["fp"], np.nan)
 
 
-def precision(cm: np.ndarray) -> np.ndarray:
+def precision(cm) -> np.ndarray:
     """P_k = TP_k / (TP_k + FP_k); 0 for a class that is never predicted."""
-    c = one_vs_rest_counts(cm)
+    c = _counts(cm)
     return _ratio(c["tp"], c["tp"] + c["fp"], 0.0)
 
 
-def f1(cm: np.ndarray) -> np.ndarray:
+def f1(cm) -> np.ndarray:
     """F1_k = 2 P_k R_k / (P_k + R_k); 0 when P_k + R_k = 0, NaN when R_k is undefined."""
     p, r = precision(cm), class_accuracy(cm)
     out = _ratio(2 * p * np.nan_to_num(r), p + np.nan_to_num(r), 0.0)
     return np.where(np.isnan(r), np.nan, out)
 
 
-def gm_class_accuracy(cm: np.ndarray, epsilon: float = GM_EPSILON) -> float:
+def gm_class_accuracy(cm, epsilon: float = GM_EPSILON) -> float:
     """(Π_k acc_k)^(1/K) over the classes with test samples, zeros replaced by ε (a fraction)."""
     acc = class_accuracy(cm)
     acc = acc[~np.isnan(acc)]
@@ -107,12 +119,12 @@ def gm_class_accuracy(cm: np.ndarray, epsilon: float = GM_EPSILON) -> float:
     return float(np.exp(np.log(acc).mean()))
 
 
-def gmean_per_class(cm: np.ndarray) -> np.ndarray:
+def gmean_per_class(cm) -> np.ndarray:
     """G_k = √(TPR_k · TNR_k), one-vs-rest."""
     return np.sqrt(class_accuracy(cm) * specificity(cm))
 
 
-def iba_per_class(cm: np.ndarray, alpha: float = IBA_ALPHA) -> np.ndarray:
+def iba_per_class(cm, alpha: float = IBA_ALPHA) -> np.ndarray:
     """IBA_k = (1 + α·(TPR_k − TNR_k)) · TPR_k · TNR_k, one-vs-rest."""
     tpr, tnr = class_accuracy(cm), specificity(cm)
     return (1.0 + alpha * (tpr - tnr)) * tpr * tnr
@@ -124,10 +136,9 @@ def _macro(values: np.ndarray, support: np.ndarray) -> float | None:
     return float(v.mean()) if len(v) else None
 
 
-def false_positives(cm: np.ndarray) -> np.ndarray:
+def false_positives(cm) -> np.ndarray:
     """FP_k: samples of other classes predicted as k (int64)."""
-    cm = np.asarray(cm)
-    return (cm.sum(axis=0) - np.diag(cm)).astype(np.int64)
+    return _counts(cm)["fp"].astype(np.int64)
 
 
 def frequency_order(class_counts: np.ndarray) -> np.ndarray:
@@ -135,27 +146,34 @@ def frequency_order(class_counts: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(class_counts), kind="stable")
 
 
-def cumulative_false_positives(cm: np.ndarray, class_counts: np.ndarray) -> np.ndarray:
+def cumulative_false_positives(cm, class_counts: np.ndarray) -> np.ndarray:
     """Running sum of FP_k over the classes ordered by training count, most frequent first."""
+    fp = false_positives(cm)
     counts = np.asarray(class_counts)
-    if counts.shape != (np.asarray(cm).shape[0],):
-        raise ValueError(f"class_counts must have one entry per class ({np.asarray(cm).shape[0]}), got shape {counts.shape}")
-    return np.cumsum(false_positives(cm)[frequency_order(counts)])
+    if counts.shape != fp.shape:
+        raise ValueError(f"class_counts must have one entry per class ({len(fp)}), got shape {counts.shape}")
+    return np.cumsum(fp[frequency_order(counts)])
 
 
 def imbalance_metrics(cm: np.ndarray, class_counts: np.ndarray) -> dict:
     """Every metric above as JSON-ready values (accuracies in percent, the Table-2 metrics as fractions)."""
     cm = np.asarray(cm)
-    support = cm.sum(axis=1)
+    return tally_metrics(one_vs_rest_counts(cm), class_counts, cm)
+
+
+def tally_metrics(counts: dict[str, np.ndarray], class_counts: np.ndarray, cm: np.ndarray | None = None) -> dict:
+    """`imbalance_metrics` from the per-class counts (`counts_from_tally`); "confusion_matrix" is `cm`
+    as a list, or None when the evaluation did not keep the K×K matrix (large K)."""
+    support = counts["tp"] + counts["fn"]
     return {
-        "gm": 100.0 * gm_class_accuracy(cm),
-        "precision": _macro(precision(cm), support),
-        "recall": _macro(class_accuracy(cm), support),
-        "f1": _macro(f1(cm), support),
-        "gmean": _macro(gmean_per_class(cm), support),
-        "iba": _macro(iba_per_class(cm), support),
-        "false_positives": false_positives(cm).tolist(),
-        "cumulative_false_positives": cumulative_false_positives(cm, class_counts).tolist(),
+        "gm": 100.0 * gm_class_accuracy(counts),
+        "precision": _macro(precision(counts), support),
+        "recall": _macro(class_accuracy(counts), support),
+        "f1": _macro(f1(counts), support),
+        "gmean": _macro(gmean_per_class(counts), support),
+        "iba": _macro(iba_per_class(counts), support),
+        "false_positives": false_positives(counts).tolist(),
+        "cumulative_false_positives": cumulative_false_positives(counts, class_counts).tolist(),
         "frequency_order": frequency_order(class_counts).tolist(),
-        "confusion_matrix": cm.astype(np.int64).tolist(),
+        "confusion_matrix": None if cm is None else np.asarray(cm).astype(np.int64).tolist(),
     }

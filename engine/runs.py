@@ -6,17 +6,19 @@ once per split so that every post-hoc variant of the head (engine/posthoc.py) re
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from engine.checkpoint import load_checkpoint
-from engine.config import Config, config_from_dict
+from engine.config import RESUME_MAY_CHANGE, Config, config_from_dict, parse_override, resume_changes
 from engine.data import Data, load_data, make_loaders, train_features_loader
 from engine.device import resolve_device
 from engine.distributed import DistInfo
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, ConfigError
 from engine.evaluate import Features, collect_features, reporter
 from engine.models import Classifier, build_model
 
@@ -41,14 +43,21 @@ class LoadedRun:
         return reporter(self.cfg, self.data.class_counts)(logits, labels)
 
 
-def load_run(checkpoint: str | Path) -> LoadedRun:
-    """Checkpoint → LoadedRun; the data are re-read and their class counts checked against training's."""
+def load_run(checkpoint: str | Path, overrides: Sequence[str] = ()) -> LoadedRun:
+    """Checkpoint → LoadedRun; the data are re-read and their class counts checked against training's.
+
+    `overrides` (dotted key=value, as `engine train` takes them) apply on top of the saved config: keys
+    that do not change the model or what it was trained on (a moved data.root, data.num_workers,
+    eval.batch_size, run.device, …: engine.config.RESUME_MAY_CHANGE plus run.device); others are refused."""
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
+    saved = _legacy_config(state["config"])
     try:
-        cfg = config_from_dict(state["config"])
+        cfg = config_from_dict(saved)
     except ValueError as exc:
         raise CheckpointError(f"{checkpoint}: its saved config is not valid here: {exc}") from None
+    if overrides:
+        cfg = _with_overrides(saved, overrides, checkpoint)
     data = load_data(cfg)
     if data.class_counts.tolist() != state["class_counts"]:
         raise CheckpointError(
@@ -62,11 +71,48 @@ def load_run(checkpoint: str | Path) -> LoadedRun:
     return LoadedRun(checkpoint, state, cfg, data, model, device)
 
 
+EVAL_MAY_ALSO_CHANGE = ("run.device",)  # besides RESUME_MAY_CHANGE: where a trained model is evaluated
+
+
+def _with_overrides(saved: dict, overrides: Sequence[str], checkpoint: Path) -> Config:
+    """The checkpoint's config with `overrides` applied; refuses a key that would change the model."""
+    tree = copy.deepcopy(saved)
+    for text in overrides:
+        _deep_update(tree, parse_override(text))
+    cfg = config_from_dict(tree)  # unknown keys and bad values: ConfigError naming the key
+    _, refused = resume_changes(saved, cfg)
+    refused = [k for k in refused if k not in EVAL_MAY_ALSO_CHANGE]
+    if refused:
+        raise ConfigError(
+            f"{checkpoint}: override(s) of {', '.join(refused)} would change the trained model or its data; "
+            f"a checkpoint is evaluated with its own config, changing only: "
+            f"{', '.join(k + '*' if k.endswith('.') else k for k in (*RESUME_MAY_CHANGE, *EVAL_MAY_ALSO_CHANGE))}")
+    return cfg
+
+
+def _deep_update(tree: dict, updates: dict) -> None:
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _deep_update(tree[key], value)
+        else:
+            tree[key] = value
+
+
+def _legacy_config(saved: dict) -> dict:
+    """A checkpoint's config in today's keys: eval.diagnostics was a boolean (true = the training pass)."""
+    diag = saved.get("eval", {}).get("diagnostics")
+    if isinstance(diag, bool):
+        saved = {**saved, "eval": {**saved["eval"], "diagnostics": "pass" if diag else "off"}}
+    return saved
+
+
 def split_features(run: LoadedRun, splits=EVAL_SPLITS) -> dict[str, Features]:
-    """Backbone features of the named splits ("val", "test", and "train" without augmentation)."""
+    """Backbone features of the named splits ("val", "test", and "train" without augmentation), on one
+    process (post-hoc work re-uses them); a progress bar per split with run.progress."""
     loaders = {}
     if "val" in splits or "test" in splits:
         _, loaders["val"], loaders["test"] = make_loaders(run.cfg, run.data, DistInfo(), run.device.type)
     if "train" in splits:
         loaders["train"] = train_features_loader(run.cfg, run.data, DistInfo())
-    return {s: collect_features(run.model, loaders[s], run.device) for s in splits}
+    return {s: collect_features(run.model, loaders[s], run.device, f"features {s}" if run.cfg.run.progress else None)
+            for s in splits}

@@ -27,7 +27,6 @@ from engine.data import Data, load_data, make_loaders, train_features_loader
 from engine.device import Speed, resolve_device, resolve_speed
 from engine.distributed import (
     DistInfo,
-    all_gather_cat,
     all_gather_objects,
     all_reduce_sum_,
     broadcast_error,
@@ -35,7 +34,7 @@ from engine.distributed import (
     shutdown,
 )
 from engine.errors import CheckpointError, ConfigError, TrainingError
-from engine.evaluate import Features, collect_features, reporter, scalars
+from engine.evaluate import ClassSums, class_sums_pass, evaluate_loader, scalars
 from engine.io import atomic_write_text, write_json
 from engine.logs import log_to_file
 from engine.models import Classifier, build_model
@@ -105,6 +104,7 @@ class Run:
     scaler: torch.amp.GradScaler
     counts: torch.Tensor  # training class counts on the device
     steps_per_epoch: int
+    epoch_class_sums: ClassSums | None = None  # eval.diagnostics=epoch: filled by `collect_class_sums`
 
     def autocast(self):
         if self.speed.amp_dtype is None:
@@ -181,14 +181,19 @@ def build_run(cfg: Config, out_dir: Path, dist: DistInfo, device: torch.device, 
 
 
 def finish(run: Run, history: list[dict], test_loader, val_loader) -> dict:
-    """Final evaluation on the held-out test split, diagnostics, report (all ranks evaluate a shard)."""
+    """Final evaluation: the test split once; val re-used from the last epoch's record when that epoch was
+    validated (the loop always validates the last epoch); diagnostics; report (all ranks evaluate a shard)."""
     cfg, data = run.cfg, run.data
-    test = evaluate(run, test_loader)
-    val = evaluate(run, val_loader)
-    diag = diagnostics(run) if cfg.eval.diagnostics else None
+    test = evaluate(run, test_loader, "test")
+    last = history[-1] if history else {}
+    if last.get("epoch") == cfg.epochs and "val_top1" in last:
+        val = {k[len("val_"):]: v for k, v in last.items() if k.startswith("val_")}
+    else:
+        val = scalars(evaluate(run, val_loader, "val"))
+    diag = diagnostics(run) if cfg.eval.diagnostics != "off" else None
     metrics = {
         **test,
-        "val": scalars(val),
+        "val": val,
         "method": cfg.method,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
@@ -319,6 +324,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int
             run.scaler.scale(loss / A).backward()
         total += value / A
         features.append(feats.detach())
+        collect_class_sums(run, epoch, feats, yb)  # diagnostics hook (eval.diagnostics=epoch, last epoch only)
         labels.append(yb)
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -387,33 +393,60 @@ def _tensorboard(run: Run):
     return SummaryWriter(str(run.out_dir / "tb"))
 
 
-def _gathered_features(run: Run, loader) -> Features:
-    """This rank's shard through the backbone, then every rank's shard concatenated."""
-    with run.autocast():
-        feats = collect_features(run.model, loader, run.device)
-    return Features(all_gather_cat(feats.features), all_gather_cat(feats.labels))
+def _progress(run: Run, what: str) -> str | None:
+    """A progress bar's description on rank 0 with run.progress, else None (no bar)."""
+    return what if run.cfg.run.progress and run.dist.is_main else None
 
 
-@torch.no_grad()
-def evaluate(run: Run, loader) -> dict:
-    feats = _gathered_features(run, loader)
-    return reporter(run.cfg, run.data.class_counts)(run.model.head.logits(feats.features), feats.labels)
+def evaluate(run: Run, loader, split: str = "val") -> dict:
+    """The split's report: every rank tallies its shard on the device, the counts are summed over ranks."""
+    return evaluate_loader(run.model, loader, run.device, run.data.class_counts, run.cfg.eval.many_threshold,
+                           run.cfg.eval.few_threshold, run.autocast, _progress(run, f"eval {split}"))
+
+
+# ---------------------------------------------------------------- diagnostics hook (called from train_step)
+def collect_class_sums(run: Run, epoch: int, features: torch.Tensor, labels: torch.Tensor) -> None:
+    """Diagnostics hook: with eval.diagnostics=epoch, add one (micro-)batch's training features to the
+    running per-class sums of the last epoch (on the device, no sync). A no-op otherwise."""
+    if run.cfg.eval.diagnostics != "epoch" or epoch != run.cfg.epochs - 1:
+        return
+    if run.epoch_class_sums is None:
+        run.epoch_class_sums = ClassSums(len(run.counts), features.shape[1], run.device)
+    run.epoch_class_sums.add(features, labels)
+
+
+DIAGNOSTIC_SOURCES = {
+    "epoch": "last training epoch: features of augmented training images, taken during the steps (the model "
+             "moved during the epoch)",
+    "pass": "a pass over the training split after training: un-augmented images (eval transforms), final model",
+}
 
 
 @torch.no_grad()
 def diagnostics(run: Run) -> dict:
     """Per-class offsets and norms (EO Fig. 1/3, WVN Fig. 2): estimated õ_k = ½c_k·w_k,
-    empirical ½μ̃_k·w_k from the training features' class means, trained bias, ‖w_k‖."""
+    empirical ½μ̃_k·w_k from the training features' class means, trained bias, ‖w_k‖.
+
+    μ̃_k comes from the last epoch's features (eval.diagnostics=epoch, no extra pass) or from a
+    full pass over the training split (pass). An epoch run that summed nothing (resumed after its
+    last epoch) falls back to the pass."""
     import kernels
 
-    with run.autocast():
-        feats = collect_features(run.model, train_features_loader(run.cfg, run.data, run.dist), run.device)
-    sums, n = kernels.class_feature_sums(feats.features, feats.labels, run.data.num_classes)
-    all_reduce_sum_(sums, n)
-    means = sums / n.clamp_min(1)[:, None]
+    mode, sums = run.cfg.eval.diagnostics, run.epoch_class_sums
+    if mode == "epoch" and sums is None:
+        logger.info("diagnostics: no training step of the last epoch ran in this process; passing over the "
+                    "training split instead")
+        mode = "pass"
+    if mode == "pass":
+        sums = class_sums_pass(run.model, train_features_loader(run.cfg, run.data, run.dist), run.device,
+                               run.data.num_classes, run.autocast, _progress(run, "diagnostics: train pass"))
+    means = sums.means().cpu()
     head = run.model.head
     w = head.weight.detach().float().cpu()
     return {
+        "mode": mode,
+        "source": DIAGNOSTIC_SOURCES[mode],
+        "images": int(sums.counts.sum().item()),
         "estimated_offset": kernels.estimated_offset(w, head.centers.float().cpu()).tolist(),
         "empirical_offset": kernels.empirical_offset(w, means).tolist(),
         "bias": head.bias.detach().float().cpu().tolist() if head.bias is not None else None,

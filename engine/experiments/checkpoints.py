@@ -8,25 +8,33 @@ also writes the re-scaled checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from engine.checkpoint import save_checkpoint
-from engine.evaluate import format_table
+from engine.data import make_loaders
+from engine.distributed import DistInfo
+from engine.evaluate import evaluate_loader, format_table
 from engine.io import write_json
 from engine.posthoc import calibrate, rs_counts, rs_weight
 from engine.render import save_png, subplots
-from engine.runs import load_run, split_features
+from engine.runs import load_run
 
 
-def evaluate_checkpoint(checkpoint: str | Path, split: str = "test") -> tuple[dict, list[str]]:
-    """`engine eval`: the checkpoint's report on one split (eval_<split>.json); returns (result, lines to print)."""
-    run = load_run(checkpoint)
-    feats = split_features(run, (split,))[split]
-    with torch.no_grad():
-        report = run.report(run.model.head.logits(feats.features), feats.labels)
-    result = {**report, "split": split, "checkpoint": str(checkpoint), "epoch": run.state["epoch"]}
+def evaluate_checkpoint(checkpoint: str | Path, split: str = "test",
+                        overrides: Sequence[str] = ()) -> tuple[dict, list[str]]:
+    """`engine eval`: the checkpoint's report on one split (eval_<split>.json); returns (result, lines to print).
+
+    `overrides`: dotted key=value on top of the checkpoint's config (engine.runs.load_run says which)."""
+    run = load_run(checkpoint, overrides)
+    loaders = dict(zip(("val", "test"), make_loaders(run.cfg, run.data, DistInfo(), run.device.type)[1:]))
+    cfg = run.cfg
+    report = evaluate_loader(run.model, loaders[split], run.device, run.data.class_counts, cfg.eval.many_threshold,
+                             cfg.eval.few_threshold, desc=f"eval {split}" if cfg.run.progress else None)
+    result = {**report, "split": split, "checkpoint": str(checkpoint), "epoch": run.state["epoch"],
+              "overrides": list(overrides)}
     out = run.run_dir / f"eval_{split}.json"
     write_json(out, result)
     return result, [format_table({f"{split} ({run.cfg.method})": result}), f"written: {out}"]
