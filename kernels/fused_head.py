@@ -377,6 +377,15 @@ def _chunking(B: int, K: int, mode: int, flags: HeadFlags, interpret: bool) -> t
     return M_max, _cdiv(B, M_max)
 
 
+def _plan_shape(features: Tensor, weight: Tensor, flags: HeadFlags, interpret: bool | None):
+    """(interpret, B, D, K, GEMM mode, rows per chunk, chunks): what both plans derive alike."""
+    interpret = INTERPRET if interpret is None else interpret
+    B, D = features.shape
+    K = weight.shape[0]
+    mode = gemm_mode(features.dtype, weight.dtype, _resolve_tf32(flags.tf32), interpret)
+    return (interpret, B, D, K, mode, *_chunking(B, K, mode, flags, interpret))
+
+
 def plan_forward(
     features: Tensor, weight: Tensor, centers: Tensor, labels: Tensor, bias: Tensor | None, flags: HeadFlags,
     *, interpret: bool | None = None,
@@ -384,16 +393,12 @@ def plan_forward(
     """Allocate the outputs/scratch and list the launches of one forward. No kernel runs and no
     tensor is read here (meta tensors work: tests/test_fused_head_aot.py compiles these launches).
     Expects contiguous inputs and int64 labels (`_forward_impl` makes them so)."""
-    interpret = INTERPRET if interpret is None else interpret
-    B, D = features.shape
-    K = weight.shape[0]
+    interpret, B, D, K, mode, M_max, _ = _plan_shape(features, weight, flags, interpret)
     f, w, c, b, y = features, weight, centers, bias, labels
     dev = f.device
     f32 = torch.float32
     has_bias = b is not None
-    mode = gemm_mode(f.dtype, w.dtype, _resolve_tf32(flags.tf32), interpret)
     t_log = _tiles("logits", mode, interpret)
-    M_max, _ = _chunking(B, K, mode, flags, interpret)
     NT = _cdiv(K, t_log.n)
 
     dummy = torch.empty(1, dtype=f32, device=dev)
@@ -448,18 +453,14 @@ def plan_backward(
     """The launches of one backward (per row chunk: dz recompute, dF, dW/dC/dB), from the forward's
     saved lse / õ / UC statistics / per-class sums and g = grad_output (a 0-dim device tensor,
     read in-kernel). Like `plan_forward`, runs and reads nothing (meta tensors work)."""
-    interpret = INTERPRET if interpret is None else interpret
-    B, D = features.shape
-    K = weight.shape[0]
+    interpret, B, D, K, mode, M_max, n_chunks = _plan_shape(features, weight, flags, interpret)
     f, w, c, b, y = features, weight, centers, bias, labels
     dev = f.device
     f32 = torch.float32
     has_bias = b is not None
-    mode = gemm_mode(f.dtype, w.dtype, _resolve_tf32(flags.tf32), interpret)
     t_dz, t_gf, t_gw = (_tiles(k, mode, interpret) for k in ("logits", "grad_features", "grad_weight"))
     if not interpret and flags.c_grad:  # the dC epilogue gets narrower d tiles: no spills
         t_gw = replace(t_gw, d=min(t_gw.d, 64))
-    M_max, n_chunks = _chunking(B, K, mode, flags, interpret)
 
     dummy = torch.empty(1, dtype=f32, device=dev)
     need_off = flags.use_offset or flags.uniform
