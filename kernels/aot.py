@@ -2,7 +2,7 @@
 
 Triton compiles for `GPUTarget("cuda", 90, 32)` (H100) or `("cuda", 80, 32)` (A100) without a
 GPU; ptxas (shipped in triton/backends/nvidia/bin) then reports registers and spills. The
-launches come from `kernels.fused_head.plan_forward` — the function the launcher itself runs —
+launches come from `kernels.fused_head.plan_forward` / `plan_backward` — what the launcher runs —
 so what is compiled here is what the engine launches, not a hand-written list.
 
     python -m kernels.aot            # table: kernel × dtype × arch → registers, spills, shared, MMA
@@ -214,13 +214,18 @@ DTYPES = {
     "amp_bf16": (torch.bfloat16, torch.float32, False),
     "amp_fp16": (torch.float16, torch.float32, False),
 }
-GEMM_KERNELS = ("_logits_kernel", "_grad_features_kernel", "_grad_weight_kernel")
+GEMM_KERNELS = ("_logits_kernel", "_dz_kernel", "_grad_features_kernel", "_grad_weight_kernel")
 
 
 def launches_for(B, D, K, dtype: str, flags: fh.HeadFlags, bias: bool):
+    """Every launch of one forward and its backward (`plan_forward` + `plan_backward`) at this shape."""
     fdt, wdt, tf32 = DTYPES[dtype]
     flags = fh.HeadFlags(**{**flags.__dict__, "tf32": int(tf32)})
-    return fh.plan_forward(*meta_inputs(B, D, K, fdt, wdt, bias), flags, interpret=False).launches
+    f, w, c, y, b = meta_inputs(B, D, K, fdt, wdt, bias)
+    fwd = fh.plan_forward(f, w, c, y, b, flags, interpret=False)
+    g = torch.empty((), dtype=torch.float32, device="meta")  # grad_output, as autograd passes it
+    bwd = fh.plan_backward(g, f, w, c, y, b, fwd.lse, fwd.off, fwd.ucs, fwd.stats, flags, interpret=False)
+    return fwd.launches + bwd.launches
 
 
 def main() -> None:
@@ -235,7 +240,7 @@ def main() -> None:
             for variant, flags in variants.items():
                 launches = launches_for(512, 2048, 8142, dtype, flags, bias=False)
                 for launch, c in zip(launches, compile_launches(launches, arch)):
-                    if variant != "eo_uc" and launch.name != "_grad_features_kernel":
+                    if variant != "eo_uc" and launch.name != "_rows_kernel":
                         continue  # only the stats epilogue differs
                     print(f"| {c.kernel} | {variant} | {dtype} | sm_{arch} | {c.registers} | "
                           f"{c.spill_stores}/{c.spill_loads} | {c.shared / 1024:.1f} | {c.mma or '-'} |")

@@ -9,35 +9,63 @@ Same definition as `kernels.reference.offset_head_loss` (read that file first):
          + λ1 · 1/B Σ_i ‖f_i − c_{y_i}‖²                center loss
          + λ2 · Σ_k p_k log p_k,  p = softmax(−õ)       uniform constraint (Eq. 5)
 
-Design (after Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy,
-not their code): the loss is a scalar, so every gradient is computed *in the forward*
-and the backward only multiplies the saved gradients by grad_output. The batch is
-processed in row chunks so that only a (chunk, K) logits scratch exists, never a
-(B, K) one at large B·K; at the benchmark shapes (B=512, K ≤ 131072) one chunk holds
-the whole batch, so every kernel runs once.
+Design (after Apple's Cut Cross-Entropy and Liger-Kernel's fused linear cross-entropy,
+not their code). The forward computes the loss, each row's log-sum-exp and the per-class
+stats, and never stores a logit; the backward recomputes the logit tile from f and W,
+forms dz in registers from the saved lse, and runs the two gradient GEMMs with
+g_loss = grad_output read *on the device* and folded into their fp32 1/B scale (no host
+sync, CUDA-graph capturable, no scaling pass over dF and dW). The batch is processed in row
+chunks so that only the backward's (chunk, K) dz scratch exists, never a (B, K) buffer;
+at the benchmark shapes (B=512, K ≤ 131072) one chunk holds the whole batch.
 
-Kernels, in launch order (one launch each per row chunk; `plan_forward` builds the list):
-    _offset_uc_kernel     õ_k = ½ c_k·w_k and, for the uniform constraint, per-CTA partials
-                          (max q, Σe^{q−m}, Σe^{q−m}q) of q = −õ: stage 1 of a two-stage
-                          reduction (stage 2 runs in _ce_rows_kernel's first program)   grid K/BK
-    _logits_kernel        z tile = f·Wᵀ − õ + b (tensor cores), stored fp32 to the (M, K)
-                          scratch, per-tile softmax partials (m_t, Σe^{z−m_t}, Σz) and
-                          z_{i,y_i} (taken from the tile that holds y_i)    grid M/BM × K/BN
-    _ce_rows_kernel       merges the partials (online softmax), CE_ε + λ1‖f−c_y‖² per row,
-                          dz = softmax − (1−ε)[k=y] − ε/K (unscaled by 1/B) into a *separate*
-                          buffer in the GEMM dtype (z_y comes from the logits kernel: no
-                          read of a row that is being overwritten), UC merge     grid M
-    _grad_features_kernel dF = dz·W / B (+ 2λ1/B (f − c_y)); per-class sums/counts
-                          (atomics) when asked                              grid M/BM × d/BD
-    _grad_weight_kernel   dW = dzᵀ·F / B + ½ c ∂L/∂õ, dC, dB, Σ_i dz_ik: the finalize is its
-                          epilogue (an fp32 accumulator only exists across row chunks and
-                          only when dW itself is not fp32)                  grid d/BD × K/BN
-    loss = Σ row losses (+ λ2·UC, the last entry): one torch reduction.
-Launches per forward: 4–5 kernels + the loss sum (+1 memset when per-class stats are
-asked for): ≤ 7 for every method (eo_uc: 6, or 7 with stats). No host sync: labels are validated on the host only
-when they live on the CPU (free), else in-kernel with tl.device_assert (flags.debug).
+Kernels, in launch order (one launch each per row chunk; `plan_forward` / `plan_backward`):
+  forward
+    _logits_kernel        z tile = f·Wᵀ − õ + b on tensor cores, kept on chip; õ = ½ c·w is
+                          computed from the W tile the GEMM loads plus the C tile (no separate
+                          offset pass over W); writes õ, the uniform constraint's per-tile
+                          partials (stage 1 of 2), per-row softmax partials of the tile
+                          (m_t, Σe^{z−m_t}, Σz) and z_{i,y_i}                   grid M/BM × K/BN
+    _rows_kernel          merges the partials (online softmax) into lse (saved), row loss
+                          CE_ε + λ1‖f−c_y‖², per-class sums/counts (atomics) when asked, and the
+                          uniform constraint's stage 2 (first program)         grid M
+    loss = Σ row losses (+ λ2·UC, the last entry): one torch reduction (+ the stats zero-fill).
+  backward (g = grad_output, a 0-dim device tensor)
+    _dz_kernel            z tile again (same GEMM, õ loaded), dz = e^{z−lse} − (1−ε)[k=y] − ε/K
+                          stored in the GEMM dtype (unscaled)                  grid M/BM × K/BN
+    _grad_features_kernel dF = g·dz·W/B (+ g·2λ1/B (f − c_y))                  grid M/BM × d/BD
+    _grad_weight_kernel   dW = g·dzᵀ·F/B + ½ c ∂L/∂õ, dC, dB, Σ_i dz_ik: the finalize is its
+                          epilogue (an fp32 accumulator only across row chunks, only when dW
+                          itself is not fp32)                                  grid d/BD × K/BN
+Launches (eo_uc): forward 3 (logits, rows, loss sum; 4 with the stats zero-fill), backward 3
+(dz, grad_features, grad_weight; grad_output is read in-kernel in its own dtype), per row chunk for
+the Triton kernels. Every method: forward ≤ 4, backward 3. No host sync: labels are validated on
+the host only when they live on the CPU (free), else in-kernel with tl.device_assert (flags.debug).
 
-GEMM precision — one operand dtype for all three GEMMs (z = f·Wᵀ, dF = dz·W, dW = dzᵀ·F),
+Why this split (issue 11 asked for ≤ 2× the ideal traffic; the previous design, every gradient
+in the forward + a backward `grad * g_loss` pass, modelled 2.15–2.48×):
+  (a) Cut Cross-Entropy, taken: no fp32 (B, K) logits round trip (−8·B·K bytes), no scaling
+      pass (−2·(|f| + |W|)), at the price of one more read of f and W (the recompute) — and
+      the separate offset pass is folded into the logits kernel (−|W|). Modelled 1.55–1.88×.
+      FLOPs: 8·B·K·d instead of 6·B·K·d (+33%: the logits GEMM runs twice) plus 2·K·d·B/BM
+      for õ (each of the B/BM row tiles recomputes it from its W and C tiles, ≤ 0.2% at
+      B/BM = 4). On an H100's data-sheet limits (989 TFLOP/s dense bf16, 3.35 TB/s) the
+      roofline floor max(FLOPs/rate, bytes/bandwidth) at (512, 2048, K) goes, in µs, for
+      bf16: 17.6 → 13.3 (K=1000), 103 → 72 (8142), 1570 → 1112 (131072); AMP-bf16: 27 → 22,
+      182 → 133, 2854 → 2052. The new arithmetic intensity is 190–300 FLOP/B (bf16) and
+      115–160 (AMP), at or below the ~295 ridge: the extra FLOPs cost less than the bytes saved.
+  (b) Keeping the gradient GEMMs in the forward but folding g_loss "into something that must
+      read/write anyway": no such pass exists — after the forward nothing reads dF or dW
+      again except the autograd engine — so the scale costs 2·(|f| + |W|) whatever it is
+      fused into. Deferring only the gradient GEMMs to the backward (forward writes dz, the
+      backward reads it with g folded into 1/B) would model ~1.67–1.96× with 6·B·K·d FLOPs,
+      but dz would have to live from forward to backward: a (B, K) buffer (128 MB at K=131072,
+      GB at larger B), which the row chunking exists to avoid.
+  (c) One backward kernel producing dF and dW with atomics (CCE's own backward) needs fp32
+      (B, d) and (K, d) accumulators — the fp32 K×d scratch issue 11 rules out for bf16 W —
+      and atomics traffic the model cannot bound honestly; not taken.
+
+GEMM precision — one operand dtype for all GEMMs (z = f·Wᵀ in the forward and again in the
+backward, dF = dz·W, dW = dzᵀ·F),
 loaded in the storage dtype and converted in registers, always accumulated in fp32;
 the softmax/CE/UC math is fp32 everywhere:
 
@@ -71,40 +99,43 @@ Gradient derivation (everything is divided by B):
     õ_k = ½ c_k·w_k ⇒ ∂L/∂w_k += ½ c_k ∂L/∂õ_k,  ∂L/∂c_k += ½ w_k ∂L/∂õ_k
     center_grad=False: c is a constant (the reference's `c.detach()`).
 
-HBM traffic — `modelled_bytes` (the numbers below are its output). Each kernel's docstring
+HBM traffic — `modelled_bytes` (the numbers below are its output; its keys are exactly the
+launches of `plan_forward` + `plan_backward`, a test checks it). Each kernel's docstring
 (kernels/fused_head_triton.py) gives its bytes/FLOPs; the model counts every tensor once per
 kernel, which holds because each grid is ordered (program id 0 fastest) so that programs
-sharing the large operand tile run side by side and share it through L2 (logits: the M/BM
-programs of one W tile; grad_features: the M/BM programs of one W column slab; grad_weight:
-the d/BD programs of one dz column slab — the old grid re-read dz from HBM once per d slice).
+sharing the large operand tile run side by side and share it through L2 (logits / dz: the
+M/BM programs of one W tile; grad_features: the M/BM programs of one W column slab;
+grad_weight: the d/BD programs of one dz column slab).
 Ideal = read f and W twice, C once (offset), write dF and dW, logits streamed once in the
 feature dtype. Engine default (eo_uc, center_grad=False, no stats), B=512, d=2048, per fwd+bwd:
 
     | dtype (f / W)  | K      | modelled GB | ideal GB | ratio |
     |----------------|--------|-------------|----------|-------|
-    | bf16 / bf16    | 1000   | 0.0589      | 0.0237   | 2.48  |
-    | bf16 / bf16    | 8142   | 0.345       | 0.148    | 2.33  |
-    | bf16 / bf16    | 131072 | 5.26        | 2.29     | 2.30  |
-    | bf16 / fp32    | 1000   | 0.0916      | 0.0401   | 2.29  |
-    | bf16 / fp32    | 8142   | 0.611       | 0.281    | 2.17  |
-    | bf16 / fp32    | 131072 | 9.56        | 4.44     | 2.15  |
-    | fp32 / fp32    | 1000   | 0.114       | 0.0474   | 2.40  |
-    | fp32 / fp32    | 8142   | 0.655       | 0.296    | 2.21  |
-    | fp32 / fp32    | 131072 | 9.98        | 4.58     | 2.18  |
-(regenerate: `python -c "from kernels import fused_head; print(fused_head._traffic_table())"`).
-Where the excess over the ideal is, at bf16 / fp32 (AMP), K=131072 (GB): offset_uc 2.15 (reads W
-and C), logits 1.35 (W + the fp32 z scratch), ce_rows 0.41, grad_features 1.21, grad_weight 2.28
-(dz, C for ½c∂L/∂õ, dW), backward `grad * g_loss` 2.15 (reads and writes dF, dW). Still above
-the 2× target: the next step is Cut-Cross-Entropy's split — the forward keeps only the row lse,
-the backward recomputes the logit tile and folds g_loss into 1/B (no backward scaling pass, no
-fp32 z round trip), at the price of one more W read and +33% GEMM FLOPs.
+    | bf16 / bf16    | 1000   | 0.0445      | 0.0237   | 1.88  |
+    | bf16 / bf16    | 8142   | 0.242       | 0.148    | 1.64  |
+    | bf16 / bf16    | 131072 | 3.65        | 2.29     | 1.60  |
+    | bf16 / fp32    | 1000   | 0.0733      | 0.0401   | 1.83  |
+    | bf16 / fp32    | 8142   | 0.447       | 0.281    | 1.59  |
+    | bf16 / fp32    | 131072 | 6.88        | 4.44     | 1.55  |
+    | fp32 / fp32    | 1000   | 0.0889      | 0.0474   | 1.88  |
+    | fp32 / fp32    | 8142   | 0.484       | 0.296    | 1.64  |
+    | fp32 / fp32    | 131072 | 7.29        | 4.58     | 1.59  |
+(regenerate: `python -c "from kernels import fused_head; print(fused_head._traffic_table())"`;
+fp16 and AMP-fp16 give the bf16 / AMP-bf16 numbers, TF32 the fp32 ones: 1.55–1.88× for all,
+tests/test_fused_head.py asserts ≤ 2× for every precision).
+Per kernel at bf16 / fp32 (AMP), K=131072 (GB): logits 2.15 (W and C, for õ), rows 0.01,
+dz 1.21 (W, dz), grad_features 1.22 (dz, W), grad_weight 2.28 (dz, C for ½c∂L/∂õ, dW).
+What is left above the ideal: dz written once and read twice in the GEMM dtype (the ideal
+streams logits once) and the third read of W (the backward's recompute).
 
 Entry points:
     fused_offset_head_loss(...)              -> loss              (autograd-aware)
     fused_offset_head_loss_with_stats(...)   -> (loss, sums, counts)
     offset_head_loss(..., backend="auto")    dispatcher: "triton" | "torch" | "auto"
-The work is the custom op `lt_engine::fused_offset_head` (torch.library) with a fake
-implementation and an autograd formula: torch.compile traces it without a graph break,
+The work is two custom ops (torch.library), `lt_engine::fused_offset_head_cce` (forward: loss,
+lse, õ, UC statistics, per-class stats) and `lt_engine::fused_offset_head_cce_backward` (grad_output
+→ dF, dW, dC, dB), each with a fake implementation, joined by an autograd formula:
+torch.compile traces both without a graph break,
 and it captures in a CUDA graph (no host sync, no data-dependent shape).
 """
 
@@ -204,11 +235,11 @@ def _empty(shape, dtype, device) -> Tensor:
 
 if HAS_TRITON:
     from kernels.fused_head_triton import (
-        _ce_rows_kernel,
+        _dz_kernel,
         _grad_features_kernel,
         _grad_weight_kernel,
         _logits_kernel,
-        _offset_uc_kernel,
+        _rows_kernel,
     )
 
 
@@ -312,17 +343,47 @@ class Launch:
 
 @dataclass
 class Plan:
-    """Every launch of one forward, in order, and the buffers the op returns."""
+    """Every launch of one forward, in order, and the buffers it fills (saved for the backward)."""
 
     launches: list
     rowloss: Tensor  # (B,) or (B + 1,) with λ2·UC last: loss = rowloss.sum()
-    dF: Tensor
-    dW: Tensor
-    dC: Tensor
-    dB: Tensor
-    stats: Tensor  # (K·d + K,) fp32: per-class sums (K, d) then counts (K,); (0,) when not asked for
+    lse: Tensor  # (B,) fp32: each row's log-sum-exp of the logits (the backward's softmax)
+    off: Tensor  # (K,) fp32 õ (use_offset or uniform), else (0,)
+    ucs: Tensor  # (2,) fp32 (lse_q, UC) of the uniform constraint, else (0,)
+    stats: Tensor  # (K·d + K,) fp32: per-class sums (K, d) then counts (K,); (0,) when not needed
     mode: int
     chunk_rows: int
+
+
+@dataclass
+class BackwardPlan:
+    """Every launch of one backward, in order, and the gradients it writes."""
+
+    launches: list
+    dF: Tensor
+    dW: Tensor
+    dC: Tensor  # (K, d) when flags.c_grad, else (0,)
+    dB: Tensor  # (K,) with a bias, else (0,)
+
+
+def _chunking(B: int, K: int, mode: int, flags: HeadFlags, interpret: bool) -> tuple[int, int]:
+    """(rows per chunk, number of chunks): the backward's (chunk, K) dz scratch stays under
+    _CHUNK_BYTES (the forward needs no (·, K) buffer, it is chunked alike for simplicity)."""
+    chunk = flags.chunk_rows
+    if chunk <= 0:
+        m = _tiles("logits", mode, interpret).m
+        chunk = max(m, (_CHUNK_BYTES // (K * _dz_dtype(mode).itemsize)) // m * m)
+    M_max = min(B, chunk)
+    return M_max, _cdiv(B, M_max)
+
+
+def _plan_shape(features: Tensor, weight: Tensor, flags: HeadFlags, interpret: bool | None):
+    """(interpret, B, D, K, GEMM mode, rows per chunk, chunks): what both plans derive alike."""
+    interpret = INTERPRET if interpret is None else interpret
+    B, D = features.shape
+    K = weight.shape[0]
+    mode = gemm_mode(features.dtype, weight.dtype, _resolve_tf32(flags.tf32), interpret)
+    return (interpret, B, D, K, mode, *_chunking(B, K, mode, flags, interpret))
 
 
 def plan_forward(
@@ -332,43 +393,24 @@ def plan_forward(
     """Allocate the outputs/scratch and list the launches of one forward. No kernel runs and no
     tensor is read here (meta tensors work: tests/test_fused_head_aot.py compiles these launches).
     Expects contiguous inputs and int64 labels (`_forward_impl` makes them so)."""
-    interpret = INTERPRET if interpret is None else interpret
-    B, D = features.shape
-    K = weight.shape[0]
+    interpret, B, D, K, mode, M_max, _ = _plan_shape(features, weight, flags, interpret)
     f, w, c, b, y = features, weight, centers, bias, labels
     dev = f.device
     f32 = torch.float32
     has_bias = b is not None
-    mode = gemm_mode(f.dtype, w.dtype, _resolve_tf32(flags.tf32), interpret)
-    dz_dtype = _dz_dtype(mode)
-    t_log, t_gf, t_gw = (_tiles(k, mode, interpret) for k in ("logits", "grad_features", "grad_weight"))
-    if not interpret:  # heavier epilogues (stats atomics; dC) get narrower d tiles: no spills
-        if flags.sums:
-            t_gf = replace(t_gf, d=min(t_gf.d, 64))
-        if flags.c_grad:
-            t_gw = replace(t_gw, d=min(t_gw.d, 64))
-
-    chunk = flags.chunk_rows
-    if chunk <= 0:
-        per_row = K * (4 + dz_dtype.itemsize)
-        chunk = max(t_log.m, (_CHUNK_BYTES // per_row) // t_log.m * t_log.m)
-    M_max = min(B, chunk)
-    n_chunks = _cdiv(B, M_max)
+    t_log = _tiles("logits", mode, interpret)
     NT = _cdiv(K, t_log.n)
-    off_block = 128 if interpret else 32
-    NUC = _cdiv(K, off_block)
 
     dummy = torch.empty(1, dtype=f32, device=dev)
     need_off = flags.use_offset or flags.uniform
-    off = _empty((K,), f32, dev) if need_off else dummy
-    ucp = _empty((NUC * 3,), f32, dev) if flags.uniform else dummy
-    ucs = _empty((2,), f32, dev) if flags.uniform else dummy
-    z = _empty((M_max, K), f32, dev)
-    dz = _empty((M_max, K), dz_dtype, dev)
+    off = _empty((K,), f32, dev) if need_off else torch.empty(0, dtype=f32, device=dev)
+    ucp = _empty((NT * 3,), f32, dev) if flags.uniform else dummy
+    ucs = _empty((2,), f32, dev) if flags.uniform else torch.empty(0, dtype=f32, device=dev)
     pmax = _empty((M_max, NT), f32, dev)
     psum = _empty((M_max, NT), f32, dev)
     pz = _empty((M_max, NT), f32, dev) if flags.smooth else dummy
     zy = _empty((M_max,), f32, dev)
+    lse = _empty((B,), f32, dev)
     rowloss = _empty((B + 1 if flags.uniform else B,), f32, dev)
     if flags.sums:  # one zero-fill for both accumulators
         stats = torch.zeros(K * D + K, dtype=f32, device=dev)
@@ -376,6 +418,53 @@ def plan_forward(
     else:
         stats = torch.empty(0, dtype=f32, device=dev)
         sums_arg = counts_arg = dummy
+    bias_arg = b if has_bias else dummy
+    off_arg = off if need_off else dummy
+    ucs_arg = ucs if flags.uniform else dummy
+
+    launches = []
+    bt = _pow2(NT, 16, 1024)
+    for r0 in range(0, B, M_max):
+        M = min(M_max, B - r0)
+        launches.append(Launch(
+            _logits_kernel, (_cdiv(M, t_log.m), NT),
+            (f, w, c, off_arg, ucp, bias_arg, y, pmax, psum, pz, zy, r0, M, K, D, NT),
+            dict(USE_OFFSET=flags.use_offset, NEED_OFF=need_off, UNIFORM=flags.uniform, HAS_BIAS=has_bias,
+                 SMOOTH=flags.smooth, MODE=mode, DEBUG=bool(flags.debug) and not interpret,
+                 BLOCK_M=t_log.m, BLOCK_N=t_log.n, BLOCK_D=t_log.d),
+            t_log.warps, t_log.stages,
+        ))
+        launches.append(Launch(
+            _rows_kernel, (M,),
+            (pmax, psum, pz, zy, f, c, y, ucp, ucs_arg, lse, rowloss, sums_arg, counts_arg,
+             r0, B, K, D, NT, 1.0 / B, float(flags.label_smoothing), float(flags.lambda_center),
+             float(flags.lambda_uniform)),
+            dict(SMOOTH=flags.smooth, CENTER=flags.center, UNIFORM=flags.uniform, STATS=flags.sums,
+                 BLOCK_T=bt, BLOCK_D=_pow2(D, 16, 1024)),
+            4,
+        ))
+    return Plan(launches, rowloss, lse, off, ucs, stats, mode, M_max)
+
+
+def plan_backward(
+    g: Tensor, features: Tensor, weight: Tensor, centers: Tensor, labels: Tensor, bias: Tensor | None,
+    lse: Tensor, off: Tensor, ucs: Tensor, stats: Tensor, flags: HeadFlags, *, interpret: bool | None = None,
+) -> BackwardPlan:
+    """The launches of one backward (per row chunk: dz recompute, dF, dW/dC/dB), from the forward's
+    saved lse / õ / UC statistics / per-class sums and g = grad_output (a 0-dim device tensor,
+    read in-kernel). Like `plan_forward`, runs and reads nothing (meta tensors work)."""
+    interpret, B, D, K, mode, M_max, n_chunks = _plan_shape(features, weight, flags, interpret)
+    f, w, c, b, y = features, weight, centers, bias, labels
+    dev = f.device
+    f32 = torch.float32
+    has_bias = b is not None
+    t_dz, t_gf, t_gw = (_tiles(k, mode, interpret) for k in ("logits", "grad_features", "grad_weight"))
+    if not interpret and flags.c_grad:  # the dC epilogue gets narrower d tiles: no spills
+        t_gw = replace(t_gw, d=min(t_gw.d, 64))
+
+    dummy = torch.empty(1, dtype=f32, device=dev)
+    need_off = flags.use_offset or flags.uniform
+    dz = _empty((M_max, K), _dz_dtype(mode), dev)
     dF = _empty((B, D), f.dtype, dev)
     dW = _empty((K, D), w.dtype, dev)
     if n_chunks == 1:
@@ -387,46 +476,31 @@ def plan_forward(
     dC = _empty((K, D), c.dtype, dev) if flags.c_grad else torch.empty(0, dtype=c.dtype, device=dev)
     dB = _empty((K,), b.dtype, dev) if has_bias else torch.empty(0, dtype=f32, device=dev)
     bias_arg = b if has_bias else dummy
+    off_arg = off if need_off else dummy
+    ucs_arg = ucs if flags.uniform else dummy
+    sums_arg, counts_arg = (stats[: K * D], stats[K * D:]) if flags.sums else (dummy, dummy)
 
     inv_b = 1.0 / B
     center_scale = 2.0 * float(flags.lambda_center) / B
     launches = []
-    if need_off:
-        launches.append(Launch(
-            _offset_uc_kernel, (NUC,), (w, c, off, ucp, K, D),
-            dict(UNIFORM=flags.uniform, BLOCK_K=off_block, BLOCK_D=64 if interpret else 128), num_warps=4,
-        ))
-    bt = _pow2(max(NT, NUC if flags.uniform else 1), 16, 1024)
-    bkr = _pow2(K, 16, 1024 if interpret else 2048)
     for i, r0 in enumerate(range(0, B, M_max)):
         M = min(M_max, B - r0)
         launches.append(Launch(
-            _logits_kernel, (_cdiv(M, t_log.m), NT),
-            (f, w, off, bias_arg, y, z, pmax, psum, pz, zy, r0, M, K, D, NT),
+            _dz_kernel, (_cdiv(M, t_dz.m), _cdiv(K, t_dz.n)),
+            (f, w, off_arg, bias_arg, y, lse, dz, r0, M, K, D, float(flags.label_smoothing)),
             dict(USE_OFFSET=flags.use_offset, HAS_BIAS=has_bias, SMOOTH=flags.smooth, MODE=mode,
-                 DEBUG=bool(flags.debug) and not interpret,
-                 BLOCK_M=t_log.m, BLOCK_N=t_log.n, BLOCK_D=t_log.d),
-            t_log.warps, t_log.stages,
-        ))
-        launches.append(Launch(
-            _ce_rows_kernel, (M,),
-            (z, dz, pmax, psum, pz, zy, f, c, y, ucp, ucs, rowloss,
-             r0, B, K, D, NT, NUC, inv_b, float(flags.label_smoothing), float(flags.lambda_center),
-             float(flags.lambda_uniform)),
-            dict(SMOOTH=flags.smooth, CENTER=flags.center, UNIFORM=flags.uniform,
-                 BLOCK_T=bt, BLOCK_K=bkr, BLOCK_D=_pow2(D, 16, 1024)),
-            4 if interpret else 8,
+                 BLOCK_M=t_dz.m, BLOCK_N=t_dz.n, BLOCK_D=t_dz.d),
+            t_dz.warps, t_dz.stages,
         ))
         launches.append(Launch(
             _grad_features_kernel, (_cdiv(M, t_gf.m), _cdiv(D, t_gf.d)),
-            (dz, w, f, c, y, dF, sums_arg, counts_arg, r0, M, K, D, inv_b, center_scale),
-            dict(CENTER=flags.center, STATS=flags.sums, MODE=mode,
-                 BLOCK_M=t_gf.m, BLOCK_K=t_gf.n, BLOCK_D=t_gf.d),
+            (dz, w, f, c, y, g, dF, r0, M, K, D, inv_b, center_scale),
+            dict(CENTER=flags.center, MODE=mode, BLOCK_M=t_gf.m, BLOCK_K=t_gf.n, BLOCK_D=t_gf.d),
             t_gf.warps, t_gf.stages,
         ))
         launches.append(Launch(
             _grad_weight_kernel, (_cdiv(D, t_gw.d), _cdiv(K, t_gw.n)),
-            (dz, f, w, c, off, ucs, sums_arg, counts_arg, acc, dzsum, dW, dC if flags.c_grad else dummy,
+            (dz, f, w, c, off_arg, ucs_arg, sums_arg, counts_arg, g, acc, dzsum, dW, dC if flags.c_grad else dummy,
              dB if has_bias else dummy,
              r0, M, K, D, inv_b, float(flags.lambda_uniform), center_scale, int(i == 0), int(i == n_chunks - 1)),
             dict(USE_OFFSET=flags.use_offset, UNIFORM=flags.uniform, CENTER=flags.center,
@@ -434,7 +508,7 @@ def plan_forward(
                  BLOCK_M=t_gw.m, BLOCK_N=t_gw.n, BLOCK_D=t_gw.d),
             t_gw.warps, t_gw.stages,
         ))
-    return Plan(launches, rowloss, dF, dW, dC, dB, stats, mode, M_max)
+    return BackwardPlan(launches, dF, dW, dC, dB)
 
 
 # --------------------------------------------------------------------------- traffic model
@@ -444,39 +518,51 @@ def modelled_bytes(
     B: int, D: int, K: int, features_dtype=torch.bfloat16, weight_dtype=torch.bfloat16, flags: HeadFlags | None = None,
     tf32: bool = True,
 ) -> dict:
-    """HBM bytes per fwd+bwd of the fused head, per kernel, as the kernels' docstrings count them
-    (each tensor once per kernel: the grids are ordered for L2 reuse of the shared operand), and
-    the ideal: f and W read twice, C once (offset), dF and dW written, logits streamed once in
-    the feature dtype. The backward's `grad * g_loss` scaling (read + write dF, dW) is included."""
+    """HBM bytes per fwd+bwd of the fused head, per launch (keys: the Triton kernels of
+    `plan_forward` then `plan_backward`, and the torch kernels `stats_memset`, `loss_sum`), as the
+    kernels' docstrings count them (each tensor once per kernel: the grids are ordered for L2
+    reuse of the shared operand), and the ideal: f and W read twice, C once (offset), dF and dW
+    written, logits streamed once in the feature dtype. Centers and bias have W's dtype."""
     flags = flags or HeadFlags(lambda_center=1.0, lambda_uniform=1.0, use_offset=True, center_grad=False)
     ef, ew = features_dtype.itemsize, weight_dtype.itemsize
-    ez = _dz_dtype(gemm_mode(features_dtype, weight_dtype, tf32)).itemsize
-    f, W = B * D * ef, K * D * ew
-    chunk = max(1, min(B, _CHUNK_BYTES // (K * (4 + ez))))
-    chunks = _cdiv(B, chunk)
-    NT = _cdiv(K, 128)
+    mode = gemm_mode(features_dtype, weight_dtype, tf32)
+    ez = _dz_dtype(mode).itemsize
+    f, W, cy = B * D * ef, K * D * ew, B * D * ew  # features, weight (= centers), gathered c_y rows
+    _, chunks = _chunking(B, K, mode, flags, False)
+    NT = _cdiv(K, _tiles("logits", mode, False).n)
     need_off = flags.use_offset or flags.uniform
+    parts = 3 if flags.smooth else 2
     out = {}
-    out["offset_uc"] = 2 * W + 4 * K if need_off else 0
-    out["logits"] = f + chunks * W + 4 * B * K + 4 * B * NT * (3 if flags.smooth else 2) + 4 * B
-    out["ce_rows"] = 4 * B * K + ez * B * K + 4 * B * NT * 2 + (2 * f if flags.center else 0)
-    out["grad_features"] = ez * B * K + chunks * W + f + (2 * f if flags.center else 0) + (
-        4 * B * D * 2 if flags.sums else 0)
+    # forward
+    out["_logits_kernel"] = (f + chunks * (W + (W if need_off else 0)) + 4 * B * NT * parts + 4 * B
+                             + (4 * K + 12 * NT if need_off else 0))
+    out["_rows_kernel"] = (4 * B * NT * parts + 4 * B + (f if (flags.center or flags.sums) else 0)
+                           + (cy if flags.center else 0) + 4 * B + 4 * B + (8 * B * D + 8 * B if flags.sums else 0))
+    out["stats_memset"] = 4 * (K * D + K) if flags.sums else 0
+    out["loss_sum"] = 4 * (B + 1)
+    # backward
+    out["_dz_kernel"] = f + chunks * W + ez * B * K + (4 * K if flags.use_offset else 0) + 4 * B
+    out["_grad_features_kernel"] = ez * B * K + chunks * W + f + ((f + cy) if flags.center else 0)
     gw = ez * B * K + chunks * f + W + (W if need_off else 0)
     if chunks > 1:
         gw += (chunks - 1) * 2 * K * D * 4
     if flags.c_grad:
         gw += 3 * W + 4 * K * D
-    out["grad_weight"] = gw
-    out["stats_memset"] = 4 * (K * D + K) if flags.sums else 0
-    out["backward_scale"] = 2 * (f + W) + (2 * W if flags.c_grad else 0)
+    out["_grad_weight_kernel"] = gw
     total = sum(out.values())
     ideal = 2 * (f + W) + (W if need_off else 0) + f + W + B * K * ef
-    return dict(kernels=out, total=total, ideal=ideal, ratio=total / ideal)
+    return dict(kernels=out, total=total, ideal=ideal, ratio=total / ideal, chunks=chunks)
 
 
 def flops(B: int, D: int, K: int) -> int:
-    """Matmul FLOPs per fwd+bwd: logits, dF = dz·W, dW = dzᵀ·F (the O(B·K + K·d) rest is ignored)."""
+    """Matmul FLOPs per fwd+bwd: logits (forward), logits again (backward recompute),
+    dF = dz·W, dW = dzᵀ·F: 8·B·K·d (the O(B·K + K·d·B/BM) rest — õ, softmax — is ignored).
+    The minimum, with the logits kept from the forward, is 6·B·K·d: the recompute is +33%."""
+    return 8 * B * K * D
+
+
+def ideal_flops(B: int, D: int, K: int) -> int:
+    """Matmul FLOPs per fwd+bwd with nothing recomputed: logits, dF, dW (the roofline's numerator)."""
     return 6 * B * K * D
 
 
@@ -533,11 +619,11 @@ def _check_labels(labels: Tensor, K: int) -> None:
 
 
 def _forward_impl(features, weight, centers, labels, bias, flags: HeadFlags):
-    """Loss, all gradients and (flags.stats) the per-class stats in one pass over the batch.
+    """Loss and what the backward needs, in one pass over the batch (+ the per-class stats).
 
-    Returns (loss, dF, dW, dC, dB, stats); dC / dB / stats are empty (0,) tensors when the
-    centers take no gradient / there is no bias / no stats were asked for; `split_stats`
-    views stats as the per-class sums (K, d) and counts (K,)."""
+    Returns (loss, lse, off, ucs, stats): the rows' log-sum-exp (B,), õ (K,), the uniform
+    constraint's (lse_q, UC) and the per-class sums/counts (`split_stats`); off / ucs / stats
+    are empty (0,) tensors when the flags need none."""
     if not HAS_TRITON:
         raise RuntimeError("the fused head needs triton; use backend='torch'")
     _check_inputs(features, weight, centers, labels, bias, flags.label_smoothing)
@@ -556,7 +642,20 @@ def _forward_impl(features, weight, centers, labels, bias, flags: HeadFlags):
     for launch in plan.launches:
         launch.run(debug=bool(flags.debug) and not INTERPRET)
     loss = plan.rowloss.sum()
-    return loss, plan.dF, plan.dW, plan.dC, plan.dB, plan.stats
+    return loss, plan.lse, plan.off, plan.ucs, plan.stats
+
+
+def _backward_impl(g, features, weight, centers, labels, bias, lse, off, ucs, stats, flags: HeadFlags):
+    """(dF, dW, dC, dB) of grad_output g (0-dim, any float dtype, read on the device);
+    dC / dB are empty (0,) when the centers take no gradient / there is no bias."""
+    plan = plan_backward(
+        g.reshape(()), features.contiguous(), weight.contiguous(), centers.contiguous(),
+        labels.to(torch.int64).contiguous(), bias.contiguous() if bias is not None else None,
+        lse, off, ucs, stats, flags,
+    )
+    for launch in plan.launches:
+        launch.run(debug=bool(flags.debug) and not INTERPRET)
+    return plan.dF, plan.dW, plan.dC, plan.dB
 
 
 def split_stats(stats: Tensor, K: int, D: int) -> tuple[Tensor, Tensor]:
@@ -564,9 +663,12 @@ def split_stats(stats: Tensor, K: int, D: int) -> tuple[Tensor, Tensor]:
     return stats[: K * D].view(K, D), stats[K * D:]
 
 
-# --------------------------------------------------------------------------- custom op
+# --------------------------------------------------------------------------- custom ops
 
-_OP_NAME = "lt_engine::fused_offset_head"
+# The forward op's outputs changed with the Cut-Cross-Entropy split (v2 returned the gradients):
+# a new name, so that no compiled graph cached by inductor for the old op is ever reused for it.
+_OP_NAME = "lt_engine::fused_offset_head_cce"
+_BWD_OP_NAME = "lt_engine::fused_offset_head_cce_backward"
 
 
 @torch.library.custom_op(_OP_NAME, mutates_args=())
@@ -585,7 +687,7 @@ def _fused_head_op(
     tf32: int,
     debug: bool,
     stats: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     flags = HeadFlags(lambda_center, lambda_uniform, use_offset, label_smoothing, center_grad, chunk_rows, tf32,
                       debug, stats)
     return _forward_impl(features, weight, centers, labels, bias, flags)
@@ -599,35 +701,77 @@ def _fused_head_fake(features, weight, centers, labels, bias, *flag_args):
     flags = HeadFlags(*flag_args)
     _check_inputs(features, weight, centers, labels, bias, flags.label_smoothing)
     K, D = weight.shape
+    B = features.shape[0]
     f32 = torch.float32
     return (
         features.new_empty((), dtype=f32),
-        torch.empty_like(features, memory_format=torch.contiguous_format),
-        torch.empty_like(weight, memory_format=torch.contiguous_format),
-        centers.new_empty((K, D)) if flags.c_grad else centers.new_empty((0,)),
-        bias.new_empty((K,)) if bias is not None else features.new_empty((0,), dtype=f32),
+        features.new_empty((B,), dtype=f32),
+        features.new_empty((K if (flags.use_offset or flags.uniform) else 0,), dtype=f32),
+        features.new_empty((2 if flags.uniform else 0,), dtype=f32),
         features.new_empty((K * D + K if flags.sums else 0,), dtype=f32),
     )
 
 
+@torch.library.custom_op(_BWD_OP_NAME, mutates_args=())
+def _fused_head_backward_op(
+    g: Tensor,
+    features: Tensor,
+    weight: Tensor,
+    centers: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor],
+    lse: Tensor,
+    off: Tensor,
+    ucs: Tensor,
+    stats: Tensor,
+    lambda_center: float,  # ↓ HeadFlags' fields, in order
+    lambda_uniform: float,
+    use_offset: bool,
+    label_smoothing: float,
+    center_grad: bool,
+    chunk_rows: int,
+    tf32: int,
+    debug: bool,
+    stats_flag: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    flags = HeadFlags(lambda_center, lambda_uniform, use_offset, label_smoothing, center_grad, chunk_rows, tf32,
+                      debug, stats_flag)
+    return _backward_impl(g, features, weight, centers, labels, bias, lse, off, ucs, stats, flags)
+
+
+@_fused_head_backward_op.register_fake
+def _fused_head_backward_fake(g, features, weight, centers, labels, bias, lse, off, ucs, stats, *flag_args):
+    flags = HeadFlags(*flag_args)
+    K, D = weight.shape
+    return (
+        torch.empty_like(features, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        centers.new_empty((K, D)) if flags.c_grad else centers.new_empty((0,)),
+        bias.new_empty((K,)) if bias is not None else features.new_empty((0,), dtype=torch.float32),
+    )
+
+
 def _setup_context(ctx, inputs, output):
-    _, dF, dW, dC, dB, _ = output
-    ctx.has_dc = dC.numel() > 0
-    ctx.has_db = inputs[4] is not None
-    ctx.save_for_backward(dF, dW, dC, dB)
+    features, weight, centers, labels, bias = inputs[:5]
+    _, lse, off, ucs, stats = output
+    ctx.flag_args = tuple(inputs[5:])
+    ctx.has_dc = HeadFlags(*ctx.flag_args).c_grad
+    ctx.has_db = bias is not None
+    ctx.save_for_backward(features, weight, centers, labels, bias, lse, off, ucs, stats)
 
 
 def _backward(ctx, g_loss, *_unused):
-    # The loss is a scalar: every gradient was computed in the forward, scale by grad_output.
-    # (A 0-dim fp32 tensor times a bf16 tensor stays bf16: no promotion, no extra copy.)
-    dF, dW, dC, dB = ctx.saved_tensors
-    g = g_loss.to(torch.float32)
+    # Cut Cross-Entropy's split: the gradient GEMMs run here, with g_loss read in-kernel and
+    # folded into the 1/B scale of their fp32 accumulators (no host sync, no scaling pass).
+    features, weight, centers, labels, bias, lse, off, ucs, stats = ctx.saved_tensors
+    dF, dW, dC, dB = _fused_head_backward_op(g_loss, features, weight, centers, labels, bias, lse, off, ucs, stats,
+                                             *ctx.flag_args)
     return (
-        dF * g,
-        dW * g,
-        dC * g if ctx.has_dc else None,
+        dF,
+        dW,
+        dC if ctx.has_dc else None,
         None,
-        dB * g if ctx.has_db else None,
+        dB if ctx.has_db else None,
     ) + (None,) * _N_FLAGS
 
 
@@ -659,7 +803,7 @@ def fused_offset_head_loss_with_stats(
     out = _fused_head_op(features, weight, centers, labels, bias, *_flags(
         lambda_center, lambda_uniform, use_offset, label_smoothing, center_grad, chunk_rows, tf32, debug, True,
     ).op_args())
-    sums, counts = split_stats(out[5].detach(), *weight.shape)
+    sums, counts = split_stats(out[4].detach(), *weight.shape)
     return out[0], sums, counts
 
 
@@ -777,6 +921,7 @@ __all__ = [
     "modelled_bytes",
     "offset_head_loss",
     "offset_head_loss_with_stats",
+    "plan_backward",
     "plan_forward",
 ]
 

@@ -33,64 +33,72 @@ def _mma(a, b, acc, MODE: tl.constexpr):
     return out
 
 @triton.jit
-def _offset_uc_kernel(W, C, OFF, UCP, K, D, UNIFORM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """õ_k = ½ Σ_d c_kd w_kd (fp32) for BLOCK_K classes; with UNIFORM, this CTA's partials
-    (m, s, t) of q = −õ: m = max q, s = Σ e^{q−m}, t = Σ e^{q−m} q (stage 1 of 2).
-    Bytes: read W, C (K·d each, storage dtype), write 4K + 12·K/BK.  FLOPs: 2·K·d."""
-    pid = tl.program_id(0)
-    ks = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-    kmask = ks < K
-    rows = ks.to(tl.int64) * D
-    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+def _logit_tile(F, W, C, OFF, BIAS, row0, rl, rmask, ks, kmask, D,
+                USE_OFFSET: tl.constexpr, OFF_FROM_C: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(z tile, õ of its classes): z = f·Wᵀ − õ + b over the full d for BLOCK_M rows × BLOCK_N
+    classes, fp32. OFF_FROM_C: õ_k = ½ Σ_d c_kd w_kd is computed here from the W tile already
+    loaded for the GEMM and the C tile (no separate pass over W); else õ is loaded from OFF."""
+    frow = (row0 + rl).to(tl.int64) * D
+    wrow = ks.to(tl.int64) * D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    cw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
-        m = kmask[:, None] & (ds < D)[None, :]
-        w = tl.load(W + rows[:, None] + ds[None, :], mask=m, other=0.0).to(tl.float32)
-        c = tl.load(C + rows[:, None] + ds[None, :], mask=m, other=0.0).to(tl.float32)
-        acc += tl.sum(w * c, axis=1)
-    off = 0.5 * acc
-    tl.store(OFF + ks, off, mask=kmask)
-    if UNIFORM:
-        q = tl.where(kmask, -off, 0.0)
-        m_t = tl.max(tl.where(kmask, q, -float("inf")), axis=0)
-        e = tl.where(kmask, tl.exp(q - m_t), 0.0)
-        tl.store(UCP + pid * 3, m_t)
-        tl.store(UCP + pid * 3 + 1, tl.sum(e, axis=0))
-        tl.store(UCP + pid * 3 + 2, tl.sum(e * q, axis=0))
+        dmask = ds < D
+        f = tl.load(F + frow[:, None] + ds[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        wm = kmask[:, None] & dmask[None, :]
+        w = tl.load(W + wrow[:, None] + ds[None, :], mask=wm, other=0.0)
+        acc = _mma(f, tl.trans(w), acc, MODE)
+        if OFF_FROM_C:
+            c = tl.load(C + wrow[:, None] + ds[None, :], mask=wm, other=0.0)
+            cw += tl.sum(w.to(tl.float32) * c.to(tl.float32), axis=1)
+    if OFF_FROM_C:
+        off = 0.5 * cw
+    elif USE_OFFSET:
+        off = tl.load(OFF + ks, mask=kmask, other=0.0)
+    else:
+        off = cw  # zeros: no offset in the logits
+    if USE_OFFSET:
+        acc -= off[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + ks, mask=kmask, other=0.0).to(tl.float32)[None, :]
+    return acc, off
 
 @triton.jit
 def _logits_kernel(
-    F, W, OFF, BIAS, LABELS, Z, PMAX, PSUM, PZ, ZY,
+    F, W, C, OFF, UCP, BIAS, LABELS, PMAX, PSUM, PZ, ZY,
     row0, M, K, D, NT,
-    USE_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SMOOTH: tl.constexpr, MODE: tl.constexpr,
+    USE_OFFSET: tl.constexpr, NEED_OFF: tl.constexpr, UNIFORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SMOOTH: tl.constexpr, MODE: tl.constexpr,
     DEBUG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """z tile (BLOCK_M rows × BLOCK_N classes) = f·Wᵀ − õ + b, stored fp32; per-row partials
-    of the tile (m_t = max z, s_t = Σ e^{z−m_t}, Σ z) and z_{i,y_i} when y_i is in the tile.
-    Grid (M/BM, K/BN), m fastest: the M/BM programs reading one W tile are adjacent.
-    Bytes: read F (M·d), W (K·d), write Z (4·M·K) + partials (4·M·K/BN·(2|3)).
-    FLOPs: 2·M·K·d (tensor cores in MODE 1/2/3)."""
+    """Forward. z tile (BLOCK_M rows × BLOCK_N classes) = f·Wᵀ − õ + b, kept on chip: only the
+    per-row partials of the tile (m_t = max z, s_t = Σ e^{z−m_t}, Σ z) and z_{i,y_i} (when y_i
+    is in the tile) leave it. NEED_OFF: õ = ½ c·w from the C tile (no separate offset pass);
+    the pid_m == 0 program of each class tile stores õ and, with UNIFORM, the tile's partials
+    (max q, Σe^{q−m}, Σe^{q−m}q) of q = −õ (stage 1 of the uniform-constraint reduction).
+    Grid (M/BM, K/BN), m fastest: the M/BM programs reading one W (and C) tile are adjacent.
+    Bytes: read F (M·d), W (K·d), C (K·d, NEED_OFF), write partials (4·M·K/BN·(2|3)), õ (4K).
+    FLOPs: 2·M·K·d (tensor cores in MODE 1/2/3) + 2·K·d·M/BM (õ, on CUDA cores)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rl = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows local to the chunk
     rmask = rl < M
     ks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kmask = ks < K
-    frow = (row0 + rl).to(tl.int64) * D
-    wrow = ks.to(tl.int64) * D
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        dmask = ds < D
-        f = tl.load(F + frow[:, None] + ds[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        w = tl.load(W + wrow[:, None] + ds[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
-        acc = _mma(f, tl.trans(w), acc, MODE)
-    if USE_OFFSET:
-        acc -= tl.load(OFF + ks, mask=kmask, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(BIAS + ks, mask=kmask, other=0.0).to(tl.float32)[None, :]
-    zrow = rl.to(tl.int64) * K
-    tl.store(Z + zrow[:, None] + ks[None, :], acc, mask=rmask[:, None] & kmask[None, :])
+    acc, off = _logit_tile(F, W, C, OFF, BIAS, row0, rl, rmask, ks, kmask, D, USE_OFFSET, NEED_OFF, HAS_BIAS, MODE,
+                           BLOCK_M, BLOCK_N, BLOCK_D)
+    if NEED_OFF:
+        if pid_m == 0:
+            tl.store(OFF + ks, off, mask=kmask)
+            if UNIFORM:
+                q = tl.where(kmask, -off, -float("inf"))
+                m_q = tl.max(q, axis=0)
+                e = tl.where(kmask, tl.exp(q - m_q), 0.0)
+                tl.store(UCP + pid_n * 3, m_q)
+                tl.store(UCP + pid_n * 3 + 1, tl.sum(e, axis=0))
+                tl.store(UCP + pid_n * 3 + 2, tl.sum(e * tl.where(kmask, q, 0.0), axis=0))
     y = tl.load(LABELS + row0 + rl, mask=rmask, other=0)
     if DEBUG:
         tl.device_assert((y >= 0) & (y < K), "label out of range [0, K)")
@@ -107,19 +115,19 @@ def _logits_kernel(
         tl.store(PZ + prow, tl.sum(tl.where(kmask[None, :], acc, 0.0), axis=1), mask=rmask)
 
 @triton.jit
-def _ce_rows_kernel(
-    Z, DZ, PMAX, PSUM, PZ, ZY, F, C, LABELS, UCP, UCS, ROWLOSS,
-    row0, B, K, D, NT, NUC, inv_b, eps, lam_c, lam_u,
-    SMOOTH: tl.constexpr, CENTER: tl.constexpr, UNIFORM: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+def _rows_kernel(
+    PMAX, PSUM, PZ, ZY, F, C, LABELS, UCP, UCS, LSE, ROWLOSS, SUMS, COUNTS,
+    row0, B, K, D, NT, inv_b, eps, lam_c, lam_u,
+    SMOOTH: tl.constexpr, CENTER: tl.constexpr, UNIFORM: tl.constexpr, STATS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One row: lse from the tile partials (m ← max(m, m_t), s ← s·e^{m_old−m} + s_t·e^{m_t−m}),
-    row loss (CE_ε + λ1‖f − c_y‖²)/B, and dz_k = e^{z_k−lse} − (1−ε)[k=y] − ε/K into DZ (GEMM
-    dtype). z_y comes from ZY (written by _logits_kernel): Z is only read, DZ only written,
-    so no element is read after another warp wrote it. The chunk's first program of the
-    first chunk also merges the uniform-constraint partials (stage 2): UCS = (lse_q, UC),
-    ROWLOSS[B] = λ2·UC.
-    Bytes: read Z (4·M·K), write DZ (e·M·K), read F, C rows (M·d each, CENTER).  FLOPs: ~4·M·K."""
+    """Forward, one row: lse from the tile partials (m ← max(m, m_t), s ← s·e^{m_old−m} +
+    s_t·e^{m_t−m}), saved to LSE for the backward; row loss (CE_ε + λ1‖f − c_y‖²)/B with
+    CE_ε = lse − (1−ε) z_y − ε/K Σ z; STATS: per-class sums S_y += f, counts n_y += 1 (atomics:
+    labels repeat). The first program of the first chunk also merges the uniform-constraint
+    partials (stage 2): UCS = (lse_q, UC), ROWLOSS[B] = λ2·UC.
+    Bytes: read partials (4·M·K/BN·(2|3)), F, C rows (M·d each, CENTER or STATS: F), write
+    LSE, ROWLOSS (4·M each); STATS: 4·M·d atomics (read + write).  FLOPs: O(M·(K/BN + d))."""
     r = tl.program_id(0)
     prow = r.to(tl.int64) * NT
     m = -float("inf")
@@ -137,37 +145,35 @@ def _ce_rows_kernel(
             zsum += tl.sum(tl.load(PZ + prow + ts, mask=tmask, other=0.0), axis=0)
     lse = m + tl.log(s)
     row = row0 + r
-    y = tl.load(LABELS + row)
+    y = tl.load(LABELS + row).to(tl.int64)
     ce = lse - (1.0 - eps) * tl.load(ZY + r)
     if SMOOTH:
         ce -= eps / K * zsum
-    if CENTER:
+    if CENTER or STATS:
         sq = 0.0
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             dmask = ds < D
             f = tl.load(F + row.to(tl.int64) * D + ds, mask=dmask, other=0.0).to(tl.float32)
-            c = tl.load(C + y.to(tl.int64) * D + ds, mask=dmask, other=0.0).to(tl.float32)
-            sq += tl.sum((f - c) * (f - c), axis=0)
-        ce += lam_c * sq
+            if STATS:
+                tl.atomic_add(SUMS + y * D + ds, f, mask=dmask)
+            if CENTER:
+                c = tl.load(C + y * D + ds, mask=dmask, other=0.0).to(tl.float32)
+                sq += tl.sum((f - c) * (f - c), axis=0)
+        if STATS:
+            tl.atomic_add(COUNTS + y, 1.0)
+        if CENTER:
+            ce += lam_c * sq
+    tl.store(LSE + row, lse)
     tl.store(ROWLOSS + row, ce * inv_b)
-    zrow = r.to(tl.int64) * K
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        z = tl.load(Z + zrow + ks, mask=kmask, other=0.0)
-        dz = tl.exp(z - lse) - tl.where(ks == y, 1.0 - eps, 0.0)
-        if SMOOTH:
-            dz -= eps / K
-        tl.store(DZ + zrow + ks, dz.to(DZ.dtype.element_ty), mask=kmask)
     if UNIFORM:
         if (r == 0) & (row0 == 0):
             um = -float("inf")
             us = 0.0
             ut = 0.0
-            for t0 in range(0, NUC, BLOCK_T):
+            for t0 in range(0, NT, BLOCK_T):
                 ts = t0 + tl.arange(0, BLOCK_T)
-                tmask = ts < NUC
+                tmask = ts < NT
                 mt = tl.load(UCP + ts * 3, mask=tmask, other=-float("inf"))
                 st = tl.load(UCP + ts * 3 + 1, mask=tmask, other=0.0)
                 qt = tl.load(UCP + ts * 3 + 2, mask=tmask, other=0.0)
@@ -183,16 +189,45 @@ def _ce_rows_kernel(
             tl.store(ROWLOSS + B, lam_u * uc)
 
 @triton.jit
+def _dz_kernel(
+    F, W, OFF, BIAS, LABELS, LSE, DZ,
+    row0, M, K, D, eps,
+    USE_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SMOOTH: tl.constexpr, MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Backward (Cut Cross-Entropy's recompute): the z tile again from f and W (the same GEMM
+    and epilogue as the forward, õ loaded), then dz = e^{z − lse} − (1−ε)[k=y] − ε/K with the
+    forward's saved lse, stored in the GEMM dtype (unscaled: |dz| ≤ 1; 1/B and g_loss are
+    applied to the fp32 accumulators of the gradient GEMMs).
+    Grid (M/BM, K/BN), m fastest (W tile shared through L2).
+    Bytes: read F (M·d), W (K·d), õ, lse, write DZ (e·M·K).  FLOPs: 2·M·K·d."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rl = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rl < M
+    ks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kmask = ks < K
+    acc, off = _logit_tile(F, W, W, OFF, BIAS, row0, rl, rmask, ks, kmask, D, USE_OFFSET, False, HAS_BIAS, MODE,
+                           BLOCK_M, BLOCK_N, BLOCK_D)
+    lse = tl.load(LSE + row0 + rl, mask=rmask, other=0.0)
+    y = tl.load(LABELS + row0 + rl, mask=rmask, other=0)
+    dz = tl.exp(acc - lse[:, None]) - tl.where(ks[None, :] == y[:, None], 1.0 - eps, 0.0)
+    if SMOOTH:
+        dz -= eps / K
+    zrow = rl.to(tl.int64) * K
+    tl.store(DZ + zrow[:, None] + ks[None, :], dz.to(DZ.dtype.element_ty), mask=rmask[:, None] & kmask[None, :])
+
+@triton.jit
 def _grad_features_kernel(
-    DZ, W, F, C, LABELS, DF, SUMS, COUNTS,
+    DZ, W, F, C, LABELS, G, DF,
     row0, M, K, D, inv_b, center_scale,
-    CENTER: tl.constexpr, STATS: tl.constexpr, MODE: tl.constexpr,
+    CENTER: tl.constexpr, MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dF tile = (Σ_k dz[:, k] w_k)/B (+ 2λ1/B (f − c_y)), written once in F's dtype; with
-    STATS, per-class sums S_y += f and counts n_y += 1 (atomics: labels repeat).
+    """Backward. dF tile = g·(Σ_k dz[:, k] w_k)/B (+ g·2λ1/B (f − c_y)), written once in F's
+    dtype; g = grad_output, read from G on the device (no host sync, graph-capturable).
     Grid (M/BM, d/BD), m fastest: the M/BM programs streaming one W column slab are adjacent.
-    Bytes: read DZ (e·M·K), W (K·d), F, C rows (M·d, CENTER), write dF (M·d); STATS: 4·M·d atomics.
+    Bytes: read DZ (e·M·K), W (K·d), F, C rows (M·d each, CENTER), write dF (M·d).
     FLOPs: 2·M·K·d."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -208,30 +243,27 @@ def _grad_features_kernel(
         dz = tl.load(DZ + zrow[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(W + ks.to(tl.int64)[:, None] * D + ds[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
         acc = _mma(dz, w, acc, MODE)
-    acc = acc * inv_b
+    g = tl.load(G).to(tl.float32)
+    acc = acc * (g * inv_b)
     rows = (row0 + rl).to(tl.int64)
     m2 = rmask[:, None] & dmask[None, :]
-    if CENTER or STATS:
+    if CENTER:
         f = tl.load(F + rows[:, None] * D + ds[None, :], mask=m2, other=0.0).to(tl.float32)
         y = tl.load(LABELS + rows, mask=rmask, other=0).to(tl.int64)
-        if STATS:
-            tl.atomic_add(SUMS + y[:, None] * D + ds[None, :], f, mask=m2)
-            if pid_d == 0:
-                tl.atomic_add(COUNTS + y, tl.full((BLOCK_M,), 1.0, tl.float32), mask=rmask)
-        if CENTER:
-            c = tl.load(C + y[:, None] * D + ds[None, :], mask=m2, other=0.0).to(tl.float32)
-            acc += center_scale * (f - c)
+        c = tl.load(C + y[:, None] * D + ds[None, :], mask=m2, other=0.0).to(tl.float32)
+        acc += (g * center_scale) * (f - c)
     tl.store(DF + rows[:, None] * D + ds[None, :], acc.to(DF.dtype.element_ty), mask=m2)
 
 @triton.jit
 def _grad_weight_kernel(
-    DZ, F, W, C, OFF, UCS, SUMS, COUNTS, ACC, DZSUM, DW, DC, DB,
+    DZ, F, W, C, OFF, UCS, SUMS, COUNTS, G, ACC, DZSUM, DW, DC, DB,
     row0, M, K, D, inv_b, lam_u, center_scale, first, last,
     USE_OFFSET: tl.constexpr, UNIFORM: tl.constexpr, CENTER: tl.constexpr,
     CENTER_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dW tile = (Σ_i dz_ik f_i)/B over the chunk (+ earlier chunks' ACC), colsum_k = Σ_i dz_ik/B.
+    """Backward. g = grad_output, read from G on the device: every term below is scaled by it.
+    dW tile = (Σ_i dz_ik f_i)/B over the chunk (+ earlier chunks' ACC), colsum_k = Σ_i dz_ik/B.
     Last chunk — the finalize as epilogue: ∂L/∂õ = −colsum [USE_OFFSET] + λ2 ∂UC/∂õ [UNIFORM]
     (from õ and UCS), dW = acc + ½ c ∂L/∂õ in W's dtype, dC = ½ w ∂L/∂õ − 2λ1/B (S − n c)
     [CENTER_GRAD], dB = colsum. Other chunks store acc to ACC (fp32; ACC is DW when DW is fp32).
@@ -256,8 +288,9 @@ def _grad_weight_kernel(
         acc = _mma(tl.trans(dz), f, acc, MODE)
         if NEED_COLSUM:
             colsum += tl.sum(dz.to(tl.float32), axis=0)
-    acc = acc * inv_b
-    colsum = colsum * inv_b
+    g = tl.load(G).to(tl.float32)
+    acc = acc * (g * inv_b)
+    colsum = colsum * (g * inv_b)
     offs = ks.to(tl.int64)[:, None] * D + ds[None, :]
     m2 = kmask[:, None] & dmask[None, :]
     if first == 0:
@@ -280,7 +313,7 @@ def _grad_weight_kernel(
                 doff -= colsum
             if UNIFORM:
                 logp = -tl.load(OFF + ks, mask=kmask, other=0.0) - tl.load(UCS)
-                doff += lam_u * (-tl.exp(logp) * (logp - tl.load(UCS + 1)))
+                doff += (g * lam_u) * (-tl.exp(logp) * (logp - tl.load(UCS + 1)))
             c = tl.load(C + offs, mask=m2, other=0.0).to(tl.float32)
             acc += 0.5 * c * doff[:, None]
         tl.store(DW + offs, acc.to(DW.dtype.element_ty), mask=m2)
@@ -293,7 +326,7 @@ def _grad_weight_kernel(
                 c2 = tl.load(C + offs, mask=m2, other=0.0).to(tl.float32)
                 s = tl.load(SUMS + offs, mask=m2, other=0.0)
                 n = tl.load(COUNTS + ks, mask=kmask, other=0.0)
-                dc -= center_scale * (s - n[:, None] * c2)
+                dc -= (g * center_scale) * (s - n[:, None] * c2)
             tl.store(DC + offs, dc.to(DC.dtype.element_ty), mask=m2)
         if HAS_BIAS:
             if pid_d == 0:

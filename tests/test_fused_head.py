@@ -183,6 +183,26 @@ def test_grad_output_scaling_and_no_grad_inputs():
     assert rel_err(wx.grad, wr.grad) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("chunk_rows", [0, 3], ids=["1chunk", "3chunks"])
+def test_non_unit_grad_output_scales_every_gradient(chunk_rows):
+    """backward(grad_output=3.7) gives 3.7× every gradient (dF, dW, dC, dB: g_loss is read on the
+    device and folded into the kernels' 1/B scale), and matches the float64 reference."""
+    f, w, c, b, y = make_inputs(8, 37, 19, seed=12)
+    grads = {}
+    for g in (1.0, 3.7):
+        xs = [t.float().to(DEVICE).requires_grad_() for t in (f, w, c, b)]
+        loss = fused_offset_head_loss(xs[0], xs[1], xs[2], y.to(DEVICE), 0.7, 0.6, bias=xs[3], label_smoothing=0.1,
+                                      chunk_rows=chunk_rows, tf32=False)
+        loss.backward(torch.tensor(g, device=DEVICE))
+        grads[g] = [x.grad for x in xs]
+    rs = [t.float().double().requires_grad_() for t in (f, w, c, b)]
+    reference.offset_head_loss(rs[0], rs[1], rs[2], y, 0.7, 0.6, bias=rs[3], label_smoothing=0.1).backward(
+        torch.tensor(3.7, dtype=torch.float64))
+    for name, g1, g37, r in zip(("features", "weight", "centers", "bias"), grads[1.0], grads[3.7], rs):
+        torch.testing.assert_close(g37, 3.7 * g1, rtol=1e-5, atol=1e-7, msg=f"{name}: not 3.7× the unit gradient")
+        assert rel_err(g37, r.grad) < TOL[torch.float32], name
+
+
 # --------------------------------------------------------------------------- poison / stats
 
 
@@ -204,9 +224,10 @@ def test_poisoned_buffers_are_all_written(monkeypatch, dtype, smoothing, chunk_r
     out = run_both(f, w, c, b, y, dtype, 0.5, 0.5, label_smoothing=smoothing, chunk_rows=chunk_rows)
     check_close(*out, dtype)
     fd, wd, cd, bd, yd = _on_device(dtype, f, w, c, b, y)
-    res = fused_head._forward_impl(fd, wd, cd, yd, bd, HeadFlags(0.5, 0.5, True, smoothing, True, chunk_rows, 0,
-                                                                 stats=True))
-    for name, t in zip(("loss", "dF", "dW", "dC", "dB", "stats"), res):
+    flags = HeadFlags(0.5, 0.5, True, smoothing, True, chunk_rows, 0, stats=True)
+    res = fused_head._forward_impl(fd, wd, cd, yd, bd, flags)
+    grads = fused_head._backward_impl(torch.tensor(1.0, device=DEVICE), fd, wd, cd, yd, bd, *res[1:], flags)
+    for name, t in zip(("loss", "lse", "off", "ucs", "stats", "dF", "dW", "dC", "dB"), res + grads):
         assert t.numel() > 0 and torch.isfinite(t).all(), f"{name} has unwritten (NaN) elements"
 
 
@@ -223,10 +244,12 @@ def test_poison_detector_can_fail(monkeypatch):
     monkeypatch.setattr(fused_head, "_grad_weight_kernel", _Skip())
     f, w, c, b, y = make_inputs(5, 37, 19, seed=4)
     fd, wd, cd, bd, yd = _on_device(torch.bfloat16, f, w, c, b, y)
-    res = fused_head._forward_impl(fd, wd, cd, yd, bd, HeadFlags(1.0, 1.0, True, 0.0, True))
-    for name, t in zip(("dW", "dC", "dB"), res[2:5]):
+    flags = HeadFlags(1.0, 1.0, True, 0.0, True)
+    res = fused_head._forward_impl(fd, wd, cd, yd, bd, flags)
+    grads = fused_head._backward_impl(torch.tensor(1.0, device=DEVICE), fd, wd, cd, yd, bd, *res[1:], flags)
+    for name, t in zip(("dW", "dC", "dB"), grads[1:]):
         assert torch.isnan(t).all(), f"{name}: grad-weight pass skipped, yet not NaN"
-    assert torch.isfinite(res[1]).all()  # dF comes from another kernel
+    assert torch.isfinite(grads[0]).all()  # dF comes from another kernel
 
 
 @pytest.mark.parametrize("chunk_rows", [0, 4])
@@ -293,15 +316,15 @@ NO_KERNEL_OPS = {"empty", "empty_strided", "view", "slice", "reshape", "as_strid
                  "_unsafe_view", "new_empty", "select", "expand", "lift_fresh"}
 
 
-def _forward_ops(monkeypatch, flags, with_bias=False):
-    """aten ops and Triton launches of one fused forward on the non-CPU path (label check skipped:
-    it runs only for CPU labels, where it costs no sync)."""
-    launches = []
+def _head_ops(monkeypatch, flags, with_bias=False):
+    """{"forward"|"backward": (aten ops, Triton launches)} of one fused forward and its backward on
+    the non-CPU path (label check skipped: it runs only for CPU labels, where it costs no sync)."""
+    phase = {}
     real_run = fused_head.Launch.run
     log = _OpLog()
 
     def counting_run(self, debug=False):
-        launches.append(self.name)
+        phase["launches"].append(self.name)
         log.paused = True
         try:
             return real_run(self, debug)
@@ -313,22 +336,37 @@ def _forward_ops(monkeypatch, flags, with_bias=False):
     f, w, c, b, y = make_inputs(10, 37, 19, seed=3, with_bias=with_bias)
     args = _on_device(torch.float32, f, w, c, *([b] if with_bias else []), y)
     fd, wd, cd, yd = args[0], args[1], args[2], args[-1]
+    bd = args[3] if with_bias else None
+    g = torch.tensor(1.0, device=DEVICE)
+    out = {}
+    phase["launches"] = []
     with log:
-        fused_head._forward_impl(fd, wd, cd, yd, args[3] if with_bias else None, flags)
-    return log.ops, launches
+        res = fused_head._forward_impl(fd, wd, cd, yd, bd, flags)
+    out["forward"] = (log.ops, phase["launches"])
+    log.ops, phase["launches"] = [], []
+    with log:
+        fused_head._backward_impl(g, fd, wd, cd, yd, bd, *res[1:], flags)
+    out["backward"] = (log.ops, phase["launches"])
+    return out
 
 
 @pytest.mark.parametrize("stats", [False, True])
-def test_eo_uc_forward_launches_and_syncs(monkeypatch, stats):
-    """eo_uc: ≤ 8 launches per forward (Triton kernels + torch kernels), no host sync."""
+def test_eo_uc_launches_and_syncs(monkeypatch, stats):
+    """eo_uc: forward = 2 Triton kernels + the loss sum (+ the stats zero-fill): ≤ 8 launches;
+    backward = 3 Triton kernels and nothing else; no host sync in either."""
     flags = HeadFlags(1.0, 1.0, True, 0.0, False, stats=stats)
-    ops, launches = _forward_ops(monkeypatch, flags)
-    assert not SYNC_OPS.intersection(ops), f"host-sync ops in the forward: {sorted(SYNC_OPS.intersection(ops))}"
-    torch_kernels = [op for op in ops if op not in NO_KERNEL_OPS]
-    assert launches == ["_offset_uc_kernel", "_logits_kernel", "_ce_rows_kernel", "_grad_features_kernel",
-                        "_grad_weight_kernel"]
-    assert len(launches) + len(torch_kernels) <= 8, (launches, torch_kernels)
-    assert torch_kernels.count("sum") == 1 and len(torch_kernels) == 1 + int(stats), torch_kernels
+    phases = _head_ops(monkeypatch, flags)
+    expect = {"forward": ["_logits_kernel", "_rows_kernel"],
+              "backward": ["_dz_kernel", "_grad_features_kernel", "_grad_weight_kernel"]}
+    for name, (ops, launches) in phases.items():
+        assert not SYNC_OPS.intersection(ops), f"host-sync ops in the {name}: {sorted(SYNC_OPS.intersection(ops))}"
+        torch_kernels = [op for op in ops if op not in NO_KERNEL_OPS]
+        assert launches == expect[name], (name, launches)
+        assert len(launches) + len(torch_kernels) <= 8, (name, launches, torch_kernels)
+        if name == "forward":
+            assert torch_kernels.count("sum") == 1 and len(torch_kernels) == 1 + int(stats), torch_kernels
+        else:
+            assert torch_kernels == [], torch_kernels
 
 
 def test_sync_detector_can_fail(monkeypatch):
@@ -501,6 +539,10 @@ def test_opcheck():
     torch.library.opcheck(
         fused_head._fused_head_op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
     )
+    with torch.no_grad():
+        saved = fused_head._fused_head_op(*args)[1:]
+    bwd_args = (torch.tensor(3.7, device=f.device), *args[:5], *saved, *flags.op_args())
+    torch.library.opcheck(fused_head._fused_head_backward_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph():
@@ -536,9 +578,44 @@ def test_modelled_bytes_accounting():
     m = fused_head.modelled_bytes(B, D, K, torch.bfloat16, torch.bfloat16)
     f, W = B * D * 2, K * D * 2
     assert m["ideal"] == 2 * (f + W) + W + f + W + B * K * 2
-    assert m["kernels"]["offset_uc"] == 2 * W + 4 * K
-    assert m["kernels"]["backward_scale"] == 2 * (f + W)
+    assert m["kernels"]["_dz_kernel"] == f + W + 2 * B * K + 4 * K + 4 * B
+    assert m["kernels"]["_grad_features_kernel"] == 2 * B * K + W + f + 2 * f  # eo_uc: center term reads f, c_y
     assert m["total"] == sum(m["kernels"].values()) and m["ratio"] == m["total"] / m["ideal"]
     # fp32 accumulators across row chunks appear only when B·K forces several chunks.
     big = fused_head.modelled_bytes(4096, D, 131072, torch.bfloat16, torch.bfloat16)
-    assert big["kernels"]["grad_weight"] > fused_head.modelled_bytes(512, D, 131072)["kernels"]["grad_weight"]
+    assert big["chunks"] > 1
+    assert big["kernels"]["_grad_weight_kernel"] > fused_head.modelled_bytes(512, D, 131072)["kernels"][
+        "_grad_weight_kernel"]
+
+
+@pytest.mark.parametrize("fd,wd,tf32", [(torch.bfloat16, torch.bfloat16, False), (torch.bfloat16, torch.float32, False),
+                                        (torch.float16, torch.float16, False), (torch.float16, torch.float32, False),
+                                        (torch.float32, torch.float32, True), (torch.float32, torch.float32, False)],
+                         ids=["bf16", "amp_bf16", "fp16", "amp_fp16", "tf32", "fp32"])
+def test_modelled_traffic_within_twice_ideal(fd, wd, tf32):
+    """Issue 11's target: modelled HBM bytes per fwd+bwd ≤ 2× the ideal at (512, 2048, K), engine default flags."""
+    for K in (1000, 8142, 131072):
+        m = fused_head.modelled_bytes(512, 2048, K, fd, wd, tf32=tf32)
+        assert m["ratio"] <= 2.0, (K, m["ratio"], m["kernels"])
+
+
+@pytest.mark.parametrize("B,K", [(512, 8142), (4096, 131072)], ids=["1chunk", "chunks"])
+@pytest.mark.parametrize("flags", [HeadFlags(1.0, 1.0, True, 0.0, False), HeadFlags(1.0, 1.0, True, 0.1, True, stats=True),
+                                   HeadFlags(0.0, 0.0, False, 0.0, False)], ids=["eo_uc", "everything", "plain_ce"])
+def test_modelled_kernels_are_the_launch_plan(B, K, flags):
+    """`modelled_bytes` describes exactly the launches the host code makes: its Triton kernels (those
+    with bytes) are the forward then backward plan's kernels in order, once per row chunk each."""
+    from kernels import aot
+
+    D, fd, wd = 2048, torch.bfloat16, torch.float32
+    f, w, c, y, b = aot.meta_inputs(B, D, K, fd, wd, bias=False)
+    fwd = fused_head.plan_forward(f, w, c, y, b, flags, interpret=False)
+    bwd = fused_head.plan_backward(torch.empty((), device="meta"), f, w, c, y, b, fwd.lse, fwd.off, fwd.ucs,
+                                   fwd.stats, flags, interpret=False)
+    names = [launch.name for launch in fwd.launches + bwd.launches]
+    m = fused_head.modelled_bytes(B, D, K, fd, wd, flags, tf32=False)
+    modelled = [k for k, v in m["kernels"].items() if k.startswith("_") and v > 0]
+    assert list(dict.fromkeys(names)) == modelled
+    assert all(names.count(k) == m["chunks"] for k in modelled), (names, m["chunks"])
+    assert [k for k, v in m["kernels"].items() if not k.startswith("_") and v > 0] == (
+        ["stats_memset", "loss_sum"] if flags.sums else ["loss_sum"])

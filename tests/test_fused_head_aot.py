@@ -2,7 +2,7 @@
 
 For every method the engine can run through the fused op, every precision (fp32, fp32+TF32,
 bf16, fp16, AMP-bf16, AMP-fp16) and the benchmark shapes, the launches are produced by
-`kernels.fused_head.plan_forward` — the function the launcher runs — and compiled with Triton
+`kernels.fused_head.plan_forward` / `plan_backward` — what the launcher runs — and compiled with Triton
 for GPUTarget("cuda", 90|80, 32). Each specialization must:
   * compile;
   * fit the SM's shared memory (sm_90: 227 KiB, sm_80: 163 KiB);
@@ -124,7 +124,7 @@ def test_every_specialization_compiles_fits_and_uses_tensor_cores(dtype, arch):
             want = ("wgmma" if arch >= 90 else "mma") if mode in fh.TENSOR_CORE_MODES else ""
             if c.mma != want:
                 problems.append(f"{where}: tensor-core instruction {c.mma or 'none'!r}, expected {want or 'none'!r}")
-    assert set(aot.GEMM_KERNELS) | {"_offset_uc_kernel", "_ce_rows_kernel"} <= kernels_seen
+    assert set(aot.GEMM_KERNELS) | {"_rows_kernel"} <= kernels_seen
     assert not problems, "\n".join(problems)
 
 
@@ -133,7 +133,7 @@ def test_default_amp_bf16_runs_all_gemms_on_bf16_tensor_cores():
     flags, bias = engine_flag_sets(0.0)["eo_uc"]
     launches = aot.launches_for(512, 2048, 8142, "amp_bf16", flags, bias)
     gemms = [launch for launch in launches if launch.name in aot.GEMM_KERNELS]
-    assert len(gemms) == 3 and all(launch.constexprs["MODE"] == fh.MODE_BF16 for launch in gemms)
+    assert len(gemms) == 4 and all(launch.constexprs["MODE"] == fh.MODE_BF16 for launch in gemms)
     for arch in ARCHS:
         for launch, compiled in zip(gemms, aot.compile_launches(gemms, arch)):
             assert compiled.mma == ("wgmma" if arch >= 90 else "mma"), (launch.name, arch)
