@@ -116,7 +116,7 @@ def build_configs(fmt: str, root: str, seeds: list[int], ratios: list[float], pr
         for ratio in ratios:
             for method in TRAINED:
                 for seed in seeds:
-                    per_run = ["eval.diagnostics=pass"] if method == "ce_bias" else []  # trained bias + empirical offset, claim (a)
+                    per_run = ["eval.diagnostics=pass"] if method == "ce_bias" else []  # claim (a): bias + offset
                     grid = [f"method={method}", f"seed={seed}", f"data.imbalance_ratio={ratio:g}",
                             f"data.imbalance_profile={profile}", f"data.format={fmt}"]
                     cfg = load_config(PRESETS[fmt], None, [*base, *per_run, *overrides, *grid])
