@@ -466,7 +466,7 @@ def _write_bad_images(run: Run, mine: list) -> int:
         logger.warning("bad training image replaced by another of its class: %s (%s)", path, reason)
         run.bad_images.append([path, reason])
         known.add(path)
-    listed = [*run.data.bad_images, *map(tuple, run.bad_images)] if run.data is not None else []
+    listed = list({p: (p, r) for p, r in [*run.data.bad_images, *run.bad_images]}.values()) if run.data else []
     if run.dist.is_main and listed and (new or not (run.out_dir / "bad_images.txt").exists()):
         write_bad_list(run.out_dir / "bad_images.txt", listed, run.cfg.data.root or None)
     return len(run.bad_images)
