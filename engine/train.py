@@ -191,14 +191,14 @@ def _train(cfg: Config, out_dir: Path, resume: bool | str, dist: DistInfo, stop:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must divide into {dist.world_size} ranks × "
                           f"{cfg.optim.grad_accum} micro-batches (optim.grad_accum)")
 
-    # Every split file, image path and label is checked before the run folder exists.
-    data = load_data(cfg)
-    layout = "channels_last" if speed.channels_last else "NCHW"
-    train_loader, val_loader, test_loader = make_loaders(cfg, data, dist, device.type, layout)
-    run = build_run(cfg, out_dir, dist, device, speed, data, len(train_loader))
-
+    # The run folder is locked first (a second writer fails at once); every split file, image path and
+    # label is checked before anything is written into it.
     created, resuming, lock = open_run_dir(out_dir, resume, dist)
     try:
+        data = load_data(cfg)
+        layout = "channels_last" if speed.channels_last else "NCHW"
+        train_loader, val_loader, test_loader = make_loaders(cfg, data, dist, device.type, layout)
+        run = build_run(cfg, out_dir, dist, device, speed, data, len(train_loader))
         with log_to_file(out_dir / "train.log", dist.rank) if dist.is_main else contextlib.nullcontext():
             logger.info("training %s (%s, %d classes) on %s into %s", cfg.method, cfg.model.arch, data.num_classes,
                         device, out_dir)
@@ -210,6 +210,8 @@ def _train(cfg: Config, out_dir: Path, resume: bool | str, dist: DistInfo, stop:
             return finish(run, history, test_loader, val_loader)
     except BaseException:
         # A run that fails before its first checkpoint leaves nothing behind: there is nothing to resume.
+        if lock is not None:
+            lock.release()
         if created and not (out_dir / "last.pt").exists():
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
