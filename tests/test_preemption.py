@@ -180,3 +180,34 @@ def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path, digits_cache)
     errors = [line for line in second.stderr.splitlines() if line.startswith("engine train: error:")]
     assert len(errors) == 1 and f"pid {holder.pid}" in errors[0], second.stderr
     assert elapsed < 60  # before any data is read
+
+
+@pytest.mark.slow
+def test_dali_loader_sigkill_then_resume_is_bitwise(tmp_path, digits_cache):
+    """data.loader=dali (CPU pipeline): last.pt carries each rank's DALI checkpoint (random-operator state)
+    and the sample position; the resumed run matches the uninterrupted one bit for bit."""
+    from pipelines.dali import _DALI_IMPORT_ERROR, dali_available
+
+    if not dali_available():
+        pytest.skip(f"NVIDIA DALI is not importable here ({_DALI_IMPORT_ERROR}): the DALI resume is untested")
+    args = [*helpers.tiny(digits_cache), "run.device=cpu", "run.threads=1", "optim.batch_size=8",
+            "data.loader=dali", "data.num_workers=1", "run.checkpoint_every=1"]
+    ref, out = tmp_path / "ref", tmp_path / "kill"
+    done = subprocess.run(_engine("train", "--out", str(ref), *args), cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    proc = _start(out, *args)
+    try:
+        _wait_for(proc, _mid_epoch_checkpoint(out / "last.pt"), "a mid-epoch checkpoint")
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    loader_state = _ckpt(out / "last.pt")["loader"][0]
+    assert "dali" in loader_state  # DALI's own checkpoint, loadable with weights_only=True
+    resumed = subprocess.run(_engine("train", "--out", str(out), "--resume", *args), cwd=tmp_path, env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(ref, out)
