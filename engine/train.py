@@ -368,12 +368,16 @@ def train_epochs(run: Run, train_loader, val_loader, state: dict | None, stop: S
         run.model.head.set_epoch(epoch)  # DRW (ldam_drw) switches its class weights on at loss.drw_epoch
         t0 = time.perf_counter()
         batches = iter(train_loader)
+        absorbing = None
         if resume_rng is not None:
             _set_rng(run, *resume_rng)
+            absorbing = _absorb_iterator_seed(train_loader)
             resume_rng = None
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=position,
                    total=steps, disable=not (cfg.run.progress and run.dist.is_main), leave=False)
         for x, y in bar:
+            if absorbing is not None:  # the epoch's iterator exists now: later ones draw as before
+                absorbing.generator, absorbing = None, None
             step = epoch * steps + position
             meter.add(train_step(run, x, y), len(y), step)
             position += 1
@@ -413,6 +417,20 @@ def train_epochs(run: Run, train_loader, val_loader, state: dict | None, stop: S
             logger.info("run.max_steps=%d reached at the end of epoch %d", max_steps, epoch + 1)
             break
     return _finish_loop(writer, history)
+
+
+def _absorb_iterator_seed(loader):
+    """Resume mid-epoch: a DataLoader draws its iterator's base seed from the global RNG when the epoch's
+    iterator starts, lazily, at the first batch (ImageLoader iterates it inside a generator). The
+    interrupted run made that draw before its checkpoint's RNG state was taken, so the resumed epoch
+    must not draw it from the restored global RNG again: a throw-away generator takes the draw (with
+    num_workers=0 the base seed is unused; with workers augmentation is position-seeded). Returns the
+    DataLoader whose `generator` the caller resets to None once the first batch is out."""
+    dl = getattr(loader, "loader", None)
+    if isinstance(dl, torch.utils.data.DataLoader) and dl.generator is None:
+        dl.generator = torch.Generator()
+        return dl
+    return None
 
 
 def _finish_loop(writer, history: list[dict]) -> list[dict]:
