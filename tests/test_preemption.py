@@ -71,6 +71,20 @@ def _mid_epoch_checkpoint(path: Path):
     return ready
 
 
+def _sigkill_mid_epoch(out: Path, args: list[str], ready=None, what: str = "a mid-epoch checkpoint") -> None:
+    """Start a run, SIGKILL it as soon as `ready()` (default: a mid-epoch last.pt, run.checkpoint_every=1)."""
+    proc = _start(out, *args)
+    try:
+        _wait_for(proc, ready or _mid_epoch_checkpoint(out / "last.pt"), what)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def _assert_same_run(a: Path, b: Path) -> None:
     log_a, log_b = ([json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (a, b))
     assert [r["epoch"] for r in log_b] == [1, 2]  # no line lost or doubled
@@ -119,16 +133,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_auto_continues(tmp_path, digits
 def test_sigkill_with_loader_workers_then_resume_is_bitwise(tmp_path, digits_cache, reference):
     out = tmp_path / "kill"
     args = [*_common(digits_cache), "run.checkpoint_every=1"]
-    proc = _start(out, *args)
-    try:
-        _wait_for(proc, _mid_epoch_checkpoint(out / "last.pt"), "a mid-epoch checkpoint")
-        proc.kill()
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    _sigkill_mid_epoch(out, args)
     assert _ckpt(out / "last.pt")["loader"][0]["position"] == 8 * _ckpt(out / "last.pt")["position"]
     resumed = subprocess.run(_engine("train", "--out", str(out), "--resume", *args), cwd=tmp_path, env=_env(),
                              capture_output=True, text=True, timeout=300)
@@ -140,15 +145,7 @@ def test_sigkill_with_loader_workers_then_resume_is_bitwise(tmp_path, digits_cac
 def test_folder_killed_before_its_first_checkpoint_restarts_with_resume_auto(tmp_path, digits_cache, capsys):
     out = tmp_path / "early"
     args = [*helpers.tiny(digits_cache), "run.device=cpu", "run.threads=1", "epochs=1"]
-    proc = _start(out, *args)
-    try:
-        _wait_for(proc, lambda: (out / "config.yaml").exists(), "config.yaml")
-        proc.kill()
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    _sigkill_mid_epoch(out, args, lambda: (out / "config.yaml").exists(), "config.yaml")
     assert not (out / "last.pt").exists() and (out / "config.yaml").exists()
 
     assert main(["train", "--out", str(out), "--resume", *args]) == 1
@@ -196,15 +193,7 @@ def test_dali_loader_sigkill_then_resume_is_bitwise(tmp_path, digits_cache):
     done = subprocess.run(_engine("train", "--out", str(ref), *args), cwd=tmp_path, env=_env(), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    proc = _start(out, *args)
-    try:
-        _wait_for(proc, _mid_epoch_checkpoint(out / "last.pt"), "a mid-epoch checkpoint")
-        proc.kill()
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    _sigkill_mid_epoch(out, args)
     loader_state = _ckpt(out / "last.pt")["loader"][0]
     assert "dali" in loader_state  # DALI's own checkpoint, loadable with weights_only=True
     resumed = subprocess.run(_engine("train", "--out", str(out), "--resume", *args), cwd=tmp_path, env=_env(),
