@@ -111,11 +111,8 @@ def test_train_step(benchmark, matmul_rates, tmp_path, arch, mode, layout, dtype
     if run.speed.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (BATCH,), device=DEVICE, generator=g)
-    steps = [0]
-
     def step():
-        loss = train_step(run, x, y, 0, steps[0])
-        steps[0] += 1
+        loss = train_step(run, x, y)
         _sync()
         return loss
 

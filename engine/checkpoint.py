@@ -67,3 +67,10 @@ def nonfinite_tensors(tensors: dict) -> list[str]:
     """Names of floating-point tensors holding NaN or ±inf (parameters and buffers, e.g. BN running_var)."""
     return [name for name, t in tensors.items()
             if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def all_finite(tensors) -> bool:
+    """Whether every floating-point tensor holds only finite values: one host sync for all of them
+    (the check before a checkpoint is written; `nonfinite_tensors` names the culprits)."""
+    flags = [torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True

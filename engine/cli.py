@@ -1,6 +1,6 @@
 """Command line: `engine train | eval | rescale | sweep | calibrate | compare | study | data check`.
 
-    engine train [--preset NAME] [--config FILE] [--out DIR] [--resume] [dotted.key=value ...]
+    engine train [--preset NAME] [--config FILE] [--out DIR] [--resume [auto]] [--print-config] [key=value ...]
     engine eval --checkpoint PATH [--split test|val] [dotted.key=value ...]
     engine rescale --checkpoint PATH --gamma G          (post-hoc RS, one γ)
     engine rescale --checkpoint PATH --sweep 0:1:0.1    (γ chosen on val, reported on test)
@@ -12,7 +12,8 @@
 
 Each command parses its arguments and calls one function; what it prints is the command's output
 (progress and notes go through `logging`, set up once here). Every `EngineError` prints one clear
-line and exits with its `exit_code` (2: bad input — config, data, checkpoint; 1: training stopped).
+line and exits with its `exit_code` (2: bad input — config, data, checkpoint; 1: training stopped);
+`engine train` exits 75 when a SIGTERM/SIGUSR1 stopped it with a checkpoint (requeue with --resume auto).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 from engine.config import DEFAULT_PRESET, RS_COUNTS, available_presets, load_config
@@ -39,8 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (no arguments: the embedded Digits-LT default)")
     t.add_argument("--preset", default=None, help=f"preset name (default {DEFAULT_PRESET}; {', '.join(available_presets())})")
     t.add_argument("--config", default=None, help="YAML file applied after the preset")
-    t.add_argument("--out", default=None, help="run folder (default runs/<method>-<time>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--out", default=None, help="run folder (default runs/<method>-<time>-s<seed>-<4 hex>)")
+    t.add_argument("--resume", nargs="?", const="yes", default=None, metavar="auto",
+                   help="continue the run in --out from its last.pt; `--resume auto`: continue when last.pt "
+                        "exists, start fresh otherwise (job scripts that are requeued)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     t.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. method=ce optim.lr=0.05")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its test (or val) split")
@@ -148,17 +151,33 @@ def _parse_sweep(text: str) -> list[float]:
     return inclusive_range(start, stop, step)
 
 
-def _cmd_train(args) -> list[str]:
+def _cmd_train(args) -> tuple[list[str], int]:
+    """Exit 0: trained; 75 (PREEMPTED_EXIT_CODE): stopped by SIGTERM/SIGUSR1 with a checkpoint (requeue and
+    run again with --resume auto)."""
+    from engine.config import to_yaml
     from engine.evaluate import format_table
+    from engine.preemption import Preempted
     from engine.train import train
 
+    resume: bool | str = False
+    if args.resume in ("yes", "auto"):
+        resume = True if args.resume == "yes" else "auto"
+    elif args.resume is not None:  # `--resume key=value`: argparse took the first override as the flag's value
+        if "=" not in args.resume:
+            raise ConfigError(f"--resume takes no value or 'auto', got {args.resume!r}")
+        args.overrides.insert(0, args.resume)
+        resume = True
     preset = args.preset if (args.preset or args.config) else DEFAULT_PRESET
     cfg = load_config(preset, args.config, args.overrides)
-    if args.resume and not args.out:
+    if args.print_config:
+        return [to_yaml(cfg).rstrip()], 0
+    if resume and not args.out:
         raise ConfigError("--resume needs --out DIR (the run folder to continue)")
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    metrics = train(cfg, out, resume=args.resume)
-    return [format_table({f"test ({cfg.method})": metrics}), f"run folder: {out}"]
+    try:  # no --out: runs/<method>-<time>-s<seed>-<4 random hex>, chosen by rank 0 (engine.train.default_run_dir)
+        metrics = train(cfg, args.out, resume=resume)
+    except Preempted as exc:
+        return [], exc.exit_code
+    return [format_table({f"test ({cfg.method})": metrics}), f"run folder: {metrics['run_dir']}"], 0
 
 
 def _cmd_eval(args) -> list[str]:

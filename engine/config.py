@@ -39,6 +39,7 @@ DEVICES = ("auto", "cpu", "cuda")
 AUTO_ON_OFF = ("auto", "on", "off")
 DIAGNOSTICS = ("epoch", "pass", "off")  # eval.diagnostics: engine/train.py `diagnostics`
 PROFILE_FORMATS = ("digits_lt", "cifar10_lt", "cifar100_lt")  # built by pipelines.long_tail's profile
+SYNC_BN = ("off", "on", "apex")
 RS_COUNTS = ("observed", "profile")  # the n_i of RS: training counts, or the un-rounded profile (official code)
 
 
@@ -104,6 +105,8 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet32_cifar"
     pretrained: str = ""  # local torchvision/timm-style state_dict for the backbone ("" = random init)
+    # BatchNorm statistics over all ranks under DDP: off | on (torch.nn.SyncBatchNorm) | apex (apex's, if importable)
+    sync_bn: str = "off"
 
 
 @dataclass
@@ -119,6 +122,8 @@ class OptimConfig:
     lr_decay: float = 0.1
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size is the global batch per step)
     fused: str = "auto"  # auto (on for CUDA) | on | off: torch.optim.SGD(fused=True)
+    # Linear lr scaling (timm's --lr-base-size): 0 = off; else the lr used is lr × batch_size / lr_base_batch
+    lr_base_batch: int = 0
 
 
 @dataclass
@@ -157,6 +162,11 @@ class RunConfig:
     tensorboard: bool = False  # TensorBoard scalars under <run>/tb (needs the tensorboard package)
     progress: bool = True
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    log_every: int = 50  # read the loss to the host (log, NaN and divergence checks) every N optimizer steps
+    max_loss: float = 0.0  # divergence guard on the logged loss (0 = auto: 1e4 · ln(num_classes))
+    max_steps: int = 0  # stop after N optimizer steps in total, checkpoint, evaluate (0 = run all epochs)
+    keep_last: int = 0  # also keep the last N end-of-epoch checkpoints as epoch-XXX.pt (0 = only last.pt)
+    save_best: bool = False  # also keep best.pt: the end-of-epoch checkpoint with the best val top-1
 
 
 @dataclass
@@ -308,8 +318,9 @@ def config_from_dict(data: dict) -> Config:
 # Keys a `--resume` may change: they do not change the model or the optimization, only how the run
 # is fed, logged, checkpointed and evaluated. `epochs` may grow (the schedule is recomputed for it).
 RESUME_MAY_CHANGE = (
-    "epochs", "data.root", "data.cache_dir", "data.num_workers", "data.loader", "eval.", "run.progress",
-    "run.tensorboard", "run.threads", "run.checkpoint_every",
+    "epochs", "data.root", "data.cache_dir", "data.num_workers", "data.loader", "data.max_bad_images", "eval.",
+    "run.progress", "run.tensorboard", "run.threads", "run.checkpoint_every", "run.log_every", "run.max_loss",
+    "run.max_steps", "run.keep_last", "run.save_best",
 )
 
 
@@ -351,6 +362,12 @@ def to_yaml(cfg: Config) -> str:
 # --------------------------------------------------------------------------- values
 
 
+def effective_lr(o: OptimConfig) -> float:
+    """The lr the optimizer uses: optim.lr, scaled by batch_size / lr_base_batch when lr_base_batch > 0
+    (the linear scaling rule, Goyal et al. 2017; timm's --lr-base-size). batch_size is the global batch."""
+    return o.lr * o.batch_size / o.lr_base_batch if o.lr_base_batch else o.lr
+
+
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {expected}")
@@ -389,6 +406,11 @@ def validate(cfg: Config) -> None:
     _one_of(r.compile, AUTO_ON_OFF, "run.compile")
     _check(r.checkpoint_every >= 0, "run.checkpoint_every", r.checkpoint_every, "an integer ≥ 0")
     _check(r.threads >= 0, "run.threads", r.threads, "an integer ≥ 0 (0 = torch's default)")
+    _check(r.log_every >= 1, "run.log_every", r.log_every, "an integer ≥ 1")
+    _check(r.max_loss >= 0, "run.max_loss", r.max_loss, "a number ≥ 0 (0 = auto: 1e4 · ln(num_classes))")
+    _check(r.max_steps >= 0, "run.max_steps", r.max_steps, "an integer ≥ 0 (0 = no limit)")
+    _check(r.keep_last >= 0, "run.keep_last", r.keep_last, "an integer ≥ 0 (0 = only last.pt)")
+    _one_of(cfg.model.sync_bn, SYNC_BN, "model.sync_bn")
 
 
 def _validate_rescale(cfg: Config) -> None:
@@ -466,5 +488,6 @@ def _validate_optim(cfg: Config) -> None:
     _check(o.batch_size % o.grad_accum == 0, "optim.batch_size", o.batch_size,
            f"a multiple of optim.grad_accum ({o.grad_accum})")
     _one_of(o.fused, AUTO_ON_OFF, "optim.fused")
+    _check(o.lr_base_batch >= 0, "optim.lr_base_batch", o.lr_base_batch, "an integer ≥ 0 (0 = no lr scaling)")
     _check(0 <= o.warmup_epochs < cfg.epochs, "optim.warmup_epochs", o.warmup_epochs, f"0 ≤ warmup < epochs ({cfg.epochs})")
     _check(all(0 < m < cfg.epochs for m in o.milestones), "optim.milestones", o.milestones, f"epochs in (0, {cfg.epochs})")

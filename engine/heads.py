@@ -117,16 +117,22 @@ class Head(nn.Module):
 
     @torch.no_grad()
     def after_step(
-        self, features: Tensor, labels: Tensor, class_counts: Tensor | None, gamma: float = 0.0, reduce=None
+        self, features: Tensor, labels: Tensor, class_counts: Tensor | None, gamma: float = 0.0, reduce=None,
+        exchange=None,
     ) -> None:
         """Everything the method does after an optimizer step, in the papers' order.
 
-        `reduce(*tensors)` sums tensors over ranks in place (DDP): the center update then sees
-        the global batch, so every rank keeps identical centers."""
+        Under DDP the center update must see the global batch, so every rank keeps identical centers:
+        `exchange(features, labels, num_classes, class_sums)` returns the global (K, d) sums and (K,)
+        counts (engine.distributed.global_class_sums: the cheaper of a K×d all-reduce and a B×d
+        all-gather), or `reduce(*tensors)` sums this rank's statistics over ranks in place."""
         if self.spec.center:
-            sums, counts = self.center_statistics(features, labels)
-            if reduce is not None:
-                reduce(sums, counts)
+            if exchange is not None:
+                sums, counts = exchange(features.detach(), labels, self.num_classes, kernels.class_feature_sums)
+            else:
+                sums, counts = self.center_statistics(features, labels)
+                if reduce is not None:
+                    reduce(sums, counts)
             kernels.wen_center_update(self.centers, sums, counts, self.center_alpha)
         if self.spec.wvn:
             self.normalize_weights()  # Algorithm 1, line 8

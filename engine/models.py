@@ -166,3 +166,22 @@ def build_model(cfg: Config, class_counts: np.ndarray | list[int]) -> Classifier
     counts = np.asarray(class_counts)
     head = Head(backbone.num_features, len(counts), METHODS[cfg.method], head_loss_config(cfg), counts)
     return Classifier(backbone, head)
+
+
+def convert_sync_bn(model: nn.Module, kind: str) -> nn.Module:
+    """`model.sync_bn` under DDP: every BatchNorm computes its batch statistics over all ranks.
+
+    "on": torch.nn.SyncBatchNorm (NCCL or gloo); "apex": apex.parallel.SyncBatchNorm (NVIDIA apex, when
+    importable: a ConfigError otherwise); "off": unchanged. Call before wrapping the model in DDP."""
+    if kind == "off":
+        return model
+    if kind == "apex":
+        try:
+            from apex.parallel import convert_syncbn_model
+        except ImportError:
+            from engine.errors import ConfigError
+
+            raise ConfigError("model.sync_bn=apex needs NVIDIA apex (github.com/NVIDIA/apex); it cannot be "
+                              "imported here: use model.sync_bn=on (torch.nn.SyncBatchNorm)") from None
+        return convert_syncbn_model(model)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -6,8 +6,11 @@ flag; the training loop finishes the step it is in, writes an atomic checkpoint,
 with `PREEMPTED_EXIT_CODE`, which a job script turns into a requeue (docs/launch.md). `--resume auto`
 then continues from that checkpoint.
 
-Under DDP every rank receives the signal from the launcher, but not at the same step: the loop agrees
-on the flag with one all-reduce (`any_rank`) at the step boundary, so all ranks stop at the same step.
+Under DDP every rank receives the signal from the launcher, but not at the same step (or only some
+ranks receive it): the flag travels in the all-reduce the loop already makes every `run.log_every`
+steps to read the loss (engine.train.LossMeter.read: five float64 numbers, no extra collective), so all
+ranks stop at the same step boundary, at most `run.log_every` steps after the signal. A single process
+checks the flag after every step (a host bool: free).
 """
 
 from __future__ import annotations

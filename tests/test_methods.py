@@ -29,7 +29,7 @@ def _one_step(method: str, tmp_path, **rescale):
     head = run.model.head
     before = {"weight": head.weight.detach().clone(), "stem": run.model.backbone.stem[0].weight.detach().clone()}
     x, y = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4, 5, 8, 9])
-    loss = train_step(run, x, y, 0, 0)
+    loss = train_step(run, x, y)
     return run, head, before, loss
 
 

@@ -283,3 +283,56 @@ def test_preset_loads_and_its_model_runs(preset, tmp_path):
     with torch.no_grad():
         logits = model(torch.randn(2, 3, size, size))
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------- preemption under DDP
+
+
+def _worker_pids(parent: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (children of `parent` with RANK in their environment)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent:
+            ranks = [int(v.split(b"=", 1)[1]) for v in env if v.startswith(b"RANK=")]
+            if ranks:
+                found[ranks[0]] = int(entry.name)
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_and_resumes_on_one_process(tmp_path, digits_cache):
+    """SIGTERM reaches rank 1 only: the ranks agree on it at the next loss read (log_every=1), rank 0 writes
+    last.pt, both exit 75. The run then continues on ONE process from the same global step (a warning: not
+    bitwise) to the end."""
+    common = [*tiny(digits_cache), "optim.batch_size=16", "run.threads=1", "run.log_every=1"]
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "engine.cli", "train", "--out", str(out), *common]
+    proc = subprocess.Popen(args, cwd=tmp_path, env={**_env(), "MASTER_PORT": str(_free_port())},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not ((out / "train.log").exists() and "epoch 1 step 2 " in (out / "train.log").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "torchrun ended or hung before step 2"
+            time.sleep(0.05)
+        os.kill(_worker_pids(proc.pid)[1], signal.SIGTERM)
+        output, _ = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "exitcode  : 75" in output or "exit code 75" in output or "exitcode: 75" in output, output
+    state = _ckpt(out)
+    assert state["epoch"] == 0 and state["position"] >= 2 and len(state["rng"]) == 2
+    assert "stopped by a signal on another rank" in (out / "train.log").read_text()
+
+    resumed = _run(_engine("train", "--out", str(out), "--resume", "auto", *common), tmp_path)
+    assert "resuming a checkpoint of 2 ranks on 1" in resumed.stderr
+    log = _log(out)
+    assert [r["epoch"] for r in log] == [1, 2] and log[-1]["step"] == 14
