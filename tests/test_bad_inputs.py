@@ -9,6 +9,7 @@ argv built from the fixtures, a text the error line must contain).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -272,3 +273,48 @@ def test_the_battery_covers_the_issue():
     """The count the issue's tally refers to (it asked for ~70 bad inputs)."""
     assert len(CASES) >= 70
 
+
+
+# ----------------------------------------------------------------------------- post-hoc on a read-only folder
+
+
+def _read_only(monkeypatch, folder):
+    """Simulate a read-only `folder` (we run as root: chmod would not stop us): engine.io's temp file there fails
+    with EROFS, as the kernel's would; every other folder stays writable."""
+    import errno
+    import tempfile
+    from types import SimpleNamespace
+
+    import engine.io
+
+    def mkstemp(*a, dir=None, **k):
+        if dir is not None and Path(dir).resolve() == Path(folder).resolve():
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return tempfile.mkstemp(*a, dir=dir, **k)
+
+    monkeypatch.setattr(engine.io, "tempfile", SimpleNamespace(mkstemp=mkstemp))
+
+
+@pytest.mark.parametrize("argv,written", [
+    (["calibrate", "--method", "tau_norm", "--sweep", "0:1:0.5"], "calibrate_tau_norm.json"),
+    (["rescale", "--gamma", "0.5"], "calibrate_rs.json"),
+])
+def test_posthoc_prints_its_result_before_a_read_only_folder_fails(argv, written, ctx, capsys, monkeypatch):
+    before = {p.name: p.stat().st_mtime_ns for p in ctx.run.iterdir()}
+    _read_only(monkeypatch, ctx.run)
+    code = main([argv[0], "--checkpoint", str(ctx.ckpt), *argv[1:]])
+    out, err = capsys.readouterr()
+    assert code == 1, err  # StorageError.exit_code
+    assert "test before" in out and "chosen" in out  # the result, printed before the write was tried
+    line = err.strip()
+    assert line == f"engine {argv[0]}: error: cannot write {ctx.run / written}: Read-only file system (EROFS)", err
+    assert {p.name: p.stat().st_mtime_ns for p in ctx.run.iterdir()} == before
+
+    # --out DIR: the same command writes there instead, the checkpoint's folder is left alone.
+    elsewhere = ctx.base.parent / f"out-{argv[0]}"
+    assert main([argv[0], "--checkpoint", str(ctx.ckpt), *argv[1:], "--out", str(elsewhere)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads((elsewhere / written).read_text())["checkpoint"] == str(ctx.ckpt)
+    assert (elsewhere / written.replace(".json", ".png")).stat().st_size > 0
+    assert f"written: {elsewhere / written}" in out
+    assert {p.name: p.stat().st_mtime_ns for p in ctx.run.iterdir()} == before
