@@ -9,6 +9,7 @@ argv built from the fixtures, a text the error line must contain).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -318,3 +319,44 @@ def test_posthoc_prints_its_result_before_a_read_only_folder_fails(argv, written
     assert (elsewhere / written.replace(".json", ".png")).stat().st_size > 0
     assert f"written: {elsewhere / written}" in out
     assert {p.name: p.stat().st_mtime_ns for p in ctx.run.iterdir()} == before
+
+
+# ----------------------------------------------------------------------------- README examples cannot drift
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SECTIONS = ("data", "model", "loss", "optim", "rescale", "eval", "run")
+
+
+def test_readme_config_keys_exist_and_examples_parse(tmp_path):
+    """Every config key the README names exists; every `engine train|sweep … key=value` line and every
+    ```yaml block parses with load_config (the key, the type and the value checks)."""
+    from engine.config import DEFAULT_PRESET, Config, flatten, load_config, to_dict
+
+    text = README.read_text()
+    known = set(flatten(to_dict(Config())))
+    named = set(re.findall(rf"(?<![\w/.-])((?:{'|'.join(SECTIONS)})\.[a-z_]+)\b(?![./(])", text))
+    assert named and not named - known, f"README names config keys that do not exist: {sorted(named - known)}"
+    commands = [line for line in text.splitlines() if re.search(r"engine(\.cli)? (train|sweep)\b", line)]
+    checked = 0
+    for line in commands:
+        words = line.replace("`", " ").split()
+        preset = words[words.index("--preset") + 1] if "--preset" in words else DEFAULT_PRESET
+        overrides, grid = [], []
+        for prev, word in zip(["", *words], words):
+            key = word.split("=", 1)[0]
+            if "=" not in word or not (key in {"method", "seed", "epochs"} or key.split(".")[0] in SECTIONS):
+                continue
+            (grid if prev == "--grid" else overrides).append(word)
+        if "data.format=split_files" in overrides:
+            overrides.append("data.root=/data")  # the example gives it; validation only needs it non-empty
+        for g in grid or [""]:
+            key, _, values = g.partition("=")
+            for value in values.split(",") if g else [None]:
+                load_config(preset, None, [*overrides, *([f"{key}={value}"] if g else [])])
+                checked += 1
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"readme{i}.yaml"
+        path.write_text("\n".join(line[2:] if line.startswith("  ") else line for line in block.splitlines()))
+        load_config(DEFAULT_PRESET, path)
+    assert checked >= 3 and blocks, (checked, len(blocks))
