@@ -1,7 +1,7 @@
 """Command line: `engine train | eval | rescale | sweep | calibrate | compare | study | data check`.
 
     engine train [--preset NAME] [--config FILE] [--out DIR] [--resume [auto]] [--print-config] [key=value ...]
-    engine eval --checkpoint PATH [--split test|val] [dotted.key=value ...]
+    engine eval --checkpoint PATH [--split test|val] [--out DIR] [dotted.key=value ...]
     engine rescale --checkpoint PATH --gamma G          (post-hoc RS, one γ)
     engine rescale --checkpoint PATH --sweep 0:1:0.1    (γ chosen on val, reported on test)
     engine sweep --out DIR --grid method=ce,eo_uc --seeds 0,1,2 [key=value ...]
@@ -19,22 +19,31 @@ line and exits with its `exit_code` (2: bad input — config, data, checkpoint; 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
 
 from engine.config import DEFAULT_PRESET, RS_COUNTS, available_presets, load_config
-from engine.errors import ConfigError, EngineError
+from engine.errors import ConfigError, EngineError, StorageError
 from engine.experiments.study_design import PRESETS as STUDY_PRESETS
 from engine.logs import launch_rank, setup_logging
 from engine.posthoc import METHODS as CALIBRATIONS
 from engine.posthoc import SWEEPS, inclusive_range
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the engine's one-line error (`engine <cmd>: error: …`, exit 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="engine", description="Long-tailed image recognition training engine")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="engine", description="Long-tailed image recognition training engine")
+    sub = p.add_subparsers(dest="command", metavar="command", required=True)
 
     t = sub.add_parser("train", help="train a model (no arguments: the embedded Digits-LT default)")
     t.add_argument("--preset", default=None, help=f"preset name (default {DEFAULT_PRESET}; {', '.join(available_presets())})")
@@ -49,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on its test (or val) split")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", choices=("test", "val"), default="test")
+    e.add_argument("--out", default=None, help="folder for eval_<split>.json (default: the checkpoint's folder)")
     e.add_argument("overrides", nargs="*", help="dotted.key=value on the checkpoint's config that leave the model as "
                                                 "trained, e.g. data.root=/new/place eval.batch_size=512")
 
@@ -65,6 +75,8 @@ def _add_posthoc(sub) -> None:
     g.add_argument("--gamma", type=float, help="one γ: report val and test")
     g.add_argument("--sweep", help="START:STOP:STEP (inclusive), γ chosen on val, e.g. 0:1:0.1")
     r.add_argument("--save", default=None, help="with --gamma: write the re-scaled checkpoint here")
+    r.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for calibrate_rs.json / .png (default: the checkpoint's folder)")
     r.add_argument("--counts", choices=RS_COUNTS, default=None,
                    help="n_i of RS: observed training counts, or the un-rounded profile n_max·IF^(−i/(C−1)) of the "
                         "official AdjustBnd4Imbalance code (default: the run's rescale.counts)")
@@ -79,15 +91,20 @@ def _add_posthoc(sub) -> None:
     c.add_argument("--seed", type=int, default=0, help="crt/lws: init and sampling seed")
     c.add_argument("--counts", choices=RS_COUNTS, default=None,
                    help="rs: n_k observed or the un-rounded long-tailed profile (default: the run's rescale.counts)")
+    c.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for calibrate_<method>.json / .png (default: the checkpoint's folder)")
 
 
 def _add_experiments(sub) -> None:
     s = sub.add_parser("sweep", help="train a grid × seeds, choose on val, report test (mean ± std)")
-    s.add_argument("--out", required=True, help="sweep folder (finished runs in it are re-used)")
+    s.add_argument("--out", required=True,
+                   help="sweep folder (finished runs with the same config are re-used, unfinished ones resumed)")
     s.add_argument("--preset", default=DEFAULT_PRESET)
     s.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     s.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (repeatable)")
-    s.add_argument("--select-by", default="method", help="grid key whose values each get their own choice")
+    s.add_argument("--select-by", default=None,
+                   help="grid key whose values each get their own choice (default: method; without a method "
+                        "grid: one choice over all points)")
     s.add_argument("--jobs", type=int, default=1, help="training processes in parallel")
     s.add_argument("overrides", nargs="*", help="dotted.key=value applied to every run")
 
@@ -112,7 +129,7 @@ def _add_experiments(sub) -> None:
 
 def _add_data(sub) -> None:
     d = sub.add_parser("data", help="data tools")
-    dsub = d.add_subparsers(dest="data_command", required=True)
+    dsub = d.add_subparsers(dest="data_command", metavar="check", required=True)
     dc = dsub.add_parser(
         "check", help="scan split files: missing/corrupt images, labels, duplicates, leakage, class counts, shot groups",
         description="Check one or more split files. Each split is reported on its own (bad lines, labels, missing / "
@@ -141,14 +158,56 @@ def _ints(text: str, flag: str) -> list[int]:
         raise ConfigError(f"{flag} expects comma-separated integers, got {text!r}") from None
 
 
-def _parse_sweep(text: str) -> list[float]:
+def _seeds(text: str, flag: str = "--seeds") -> list[int]:
+    seeds = _ints(text, flag)
+    if min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"{flag} expects distinct integers ≥ 0, got {text!r}")
+    return seeds
+
+
+MAX_SWEEP_VALUES = 10_000  # a typo such as STEP 1e-9 would otherwise build a list of a billion values
+
+
+def _parse_sweep(text: str, flag: str = "--sweep") -> list[float]:
     try:
         start, stop, step = (float(v) for v in text.split(":"))
     except ValueError:
-        raise ConfigError(f"--sweep expects START:STOP:STEP, e.g. 0:1:0.1; got {text!r}") from None
+        raise ConfigError(f"{flag} expects START:STOP:STEP, e.g. 0:1:0.1; got {text!r}") from None
+    if not all(math.isfinite(v) for v in (start, stop, step)):
+        raise ConfigError(f"{flag} {text!r}: START, STOP and STEP must be finite numbers")
     if step <= 0 or stop < start or start < 0:
-        raise ConfigError(f"--sweep {text!r}: expected 0 ≤ START ≤ STOP and STEP > 0")
+        raise ConfigError(f"{flag} {text!r}: expected 0 ≤ START ≤ STOP and STEP > 0")
+    if (stop - start) / step >= MAX_SWEEP_VALUES:
+        raise ConfigError(f"{flag} {text!r} has more than {MAX_SWEEP_VALUES} values; expected a coarser STEP")
     return inclusive_range(start, stop, step)
+
+
+def _positive(value: float | int, flag: str, integer: bool = True) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{flag} must be {'an integer' if integer else 'a finite number'} > 0, got {value}")
+
+
+def _out_dir(path: str | None, flag: str = "--out") -> Path | None:
+    """An output folder given on the command line: it may exist (as a folder) or not yet; a file is refused."""
+    if path is None:
+        return None
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"{flag} {path} is a file, expected a folder (existing or to be created)")
+    return Path(path)
+
+
+def _out_file(path: str | None, flag: str) -> Path | None:
+    """An output file given on the command line: it may exist (replaced) or not yet; a folder is refused."""
+    if path is not None and Path(path).is_dir():
+        raise ConfigError(f"{flag} {path} is a folder, expected a file path")
+    return None if path is None else Path(path)
+
+
+def _show(lines: list[str]) -> None:
+    """Print a command's result lines now (rank 0 only): before it writes files that might fail."""
+    if launch_rank() == 0:
+        for line in lines:
+            print(line, flush=True)
 
 
 def _cmd_train(args) -> tuple[list[str], int]:
@@ -181,59 +240,84 @@ def _cmd_train(args) -> tuple[list[str], int]:
 
 
 def _cmd_eval(args) -> list[str]:
-    from engine.experiments.checkpoints import evaluate_checkpoint
+    from engine.experiments.checkpoints import evaluate_checkpoint, write_evaluation
 
-    return evaluate_checkpoint(args.checkpoint, args.split, args.overrides)[1]
+    out = _out_dir(args.out)
+    result, lines = evaluate_checkpoint(args.checkpoint, args.split, args.overrides)
+    _show(lines)  # before writing: a read-only folder still shows the result
+    return write_evaluation(result, out)
+
+
+def _calibration(args, method: str, values: list[float] | None, **kw) -> list[str]:
+    """Load, compute and print the result, then write it (--out, default the checkpoint's folder): a folder that
+    cannot be written still leaves the printed result, and the command ends in one StorageError line."""
+    from engine.experiments.checkpoints import calibrate_checkpoint, write_calibration
+
+    out, save = _out_dir(args.out), _out_file(kw.pop("save", None), "--save")
+    run, result, lines = calibrate_checkpoint(args.checkpoint, method, values, rs_count=args.counts, **kw)
+    _show(lines)
+    return write_calibration(run, result, out, save)
 
 
 def _cmd_calibrate(args) -> list[str]:
-    from engine.experiments.checkpoints import calibrate_checkpoint
-
     if args.sweep is not None and args.method not in SWEEPS:
         raise ConfigError(f"--sweep goes with --method {'/'.join(SWEEPS)}, got --method {args.method}")
+    if args.counts is not None and args.method != "rs":
+        raise ConfigError(f"--counts goes with --method rs, got --method {args.method}")
+    _positive(args.epochs, "--epochs")
+    _positive(args.lr, "--lr", integer=False)
+    _positive(args.batch_size, "--batch-size")
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be an integer ≥ 0, got {args.seed}")
     values = _parse_sweep(args.sweep) if args.sweep is not None else None
-    return calibrate_checkpoint(args.checkpoint, args.method, values, args.epochs, args.lr, args.batch_size,
-                                args.seed, rs_count=args.counts)[1]
+    return _calibration(args, args.method, values, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                        seed=args.seed)
 
 
 def _cmd_rescale(args) -> list[str]:
     """`engine rescale` = `engine calibrate --method rs` (--gamma: a one-value sweep; --save: that γ's checkpoint)."""
-    from engine.experiments.checkpoints import calibrate_checkpoint
-
-    if args.gamma is not None and args.gamma < 0:
-        raise ConfigError(f"--gamma must be ≥ 0, got {args.gamma}")
+    if args.gamma is not None and not (math.isfinite(args.gamma) and args.gamma >= 0):
+        raise ConfigError(f"--gamma must be a finite number ≥ 0, got {args.gamma}")
     if args.save and args.gamma is None:
         raise ConfigError("--save goes with --gamma (re-run with the γ the sweep chose)")
     values = [args.gamma] if args.gamma is not None else _parse_sweep(args.sweep)
-    return calibrate_checkpoint(args.checkpoint, "rs", values, save=args.save, rs_count=args.counts)[1]
+    return _calibration(args, "rs", values, save=args.save)
 
 
 def _cmd_sweep(args) -> list[str]:
     from engine.experiments.sweep import markdown, parse_grid, run_sweep
 
-    summary = run_sweep(Path(args.out), args.preset, parse_grid(args.grid), _ints(args.seeds, "--seeds"),
-                        args.overrides, args.select_by, args.jobs)
+    grid, seeds, out = parse_grid(args.grid), _seeds(args.seeds), _out_dir(args.out)
+    if args.select_by is not None and args.select_by not in grid:
+        raise ConfigError(f"--select-by {args.select_by!r} is not a --grid key (grid keys: {', '.join(grid) or 'none'})")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be ≥ 1, got {args.jobs}")
+    summary = run_sweep(out, args.preset, grid, seeds, args.overrides, args.select_by or "method", args.jobs)
     return [markdown(summary)]
 
 
 def _cmd_compare(args) -> list[str]:
     from engine.experiments.compare import compare_runs
 
-    result = compare_runs([Path(r) for r in args.runs], Path(args.out))
+    result = compare_runs([Path(r) for r in args.runs], _out_dir(args.out))
     return [result["table"], "written: " + ", ".join(map(str, result["written"]))]
 
 
 def _cmd_study(args) -> list[str]:
     from engine.experiments import study, study_design
 
-    seeds = _ints(args.seeds, "--seeds")
+    seeds, out = _seeds(args.seeds), _out_dir(args.out)
     try:
         ratios = [float(v) for v in args.ratios.split(",")]
     except ValueError:
         raise ConfigError(f"--ratios expects comma-separated numbers, got {args.ratios!r}") from None
-    epochs = args.epochs or study_design.DEFAULT_EPOCHS
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be ≥ 1, got {args.jobs}")
+    if args.format != "digits_lt" and not args.root:
+        raise ConfigError(f"--format {args.format} needs --root (the folder with the CIFAR python pickles)")
+    epochs = study_design.DEFAULT_EPOCHS if args.epochs is None else args.epochs
     arch = args.arch or study_design.DEFAULT_ARCH
-    size = args.image_size or study_design.DEFAULT_IMAGE_SIZE[args.format]
+    size = study_design.DEFAULT_IMAGE_SIZE[args.format] if args.image_size is None else args.image_size
     words = ["engine", "study", "--out", args.out, "--seeds", args.seeds, "--ratios", args.ratios, "--profiles",
              args.profiles, "--epochs", str(epochs), "--arch", arch, "--image-size", str(size)]
     if args.format != "digits_lt":
@@ -243,7 +327,7 @@ def _cmd_study(args) -> list[str]:
     summary = study.run_study(args.out, seeds, ratios, args.profiles.split(","), epochs, arch, size, args.overrides,
                               args.format, args.root, args.jobs,
                               " ".join(shlex.quote(w) for w in [*words, *args.overrides]))
-    return study.summary_lines(summary, Path(args.out))
+    return study.summary_lines(summary, out)
 
 
 def _cmd_data(args) -> tuple[list[str], int]:
@@ -254,6 +338,9 @@ def _cmd_data(args) -> tuple[list[str], int]:
         raise ConfigError(f"--jobs must be ≥ 1, got {args.jobs}")
     if args.num_classes is not None and args.num_classes < 1:
         raise ConfigError(f"--num-classes must be ≥ 1, got {args.num_classes}")
+    if args.many < 0 or args.few < 0 or args.few > args.many + 1:
+        raise ConfigError(f"--few {args.few} and --many {args.many}: expected 0 ≤ --few ≤ --many + 1")
+    _out_file(args.bad_list, "--bad-list")
     result = check_splits(args.split, args.root, num_classes=args.num_classes, many=args.many, few=args.few,
                           workers=args.jobs, decode=args.decode, progress=not args.json,
                           allow_outside_root=args.allow_outside_root)
@@ -270,17 +357,26 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "rescale": _cmd_rescale, "sw
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args, unknown = _parser().parse_known_args(argv)
+        name = f"data {args.data_command}" if args.command == "data" else args.command
+        if unknown:  # named by the sub-command they were given to
+            _Parser(prog=f"engine {name}").error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as exc:  # argparse: --help (0) or one `engine <cmd>: error:` line (2), already printed
+        return exc.code if isinstance(exc.code, int) else 0
     setup_logging()
     try:
         output = COMMANDS[args.command](args)
-    except EngineError as exc:
-        print(f"engine {args.command}: error: {exc}", file=sys.stderr)
+    except EngineError as exc:  # one line, whatever the message: a log reader greps for `error:`
+        print(f"engine {name}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a file the library reads or writes without naming it in an EngineError
+        cause = f" ({errno.errorcode[exc.errno]})" if exc.errno in errno.errorcode else ""
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"engine {name}: error: {where}{exc.strerror or exc}{cause}", file=sys.stderr)
+        return StorageError.exit_code
     lines, code = output if isinstance(output, tuple) else (output, 0)
-    if launch_rank() == 0:  # under torchrun every rank returns here; the output is printed once
-        for line in lines:
-            print(line, flush=True)
+    _show(lines)  # under torchrun every rank returns here; the output is printed once
     return code
 
 

@@ -254,6 +254,13 @@ def _nest(dotted: str, value: Any) -> dict:
     return out
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: the problem and where (its own message spans several lines with carets)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}"
+
+
 def parse_override(text: str) -> dict:
     """`optim.lr=0.05` → {'optim': {'lr': 0.05}}; the value is parsed as YAML (safe loader)."""
     if "=" not in text:
@@ -265,7 +272,7 @@ def parse_override(text: str) -> dict:
     try:
         value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({yaml_problem(exc)})") from None
     return _nest(key, value)
 
 
@@ -279,7 +286,7 @@ def _read_yaml(path: Path) -> dict:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -107,4 +107,4 @@ def test_calibrate_cli_writes_json_and_png(run, capsys):
     assert main(["calibrate", "--checkpoint", str(run / "last.pt"), "--method", "crt", "--sweep", "0:1:0.5"]) == 2
     assert "--sweep goes with --method" in capsys.readouterr().err
     assert main(["calibrate", "--checkpoint", str(run / "last.pt"), "--method", "lws", "--epochs", "0"]) == 2
-    assert "need epochs ≥ 1" in capsys.readouterr().err
+    assert "--epochs must be an integer > 0, got 0" in capsys.readouterr().err  # checked before loading

@@ -144,4 +144,5 @@ def test_second_call_reuses_finished_runs_and_resumes_unfinished(tiny_study, mon
 def test_a_finished_run_with_another_config_is_not_reused(tiny_study, capsys):
     out, args = tiny_study
     assert main([*args, "optim.lr=0.01"]) == 2
-    assert "different config" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "trained with another config: optim.lr: " in err and "→ 0.01" in err, err

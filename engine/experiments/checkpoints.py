@@ -1,8 +1,9 @@
 """`engine eval | calibrate | rescale` on a trained checkpoint: load, compute (engine/posthoc.py), write, print.
 
 `engine rescale` is `engine calibrate --method rs`: `--sweep` (γ chosen on val) and `--gamma` (one γ)
-both write calibrate_rs.json and calibrate_rs.png next to the checkpoint; `--gamma G --save PATH`
-also writes the re-scaled checkpoint.
+both write calibrate_rs.json and calibrate_rs.png next to the checkpoint (or in `--out DIR`); `--gamma G
+--save PATH` also writes the re-scaled checkpoint. The result is computed and printed before anything is
+written: a read-only checkpoint folder still shows it, then fails with one StorageError line naming the path.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from engine.evaluate import evaluate_loader, format_table
 from engine.io import write_json
 from engine.posthoc import calibrate, rs_counts, rs_weight
 from engine.render import save_png, subplots
-from engine.runs import load_run
+from engine.runs import LoadedRun, load_run
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test",
                         overrides: Sequence[str] = ()) -> tuple[dict, list[str]]:
-    """`engine eval`: the checkpoint's report on one split (eval_<split>.json); returns (result, lines to print).
+    """`engine eval`, the computing half: the checkpoint's report on one split; returns (result, lines to print).
+    Nothing is written here (the command prints first, then `write_evaluation`).
 
     `overrides`: dotted key=value on top of the checkpoint's config (engine.runs.load_run says which)."""
     run = load_run(checkpoint, overrides)
@@ -34,38 +36,54 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test",
     report = evaluate_loader(run.model, loaders[split], run.device, run.data.class_counts, cfg.eval.many_threshold,
                              cfg.eval.few_threshold, desc=f"eval {split}" if cfg.run.progress else None)
     result = {**report, "split": split, "checkpoint": str(checkpoint), "epoch": run.state["epoch"],
-              "overrides": list(overrides)}
-    out = run.run_dir / f"eval_{split}.json"
+              "overrides": list(overrides), "run_dir": str(run.run_dir)}
+    return result, [format_table({f"{split} ({run.cfg.method})": result})]
+
+
+def write_evaluation(result: dict, out_dir: Path | None = None) -> list[str]:
+    """eval_<split>.json in `out_dir` (default: the checkpoint's folder); returns the line naming it."""
+    out = Path(out_dir if out_dir is not None else result["run_dir"]) / f"eval_{result['split']}.json"
     write_json(out, result)
-    return result, [format_table({f"{split} ({run.cfg.method})": result}), f"written: {out}"]
+    return [f"written: {out}"]
 
 
 def calibrate_checkpoint(checkpoint: str | Path, method: str, values: list[float] | None = None, epochs: int = 10,
                          lr: float = 0.1, batch_size: int = 128, seed: int = 0,
-                         save: str | Path | None = None, rs_count: str | None = None) -> tuple[dict, list[str]]:
-    """`engine calibrate` (and `engine rescale`): calibrate_<method>.json and .png next to the checkpoint.
+                         rs_count: str | None = None) -> tuple[LoadedRun, dict, list[str]]:
+    """`engine calibrate` (and `engine rescale`), the computing half: (run, result, lines to print).
 
-    `save` (RS with one γ): also write the checkpoint with the re-scaled classifier there (it records
-    γ and the counts convention, and a later RS on it is refused)."""
+    Nothing is written here: the command prints the lines first, then `write_calibration` writes the files,
+    so a folder that cannot be written never costs the user the result."""
     run = load_run(checkpoint)
     result = calibrate(run, method, values, epochs, lr, batch_size, seed, rs_count=rs_count)
     result["checkpoint"] = str(checkpoint)
-    out_json, out_png = run.run_dir / f"calibrate_{method}.json", run.run_dir / f"calibrate_{method}.png"
-    write_json(out_json, result)
-    plot_calibration(out_png, result)
     name, chosen = result["parameter"], result["chosen"]
     lines = [format_table({"val  before": result["before"]["val"], "test before": result["before"]["test"],
                            f"val  {name}={chosen:g}": result["val"], f"test {name}={chosen:g}": result["test"]}),
              f"{method}: chosen {name} = {chosen:g} (best val top-1)"]
+    return run, result, lines
+
+
+def write_calibration(run: LoadedRun, result: dict, out_dir: Path | None = None,
+                      save: Path | None = None) -> list[str]:
+    """calibrate_<method>.json and .png in `out_dir` (default: the checkpoint's folder); returns the lines naming them.
+
+    `save` (RS with one γ): also write the checkpoint with the re-scaled classifier there (it records
+    γ and the counts convention, and a later RS on it is refused)."""
+    out_dir = run.run_dir if out_dir is None else Path(out_dir)
+    method, lines = result["method"], []
+    out_json, out_png = out_dir / f"calibrate_{method}.json", out_dir / f"calibrate_{method}.png"
+    write_json(out_json, result)
+    plot_calibration(out_png, result)
     if save:
         head = run.model.head
         with torch.no_grad():
-            counts = rs_counts(run.cfg, run.data.class_counts, rs_count)
-            head.weight.copy_(rs_weight(head.weight.detach().float().cpu(), counts, chosen).to(head.weight))
-        save_checkpoint(Path(save), {**run.state, "model": run.model.state_dict(), "rescaled_gamma": chosen,
+            counts = rs_counts(run.cfg, run.data.class_counts, result["counts"])
+            head.weight.copy_(rs_weight(head.weight.detach().float().cpu(), counts, result["chosen"]).to(head.weight))
+        save_checkpoint(Path(save), {**run.state, "model": run.model.state_dict(), "rescaled_gamma": result["chosen"],
                                      "rescaled_counts": result["counts"]})
         lines.append(f"re-scaled checkpoint: {save}")
-    return result, lines + [f"written: {out_json}, {out_png}"]
+    return [*lines, f"written: {out_json}, {out_png}"]
 
 
 def plot_calibration(path: Path, result: dict) -> None:

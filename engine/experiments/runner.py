@@ -1,8 +1,17 @@
 """One runner for `engine sweep` and `engine study`: train every run not finished yet.
 
-A run is (Config, run folder). A finished run (metrics.json present, trained with the same config up
-to NEUTRAL_KEYS) is re-used; one finished with another config stops the command; an unfinished
-one is resumed from its last.pt when that was written with the same config, else started over.
+A run is (Config, run folder). Before anything is trained, every run folder that already holds a run
+is compared with the config requested for it (up to NEUTRAL_KEYS, which do not change the numbers):
+
+* same config, finished (metrics.json present): re-used, not trained again;
+* same config, unfinished (killed, preempted; last.pt present): resumed from its last checkpoint
+  (`train(..., resume=True)`), never deleted;
+* another config, finished or not: the command stops, naming the keys that differ (saved → requested),
+  before training anything: results of one config are never labelled with another's settings, and a
+  resumable run is never deleted. Choose another --out, or delete the folder to train it again.
+
+A folder with a config but no checkpoint (killed before its first one) holds nothing trained and
+starts over; an unreadable last.pt is moved aside (`<run>.unreadable-<time>`) and the run starts over.
 Runs go in this process or in `jobs` spawned worker processes (one torch thread each).
 """
 
@@ -18,7 +27,7 @@ from typing import Hashable
 import yaml
 
 from engine import train as training
-from engine.config import Config, config_from_dict, to_dict, yaml_load
+from engine.config import Config, config_from_dict, flatten, to_dict, yaml_load
 from engine.errors import CheckpointError, ConfigError
 from engine.io import write_json
 
@@ -37,20 +46,37 @@ def _comparable(cfg_dict: dict) -> dict:
 
 def saved_config(run_dir: Path) -> dict | None:
     try:
-        return yaml_load((run_dir / "config.yaml").read_text())
+        saved = yaml_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return None
+    return saved if isinstance(saved, dict) else None
 
 
-def is_finished(run_dir: Path, cfg: Config) -> bool:
-    """metrics.json present and trained with this config (up to NEUTRAL_KEYS); a different config stops."""
-    if not (run_dir / "metrics.json").is_file():
-        return False
+def config_differences(saved: dict, cfg: Config) -> dict[str, tuple]:
+    """{dotted key: (saved value, requested value)} for every key that differs, NEUTRAL_KEYS left out."""
+    old, new = flatten(_comparable(saved)), flatten(_comparable(to_dict(cfg)))
+    missing = "(absent)"
+    return {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
+            if old.get(k, missing) != new.get(k, missing)}
+
+
+def run_status(run_dir: Path, cfg: Config) -> str:
+    """"finished" | "unfinished" (resumable) | "new"; a folder holding a run of another config is refused."""
+    finished, resumable = (run_dir / "metrics.json").is_file(), (run_dir / "last.pt").is_file()
+    if not (finished or resumable):
+        return "new"
     saved = saved_config(run_dir)
-    if saved is None or _comparable(saved) != _comparable(to_dict(cfg)):
-        raise ConfigError(f"{run_dir} holds a finished run trained with a different config; choose another --out "
-                          "or delete that folder")
-    return True
+    if saved is None:
+        raise ConfigError(f"{run_dir} holds a {'finished' if finished else 'started'} run without a readable "
+                          "config.yaml; choose another --out or delete that folder")
+    diff = config_differences(saved, cfg)
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in list(diff.items())[:8])
+        more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
+        raise ConfigError(f"{run_dir} holds a {'finished' if finished else 'resumable'} run trained with another "
+                          f"config: {shown}{more} (saved → requested); choose another --out, or delete that folder "
+                          "to train it again")
+    return "finished" if finished else "unfinished"
 
 
 def train_one(cfg_dict: dict, run_dir: str) -> tuple[str, float, float]:
@@ -59,19 +85,26 @@ def train_one(cfg_dict: dict, run_dir: str) -> tuple[str, float, float]:
 
     cfg = config_from_dict(cfg_dict)
     path = Path(run_dir)
-    resume = (path / "last.pt").is_file() and saved_config(path) == to_dict(cfg)
-    if not resume:
-        shutil.rmtree(path, ignore_errors=True)  # an unfinished run with another config starts over
+    resume = (path / "last.pt").is_file()  # run_status checked its config up front
+    threads = cfg.run.threads
+    if resume:  # continue with the config it was trained with (equal to cfg up to NEUTRAL_KEYS)
+        cfg = config_from_dict(saved_config(path))
+    elif path.exists():
+        logger.info("%s: no checkpoint yet (killed before its first one); starting it over", path)
+        shutil.rmtree(path)
     (path / "study_posthoc.json").unlink(missing_ok=True)  # post-hoc results of an older checkpoint
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    if threads:
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
         metrics = training.train(cfg, path, resume=resume)
-    except CheckpointError:
+    except CheckpointError as exc:
         if not resume:
             raise
-        shutil.rmtree(path, ignore_errors=True)  # an unreadable last.pt: start over
+        aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        logger.warning("%s: cannot resume (%s); moved to %s, starting the run over", path, exc, aside)
+        path.rename(aside)
+        resume = False
         metrics = training.train(cfg, path)
     seconds = time.perf_counter() - t0
     write_json(path / "run_time.json", {"train_seconds": seconds, "resumed": resume}, indent=None)
@@ -90,10 +123,12 @@ def train_seconds(run_dir: Path) -> float | None:
 
 def train_all(runs: dict[Hashable, tuple[Config, Path]], jobs: int = 1, name: str = "engine") -> dict:
     """Train every run not finished yet; returns {"trained", "reused", "train_seconds"}."""
-    pending = [k for k, (cfg, run_dir) in runs.items() if not is_finished(run_dir, cfg)]
-    stats = {"trained": len(pending), "reused": len(runs) - len(pending), "train_seconds": 0.0}
-    logger.info("%s: %d runs, %d finished already, %d to train%s", name, len(runs), stats["reused"], len(pending),
-                f" ({jobs} processes)" if jobs > 1 and pending else "")
+    status = {k: run_status(run_dir, cfg) for k, (cfg, run_dir) in runs.items()}  # all checked before training
+    pending = [k for k in runs if status[k] != "finished"]
+    stats = {"trained": len(pending), "reused": len(runs) - len(pending), "train_seconds": 0.0,
+             "resumed": sum(s == "unfinished" for s in status.values())}
+    logger.info("%s: %d runs, %d finished already, %d to train (%d resumed)%s", name, len(runs), stats["reused"],
+                len(pending), stats["resumed"], f" ({jobs} processes)" if jobs > 1 and pending else "")
     t0 = time.perf_counter()
 
     def done(i: int, key, seconds: float, top1: float) -> None:

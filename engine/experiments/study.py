@@ -280,7 +280,7 @@ def run_study(out: str | Path = "docs/study", seeds: list[int] = (0, 1, 2), rati
     t0 = time.perf_counter()
     out = Path(out)
     seeds, ratios, profiles, overrides = list(seeds), [float(r) for r in ratios], list(profiles), list(overrides)
-    image_size = image_size or DEFAULT_IMAGE_SIZE.get(fmt, 32)
+    image_size = DEFAULT_IMAGE_SIZE.get(fmt, 32) if image_size is None else image_size
     if jobs < 1:
         raise ConfigError(f"--jobs must be ≥ 1, got {jobs}")
     configs = build_configs(fmt, root, seeds, ratios, profiles, epochs, arch, image_size, overrides)

@@ -23,11 +23,13 @@ from engine.render import fmt_mean_std, markdown_table, mean_std
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
-    grid = {}
+    grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
-        if not sep or not key or not values:
-            raise ConfigError(f"--grid {item!r}: expected key=v1,v2,...")
+        if not sep or not key or not all(values.split(",")):
+            raise ConfigError(f"--grid {item!r}: expected key=v1,v2,... (no empty value)")
+        if key in grid:
+            raise ConfigError(f"--grid {key} is given twice; put all its values in one --grid {key}=v1,v2,...")
         grid[key] = values.split(",")
     return grid
 
