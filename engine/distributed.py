@@ -100,20 +100,22 @@ def exchange_bytes(rows_per_rank: int, dim: int, num_classes: int, world_size: i
 
 
 def global_class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int, class_sums,
-                      rows_per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      rows_per_rank: int, local: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class feature sums (K, d) and counts (K,) over the global batch, the same on every rank.
 
     `class_sums(features, labels, K)` computes them for one set of rows (it must be deterministic, so that
     every rank computing from the same gathered rows gets the same bits). Whichever exchange moves fewer
     bytes is used: the K×d sums (all-reduce) or the B×d rows (all-gather, padded to `rows_per_rank` with
-    label −1 so no rank needs to know another's batch size: no extra sync).
+    label −1 so no rank needs to know another's batch size: no extra sync). `local`: this rank's sums and
+    counts when already computed (the fused head's pass), used as they are by the all-reduce.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        return class_sums(features, labels, num_classes)
+        return local if local is not None else class_sums(features, labels, num_classes)
     world = dist.get_world_size()
     cost = exchange_bytes(rows_per_rank, features.shape[1], num_classes, world, features.element_size())
     if cost["reduce"] <= cost["gather"]:
-        sums, counts = class_sums(features, labels, num_classes)
+        sums, counts = local if local is not None else class_sums(features, labels, num_classes)
         all_reduce_sum_(sums, counts)
         return sums, counts
     pad = rows_per_rank - features.shape[0]

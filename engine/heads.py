@@ -53,6 +53,7 @@ class Head(nn.Module):
         self.label_smoothing = loss.label_smoothing
         self.focal_gamma, self.drw_epoch, self.cosine_scale = loss.focal_gamma, loss.drw_epoch, loss.ldam_scale
         self.epoch = 0
+        self._step_stats: tuple[Tensor, Tensor] | None = None  # center methods: this step's class sums, counts
 
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init
@@ -111,9 +112,21 @@ class Head(nn.Module):
 
     @torch.no_grad()
     def center_statistics(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-class feature sums and counts of the batch: the statistics of Wen's center update.
-        (The fused head computes the same sums in its epilogue; this is the one place to take them from.)"""
+        """Per-class feature sums (K, d) and counts (K,) of this step's batch: the statistics of Wen's update.
+
+        In training they come out of the loss's own pass (`_offset_loss` → `kernels.offset_head_loss_with_stats`:
+        the fused head's epilogue on CUDA), summed over the step's micro-batches; otherwise from `features`.
+        Either way without a host sync (index_add_, no bincount)."""
+        if self._step_stats is not None:
+            stats, self._step_stats = self._step_stats, None
+            return stats
         return kernels.class_feature_sums(features, labels, self.num_classes)
+
+    def _add_step_stats(self, sums: Tensor, counts: Tensor) -> None:
+        if self._step_stats is None:
+            self._step_stats = (sums, counts)
+        else:
+            self._step_stats = (self._step_stats[0] + sums, self._step_stats[1] + counts)
 
     @torch.no_grad()
     def after_step(
@@ -128,7 +141,8 @@ class Head(nn.Module):
         all-gather), or `reduce(*tensors)` sums this rank's statistics over ranks in place."""
         if self.spec.center:
             if exchange is not None:
-                sums, counts = exchange(features.detach(), labels, self.num_classes, kernels.class_feature_sums)
+                sums, counts = exchange(features.detach(), labels, self.num_classes, kernels.class_feature_sums,
+                                        local=self.center_statistics(features, labels))
             else:
                 sums, counts = self.center_statistics(features, labels)
                 if reduce is not None:
@@ -162,19 +176,16 @@ def _cosine(features: Tensor, weight: Tensor) -> Tensor:
 
 
 def _offset_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
-    """CE on w·f (− õ) (+ b) + λ1·center + λ2·UC through the kernel (fused on CUDA)."""
-    return kernels.offset_head_loss(
-        features,
-        head.weight,
-        head.centers,
-        labels,
-        lambda_center=head.lambda_center,
-        lambda_uniform=head.lambda_uniform,
-        use_offset=head.spec.offset,
-        bias=head.bias,
-        label_smoothing=head.label_smoothing,
-        center_grad=False,
-    )
+    """CE on w·f (− õ) (+ b) + λ1·center + λ2·UC through the kernel (fused on CUDA). A training step of a
+    center method also takes the batch's per-class feature sums and counts from the same pass, for the
+    Wen update in `after_step` (no second pass over the features, no host sync)."""
+    kw = dict(lambda_center=head.lambda_center, lambda_uniform=head.lambda_uniform, use_offset=head.spec.offset,
+              bias=head.bias, label_smoothing=head.label_smoothing, center_grad=False)
+    if not (head.spec.center and head.training):
+        return kernels.offset_head_loss(features, head.weight, head.centers, labels, **kw)
+    loss, sums, counts = kernels.offset_head_loss_with_stats(features, head.weight, head.centers, labels, **kw)
+    head._add_step_stats(sums, counts)
+    return loss
 
 
 def _logit_adjusted_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:

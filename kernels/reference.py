@@ -125,11 +125,17 @@ def _offset_head_loss(
 def class_feature_sums(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """Per-class sums Σ_{i: y_i=j} f_i (K, d) and counts n_j (K,) of one batch, in float32.
 
-    No host sync (index_add_ only: no bincount, nonzero or .item()), so it can run inside a
-    CUDA graph and never stalls the training step."""
+    No host sync (no bincount, nonzero or .item()), so it can run inside a CUDA graph and never
+    stalls the training step. Deterministic: on CUDA index_add_ accumulates with atomics (the order,
+    and so the rounding, varies run to run), so the sums go through index_put_(accumulate=True),
+    which sorts the indices first; DDP ranks summing the same gathered rows then agree bit for bit.
+    On the CPU index_add_ is sequential (and is what the engine's recorded runs used)."""
     f = features.detach().float()
     sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype, device=f.device)
-    sums.index_add_(0, labels, f)
+    if f.is_cuda:
+        sums.index_put_((labels,), f, accumulate=True)
+    else:
+        sums.index_add_(0, labels, f)
     counts = torch.zeros(num_classes, dtype=f.dtype, device=f.device)
     counts.index_add_(0, labels, torch.ones(labels.shape[0], dtype=f.dtype, device=f.device))
     return sums, counts

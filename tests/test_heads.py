@@ -98,3 +98,29 @@ def test_algorithm1_in_loop_normalizes_then_rescales():
         head.weight.mul_(5.0)
     head.after_step(torch.randn(2, 6), torch.tensor([0, 3]), COUNTS, gamma=0.4)
     torch.testing.assert_close(head.weight.norm(dim=1), rescale_factors(COUNTS, 0.4).float())
+
+
+def test_wen_update_takes_the_loss_pass_statistics(monkeypatch):
+    """A center method's training loss returns the batch's class sums from its own pass (the fused head's
+    epilogue on CUDA); after_step consumes them (summed over micro-batches) instead of a second pass."""
+    import kernels
+
+    g = torch.Generator().manual_seed(0)
+    f, y = torch.randn(12, 6, generator=g), torch.randint(0, 5, (12,), generator=g)
+    expected = Head(6, 5, "eo_uc")
+    head = Head(6, 5, "eo_uc")
+    head.load_state_dict(expected.state_dict())
+    sums, counts = kernels.class_feature_sums(f, y, 5)
+    kernels.wen_center_update(expected.centers, sums, counts, expected.center_alpha)
+
+    head.train()
+    for part in (slice(0, 5), slice(5, 12)):  # two micro-batches
+        head.loss(f[part], y[part]).backward()
+    monkeypatch.setattr(kernels, "class_feature_sums", lambda *a: pytest.fail("second pass over the features"))
+    head.after_step(f, y, None)
+    torch.testing.assert_close(head.centers, expected.centers)
+    assert head._step_stats is None  # consumed
+
+    head.eval()  # evaluation never leaves statistics behind
+    head.loss(f, y)
+    assert head._step_stats is None
