@@ -200,3 +200,24 @@ def test_dali_loader_sigkill_then_resume_is_bitwise(tmp_path, digits_cache):
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(ref, out)
+
+
+def test_run_lock_dies_with_its_holder_not_with_its_forked_children(tmp_path):
+    """A holder SIGKILLed while a forked child (a DataLoader worker) lives on: the lock is free at once."""
+    from engine.runlock import RunFolderBusy, RunLock
+
+    script = (f"import os, time\nfrom engine.runlock import RunLock\nRunLock({str(tmp_path)!r}).acquire()\n"
+              "if os.fork() == 0:\n    time.sleep(30)\n    os._exit(0)\n"
+              "print('locked', flush=True)\ntime.sleep(30)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderBusy, match=f"pid {holder.pid}"):
+            RunLock(tmp_path).acquire()
+        holder.kill()
+        holder.wait(timeout=30)
+        RunLock(tmp_path).acquire().release()  # the child still sleeps, but holds no lock
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.stdout.close()
