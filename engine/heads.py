@@ -238,6 +238,8 @@ LOSSES: dict[str, Callable[[Head, Tensor, Tensor], Tensor]] = {
 def rescale_factors(class_counts: Tensor, gamma: float) -> Tensor:
     """(n_1 / n_i)^γ per class; n_1 = max_i n_i (the most frequent class)."""
     counts = torch.as_tensor(class_counts, dtype=torch.float64)
-    if (counts <= 0).any():
+    # Checked on the host only: in-loop RS calls this every step with the run's device counts (checked
+    # positive when the data was read), and a check there would stall the step on a device→host sync.
+    if counts.device.type == "cpu" and (counts <= 0).any():
         raise ValueError(f"re-scaling needs a positive training count for every class, got {counts.tolist()}")
     return (counts.max() / counts) ** gamma
