@@ -39,31 +39,39 @@ SHAPES_FULL = list(itertools.product((256, 512), (512, 2048), (1000, 8142, 13107
 
 
 def engine_flag_sets(label_smoothing: float) -> dict[str, tuple[fh.HeadFlags, bool]]:
-    """method → (HeadFlags, has bias) as the engine's own head passes them to the fused op."""
+    """method → (HeadFlags, has bias) as the engine's own head passes them to the fused op in a training
+    step (center methods take the per-class statistics from the same pass: `offset_head_loss_with_stats`)."""
     from engine.heads import METHODS, Head
     from engine.methods import LossConfig
 
     seen = {}
-    real = kernels.offset_head_loss
+    real = {"offset_head_loss": kernels.offset_head_loss,
+            "offset_head_loss_with_stats": kernels.offset_head_loss_with_stats}
 
-    def recorder(features, weight, centers, labels, lambda_center=1.0, lambda_uniform=1.0, *, use_offset=True,
-                 bias=None, label_smoothing=0.0, center_grad=True, backend="auto"):
-        seen["call"] = (fh._flags(lambda_center, lambda_uniform, use_offset, label_smoothing, center_grad, 0, None,
-                                  False, False), bias is not None)
-        return real(features, weight, centers, labels, lambda_center, lambda_uniform, use_offset=use_offset,
-                    bias=bias, label_smoothing=label_smoothing, center_grad=center_grad, backend="torch")
+    def recorder(name: str, stats: bool):
+        def record(features, weight, centers, labels, lambda_center=1.0, lambda_uniform=1.0, *, use_offset=True,
+                   bias=None, label_smoothing=0.0, center_grad=True, backend="auto"):
+            seen["call"] = (fh._flags(lambda_center, lambda_uniform, use_offset, label_smoothing, center_grad, 0,
+                                      None, False, stats), bias is not None)
+            return real[name](features, weight, centers, labels, lambda_center, lambda_uniform,
+                              use_offset=use_offset, bias=bias, label_smoothing=label_smoothing,
+                              center_grad=center_grad, backend="torch")
+        return record
 
     out = {}
-    kernels.offset_head_loss = recorder
+    kernels.offset_head_loss = recorder("offset_head_loss", False)
+    kernels.offset_head_loss_with_stats = recorder("offset_head_loss_with_stats", True)
     try:
         for method in METHODS:
             seen.clear()
             head = Head(16, 10, METHODS[method], LossConfig(label_smoothing=label_smoothing), np.arange(1, 11))
+            head.train()
             head.loss(torch.randn(4, 16), torch.tensor([0, 1, 2, 3]))
             if "call" in seen:  # the baselines of engine/losses.py do not use the fused op
                 out[method] = seen["call"]
     finally:
-        kernels.offset_head_loss = real
+        kernels.offset_head_loss = real["offset_head_loss"]
+        kernels.offset_head_loss_with_stats = real["offset_head_loss_with_stats"]
     return out
 
 

@@ -105,4 +105,4 @@ def test_engine_rescale_and_calibrate_with_profile_counts(trained, tmp_path, cap
 
     capsys.readouterr()
     assert main(["calibrate", "--checkpoint", ckpt, "--method", "tau_norm", "--counts", "profile"]) == 2
-    assert "RS counts (profile) go with method rs, got method tau_norm" in capsys.readouterr().err
+    assert "--counts goes with --method rs, got --method tau_norm" in capsys.readouterr().err
