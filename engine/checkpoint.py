@@ -74,3 +74,18 @@ def all_finite(tensors) -> bool:
     (the check before a checkpoint is written; `nonfinite_tensors` names the culprits)."""
     flags = [torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
     return bool(torch.stack(flags).all()) if flags else True
+
+
+def check_fits(model: torch.nn.Module, saved: dict, path: Path, what: str) -> None:
+    """A clear error, instead of load_state_dict's size-mismatch traceback, when a checkpoint's tensors do not
+    fit the model built from its config and the data found now (`what`: the command, for the message)."""
+    own = model.state_dict()
+    for name, tensor in saved.items():
+        if name in own and tuple(own[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{what}: {path} does not fit this run's model: {name} has shape "
+                                  f"{tuple(tensor.shape)} there, {tuple(own[name].shape)} here (the training split "
+                                  "now has a different number of classes, or the model changed)")
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{what}: {path} does not fit this run's model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import check_fits, load_checkpoint
 from engine.config import RESUME_MAY_CHANGE, Config, config_from_dict, parse_override, resume_changes
 from engine.data import Data, load_data, make_loaders, train_features_loader
 from engine.device import resolve_device
@@ -58,6 +58,8 @@ def load_run(checkpoint: str | Path, overrides: Sequence[str] = ()) -> LoadedRun
         raise CheckpointError(f"{checkpoint}: its saved config is not valid here: {exc}") from None
     if overrides:
         cfg = _with_overrides(saved, overrides, checkpoint)
+    if not isinstance(state.get("class_counts"), list):
+        raise CheckpointError(f"{checkpoint} has no saved 'class_counts' entry; it was not written by `engine train`")
     data = load_data(cfg)
     if data.class_counts.tolist() != state["class_counts"]:
         raise CheckpointError(
@@ -66,6 +68,7 @@ def load_run(checkpoint: str | Path, overrides: Sequence[str] = ()) -> LoadedRun
         )
     device = resolve_device(cfg.run.device)
     model = build_model(cfg, data.class_counts).to(device)
+    check_fits(model, state["model"], checkpoint, "load")
     model.load_state_dict(state["model"])
     model.eval()
     return LoadedRun(checkpoint, state, cfg, data, model, device)

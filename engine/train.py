@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engine import report
-from engine.checkpoint import all_finite, load_checkpoint, nonfinite_tensors, save_checkpoint
+from engine.checkpoint import all_finite, check_fits, load_checkpoint, nonfinite_tensors, save_checkpoint
 from engine.config import Config, config_from_dict, effective_lr, resume_changes, to_dict, to_yaml
 from engine.data import Data, load_data, make_loaders, train_features_loader
 from engine.device import Speed, resolve_device, resolve_speed
@@ -621,7 +621,7 @@ def restore(run: Run, state: dict, train_loader) -> tuple[int, int, list[dict], 
                               f"{run.out_dir / 'config.yaml'}) or start a new run")
     if accepted:
         logger.warning("resuming with changed settings: %s", ", ".join(accepted))
-    _check_shapes(run.model, state["model"], path)
+    check_fits(run.model, state["model"], path, "--resume")
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -658,20 +658,6 @@ def _flat(tree: dict) -> dict:
     from engine.config import flatten
 
     return flatten(tree)
-
-
-def _check_shapes(model: torch.nn.Module, saved: dict, path: Path) -> None:
-    """A clear error when the checkpoint's tensors do not fit this run's model (e.g. the split's class count changed)."""
-    own = model.state_dict()
-    for name, tensor in saved.items():
-        if name in own and tuple(own[name].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"--resume: {path} does not fit this run's model: {name} has shape "
-                                  f"{tuple(tensor.shape)} there, {tuple(own[name].shape)} here (the training split "
-                                  "now has a different number of classes, or the model changed)")
-    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
-    if missing or unexpected:
-        raise CheckpointError(f"--resume: {path} does not fit this run's model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
 
 
 def _set_rng(run: Run, rng: torch.Tensor, cuda_rng: list) -> None:

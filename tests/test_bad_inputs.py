@@ -35,6 +35,11 @@ def ctx(tmp_path_factory, digits_cache):
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     no_config = base / "no_config.pt"
     torch.save({k: v for k, v in state.items() if k != "config"}, no_config)
+    no_counts = base / "no_counts.pt"
+    torch.save({k: v for k, v in state.items() if k != "class_counts"}, no_counts)
+    misfit = base / "misfit.pt"  # the weights of another architecture under this config
+    torch.save({**state, "config": {**state["config"], "model": {**state["config"]["model"], "arch": "resnet20_cifar"}}},
+               misfit)
     garbage = base / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     a_file = base / "a_file.txt"
@@ -62,6 +67,7 @@ def ctx(tmp_path_factory, digits_cache):
         (data / name).write_text(text)
     (data / "c1" / "2.jpg").write_bytes(b"not a jpeg")  # corrupt: in every split that lists it
     return SimpleNamespace(base=base, run=run, ckpt=ckpt, rescaled=rescaled, no_config=no_config, garbage=garbage,
+                           no_counts=no_counts, misfit=misfit,
                            file=a_file, data=data, cache=digits_cache)
 
 
@@ -89,6 +95,8 @@ CASES = {
     "imbalance_ratio=200": ("train", _train("data.imbalance_ratio=200"), "data.imbalance_ratio"),
     "many_threshold=-5": ("train", _train("eval.many_threshold=-5"), "eval.many_threshold"),
     "ckpt-without-config": ("eval", lambda c: ["eval", "--checkpoint", str(c.no_config)], "'config'"),
+    "ckpt-without-class-counts": ("eval", lambda c: ["eval", "--checkpoint", str(c.no_counts)], "'class_counts'"),
+    "ckpt-weights-misfit-arch": ("eval", lambda c: ["eval", "--checkpoint", str(c.misfit)], "does not fit"),
     "rescale-sweep-inf": ("rescale", _ck("rescale", "--sweep", "0:inf:0.1"), "--sweep"),
     "rescale-sweep-nan": ("rescale", _ck("rescale", "--sweep", "0:nan:0.1"), "--sweep"),
     "rescale-gamma-nan": ("rescale", _ck("rescale", "--gamma", "nan"), "--gamma"),
