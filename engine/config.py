@@ -158,6 +158,9 @@ class RunConfig:
     channels_last: str = "auto"  # auto | on | off
     compile: str = "auto"  # auto | on | off: torch.compile of the model (fused head stays in the graph)
     cudnn_benchmark: bool = True
+    # TF32 for fp32 matmuls and convolutions (torch.backends.*.allow_tf32; the fused head follows it): auto = on
+    # for CUDA, as timm and NVIDIA's DeepLearningExamples train; off = IEEE fp32
+    tf32: str = "auto"
     checkpoint_every: int = 0  # also write last.pt every N optimizer steps (0 = end of each epoch only)
     tensorboard: bool = False  # TensorBoard scalars under <run>/tb (needs the tensorboard package)
     progress: bool = True
@@ -411,6 +414,7 @@ def validate(cfg: Config) -> None:
     _one_of(r.amp, AMP, "run.amp")
     _one_of(r.channels_last, AUTO_ON_OFF, "run.channels_last")
     _one_of(r.compile, AUTO_ON_OFF, "run.compile")
+    _one_of(r.tf32, AUTO_ON_OFF, "run.tf32")
     _check(r.checkpoint_every >= 0, "run.checkpoint_every", r.checkpoint_every, "an integer ≥ 0")
     _check(r.threads >= 0, "run.threads", r.threads, "an integer ≥ 0 (0 = torch's default)")
     _check(r.log_every >= 1, "run.log_every", r.log_every, "an integer ≥ 1")

@@ -29,6 +29,7 @@ class Speed:
     channels_last: bool
     compile: bool
     fused_sgd: bool
+    tf32: bool = False  # fp32 matmuls/convolutions (and the fused head's fp32 GEMMs) on TF32 tensor cores
 
 
 def resolve_speed(cfg: Config, device: torch.device) -> Speed:
@@ -43,4 +44,17 @@ def resolve_speed(cfg: Config, device: torch.device) -> Speed:
     if on(cfg.optim.fused) and not cuda:
         raise ConfigError("optim.fused=on needs CUDA parameters; use optim.fused=auto or off on CPU")
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return Speed(dtype, amp == "fp16", on(cfg.run.channels_last), on(cfg.run.compile), on(cfg.optim.fused))
+    if on(cfg.run.tf32) and not cuda:
+        raise ConfigError("run.tf32=on needs CUDA (TF32 is a tensor-core format); use run.tf32=auto or off on CPU")
+    return Speed(dtype, amp == "fp16", on(cfg.run.channels_last), on(cfg.run.compile), on(cfg.optim.fused),
+                 on(cfg.run.tf32))
+
+
+def apply_speed(speed: Speed, cfg: Config, device: torch.device) -> None:
+    """The process-wide switches: flush denormals on the CPU; cuDNN autotuning and TF32 on CUDA."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # late in training, float32 denormals cost ~6× on x86 CPUs
+        return
+    torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = speed.tf32  # the fused head reads this too (kernels.fused_head)
+    torch.backends.cudnn.allow_tf32 = speed.tf32

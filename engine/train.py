@@ -35,7 +35,7 @@ from engine import report
 from engine.checkpoint import all_finite, check_fits, load_checkpoint, nonfinite_tensors, save_checkpoint
 from engine.config import Config, config_from_dict, effective_lr, resume_changes, to_dict, to_yaml
 from engine.data import Data, load_data, make_loaders, train_features_loader
-from engine.device import Speed, resolve_device, resolve_speed
+from engine.device import Speed, apply_speed, resolve_device, resolve_speed
 from engine.distributed import (
     DistInfo,
     all_gather_objects,
@@ -182,10 +182,7 @@ def _train(cfg: Config, out_dir: Path, resume: bool | str, dist: DistInfo, stop:
     speed = resolve_speed(cfg, device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # late in training, float32 denormals cost ~6× on x86 CPUs
-    else:
-        torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+    apply_speed(speed, cfg, device)
     torch.manual_seed(cfg.seed)
     if cfg.optim.batch_size % (dist.world_size * cfg.optim.grad_accum):
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must divide into {dist.world_size} ranks × "

@@ -61,3 +61,16 @@ def test_resume_changes_split_allowed_from_refused():
     assert ok == ["data.num_workers", "epochs", "eval.every", "run.progress"] and refused == []
     ok, refused = resume_changes(saved, load_config(overrides=["optim.lr=0.07", "run.progress=false", "epochs=10"]))
     assert ok == ["run.progress"] and refused == ["epochs", "optim.lr"]  # fewer epochs would change the schedule
+
+
+def test_tf32_switch_is_on_for_cuda_and_refused_on_cpu():
+    import torch
+
+    from engine.device import resolve_speed
+
+    cfg = load_config()
+    assert resolve_speed(cfg, torch.device("cuda", 0)).tf32 is True  # auto: on for CUDA (timm, DLE)
+    assert resolve_speed(cfg, torch.device("cpu")).tf32 is False
+    assert resolve_speed(load_config(overrides=["run.tf32=off"]), torch.device("cuda", 0)).tf32 is False
+    with pytest.raises(ConfigError, match="run.tf32=on needs CUDA"):
+        resolve_speed(load_config(overrides=["run.tf32=on"]), torch.device("cpu"))
