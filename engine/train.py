@@ -264,8 +264,9 @@ def finish(run: Run, history: list[dict], test_loader, val_loader) -> dict:
     if run.dist.is_main:
         write_json(run.out_dir / "metrics.json", metrics)
         report.write_plots(run.out_dir, history, metrics)
-        logger.info("test top-1 %.2f (many %s, medium %s, few %s); report: %s", metrics["top1"], metrics["many"],
-                    metrics["medium"], metrics["few"], run.out_dir / "report.md")
+        groups = ", ".join(f"{g} {metrics[g]:.2f}" if metrics.get(g) is not None else f"{g} –"
+                           for g in ("many", "medium", "few"))
+        logger.info("test top-1 %.2f (%s); report: %s", metrics["top1"], groups, run.out_dir / "report.md")
     return metrics
 
 
