@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import kernels
 from engine.distributed import all_reduce_sum_
 from engine.metrics import counts_from_tally, tally_metrics
 from engine.models import Classifier
@@ -130,9 +131,8 @@ class ClassSums:
         self.counts = torch.zeros(num_classes, dtype=torch.float32, device=device)
 
     def add(self, features: Tensor, labels: Tensor) -> None:
-        labels = labels.to(self.sums.device)
-        self.sums.index_add_(0, labels, features.detach().float())
-        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float32))
+        kernels.class_feature_sums(features, labels.to(self.sums.device), len(self.counts),
+                                   out=(self.sums, self.counts))
 
     def means(self) -> Tensor:
         """Σ over ranks (sync point), then the class means (0 for a class with no sample)."""

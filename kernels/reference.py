@@ -122,8 +122,10 @@ def _offset_head_loss(
 
 
 @torch.no_grad()
-def class_feature_sums(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Per-class sums Σ_{i: y_i=j} f_i (K, d) and counts n_j (K,) of one batch, in float32.
+def class_feature_sums(features: Tensor, labels: Tensor, num_classes: int,
+                       out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Per-class sums Σ_{i: y_i=j} f_i (K, d) and counts n_j (K,) of one batch, in float32;
+    with `out` = (sums, counts) they are added into those running float32 tensors instead.
 
     No host sync (no bincount, nonzero or .item()), so it can run inside a CUDA graph and never
     stalls the training step. Deterministic: on CUDA index_add_ accumulates with atomics (the order,
@@ -131,12 +133,14 @@ def class_feature_sums(features: Tensor, labels: Tensor, num_classes: int) -> tu
     which sorts the indices first; DDP ranks summing the same gathered rows then agree bit for bit.
     On the CPU index_add_ is sequential (and is what the engine's recorded runs used)."""
     f = features.detach().float()
-    sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype, device=f.device)
+    if out is None:
+        out = (torch.zeros(num_classes, f.shape[1], dtype=f.dtype, device=f.device),
+               torch.zeros(num_classes, dtype=f.dtype, device=f.device))
+    sums, counts = out
     if f.is_cuda:
         sums.index_put_((labels,), f, accumulate=True)
     else:
         sums.index_add_(0, labels, f)
-    counts = torch.zeros(num_classes, dtype=f.dtype, device=f.device)
     counts.index_add_(0, labels, torch.ones(labels.shape[0], dtype=f.dtype, device=f.device))
     return sums, counts
 
