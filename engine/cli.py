@@ -29,6 +29,7 @@ from pathlib import Path
 from engine.config import DEFAULT_PRESET, RS_COUNTS, available_presets, load_config
 from engine.errors import ConfigError, EngineError, StorageError
 from engine.experiments.study_design import PRESETS as STUDY_PRESETS
+from engine.io import check_folder
 from engine.logs import launch_rank, setup_logging
 from engine.posthoc import METHODS as CALIBRATIONS
 from engine.posthoc import SWEEPS, inclusive_range
@@ -188,12 +189,7 @@ def _positive(value: float | int, flag: str, integer: bool = True) -> None:
 
 
 def _out_dir(path: str | None, flag: str = "--out") -> Path | None:
-    """An output folder given on the command line: it may exist (as a folder) or not yet; a file is refused."""
-    if path is None:
-        return None
-    if Path(path).exists() and not Path(path).is_dir():
-        raise ConfigError(f"{flag} {path} is a file, expected a folder (existing or to be created)")
-    return Path(path)
+    return None if path is None else check_folder(path, flag)
 
 
 def _out_file(path: str | None, flag: str) -> Path | None:

@@ -317,10 +317,12 @@ def load_config(
     return cfg
 
 
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config from its saved dict form (checkpoints, config.yaml)."""
+def config_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    """Rebuild a Config from its saved dict form (checkpoints, config.yaml), then apply `overrides`."""
     cfg = Config()
     _merge(cfg, data)
+    for text in overrides:
+        _merge(cfg, parse_override(text))
     validate(cfg)
     return cfg
 
@@ -345,20 +347,34 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+ABSENT = "(absent)"  # a key one of two configs does not have (written before the key existed)
+
+
+def config_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old value, new value)} for every key whose value differs between two config trees."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(a.keys() | b.keys())
+            if a.get(k, ABSENT) != b.get(k, ABSENT)}
+
+
+def format_diff(diff: dict[str, tuple[Any, Any]], limit: int | None = None) -> str:
+    """`key: old → new; …` (the first `limit` keys, then how many more)."""
+    items = list(diff.items())
+    shown = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if limit is not None and len(items) > limit else "")
+
+
 def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
     """(changed keys a resume accepts, changed keys it refuses) between a checkpoint's config and `cfg`."""
-    old, new = flatten(saved), flatten(to_dict(cfg))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, _MISSING) != new.get(k, _MISSING))
+    diff = config_diff(saved, to_dict(cfg))
 
     def allowed(key: str) -> bool:
         if key == "epochs":
-            return new[key] >= old.get(key, 0)
+            old, new = diff[key]
+            return old == ABSENT or new >= old
         return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE)
 
-    return [k for k in changed if allowed(k)], [k for k in changed if not allowed(k)]
-
-
-_MISSING = object()
+    return [k for k in diff if allowed(k)], [k for k in diff if not allowed(k)]
 
 
 def to_dict(cfg: Config) -> dict:

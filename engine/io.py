@@ -14,12 +14,20 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.errors import StorageError
+from engine.errors import ConfigError, StorageError
 
 
 def storage_error(path: Path, exc: OSError) -> StorageError:
     cause = errno.errorcode.get(exc.errno, "") if exc.errno else ""
     return StorageError(f"cannot write {path}: {exc.strerror or exc}{f' ({cause})' if cause else ''}")
+
+
+def check_folder(path: str | Path, flag: str = "--out", expected: str = "a folder (existing or to be created)") -> Path:
+    """An output folder named on the command line: it may exist (as a folder) or not yet; a file is refused."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is an existing file; expected {expected}")
+    return path
 
 
 def _umask() -> int:

@@ -6,7 +6,6 @@ once per split so that every post-hoc variant of the head (engine/posthoc.py) re
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +13,7 @@ from typing import Sequence
 import torch
 
 from engine.checkpoint import check_fits, load_checkpoint
-from engine.config import RESUME_MAY_CHANGE, Config, config_from_dict, parse_override, resume_changes
+from engine.config import RESUME_MAY_CHANGE, Config, config_from_dict, resume_changes
 from engine.data import Data, load_data, make_loaders, train_features_loader
 from engine.device import resolve_device
 from engine.distributed import DistInfo
@@ -79,10 +78,7 @@ EVAL_MAY_ALSO_CHANGE = ("run.device",)  # besides RESUME_MAY_CHANGE: where a tra
 
 def _with_overrides(saved: dict, overrides: Sequence[str], checkpoint: Path) -> Config:
     """The checkpoint's config with `overrides` applied; refuses a key that would change the model."""
-    tree = copy.deepcopy(saved)
-    for text in overrides:
-        _deep_update(tree, parse_override(text))
-    cfg = config_from_dict(tree)  # unknown keys and bad values: ConfigError naming the key
+    cfg = config_from_dict(saved, overrides)  # unknown keys and bad values: ConfigError naming the key
     _, refused = resume_changes(saved, cfg)
     refused = [k for k in refused if k not in EVAL_MAY_ALSO_CHANGE]
     if refused:
@@ -91,14 +87,6 @@ def _with_overrides(saved: dict, overrides: Sequence[str], checkpoint: Path) -> 
             f"a checkpoint is evaluated with its own config, changing only: "
             f"{', '.join(k + '*' if k.endswith('.') else k for k in (*RESUME_MAY_CHANGE, *EVAL_MAY_ALSO_CHANGE))}")
     return cfg
-
-
-def _deep_update(tree: dict, updates: dict) -> None:
-    for key, value in updates.items():
-        if isinstance(value, dict) and isinstance(tree.get(key), dict):
-            _deep_update(tree[key], value)
-        else:
-            tree[key] = value
 
 
 def _legacy_config(saved: dict) -> dict:

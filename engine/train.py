@@ -33,7 +33,16 @@ from tqdm import tqdm
 
 from engine import report
 from engine.checkpoint import all_finite, check_fits, load_checkpoint, nonfinite_tensors, save_checkpoint
-from engine.config import Config, config_from_dict, effective_lr, resume_changes, to_dict, to_yaml
+from engine.config import (
+    Config,
+    config_diff,
+    config_from_dict,
+    effective_lr,
+    format_diff,
+    resume_changes,
+    to_dict,
+    to_yaml,
+)
 from engine.data import Data, load_data, make_loaders, train_features_loader
 from engine.device import Speed, apply_speed, resolve_device, resolve_speed
 from engine.distributed import (
@@ -46,7 +55,7 @@ from engine.distributed import (
 )
 from engine.errors import CheckpointError, ConfigError, EngineError, TrainingError
 from engine.evaluate import ClassSums, class_sums_pass, evaluate_loader, scalars
-from engine.io import atomic_write_text, write_json
+from engine.io import atomic_write_text, check_folder, write_json
 from engine.logs import log_to_file
 from engine.models import Classifier, build_model, convert_sync_bn
 from engine.preemption import Preempted, StopRequest, stop_on_signals
@@ -80,12 +89,6 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
 
 
 # --------------------------------------------------------------------------- the run folder
-
-
-def check_out_path(out_dir: Path) -> None:
-    """`--out` must be a folder (new or existing), not a file."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} is an existing file; expected a run folder (new, or one to --resume)")
 
 
 def open_run_dir(out_dir: Path, resume: bool | str, dist: DistInfo) -> tuple[bool, bool, RunLock | None]:
@@ -159,7 +162,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool | str = F
     resume: False, True (continue last.pt) or "auto" (continue it when it exists). A SIGTERM or
     SIGUSR1 stops the run at the next step boundary with a checkpoint and raises `Preempted`."""
     if out_dir is not None:
-        check_out_path(Path(out_dir))
+        check_folder(out_dir, expected="a run folder (new, or one to --resume)")
     want_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
     dist = init_distributed("cuda" if want_cuda else "cpu")
     try:
@@ -291,7 +294,7 @@ class LossMeter:
         self.bad_value = torch.zeros((), **f64)
         self.dirty = False  # steps added since the last read
         self.read_sum = loss_sum  # the epoch sum (mean over ranks) at the last read
-        self.max_loss = run.cfg.run.max_loss or 1e4 * math.log(max(run.data.num_classes if run.data else 2, 2))
+        self.max_loss = run.cfg.run.max_loss or 1e4 * math.log(max(len(run.counts), 2))
 
     def add(self, loss: torch.Tensor, rows: int, step: int) -> None:
         part = loss * rows
@@ -310,8 +313,8 @@ class LossMeter:
         """(epoch mean loss, window mean loss, stop agreed) over all ranks; raises TrainingError on a
         non-finite or diverging loss (the last checkpoint, written before, is kept)."""
         run, world = self.run, self.run.dist.world_size
-        flags = torch.tensor([float(stop)], dtype=torch.float64, device=run.device)
-        packed = torch.stack([self.sum, self.window, (self.first_bad >= 0).double(), flags[0]])
+        stop_flag = torch.tensor(float(stop), dtype=torch.float64, device=run.device)
+        packed = torch.stack([self.sum, self.window, (self.first_bad >= 0).double(), stop_flag])
         all_reduce_sum_(packed)
         # Sync point (one per read): the only place the loop waits for the device.
         epoch_sum, window_sum, bad_ranks, stops = packed.tolist()
@@ -612,8 +615,8 @@ def restore(run: Run, state: dict, train_loader) -> tuple[int, int, list[dict], 
         saved = state["config"]
     accepted, refused = resume_changes(saved, run.cfg)
     if refused:
-        old, new = _flat(saved), _flat(to_dict(run.cfg))
-        diffs = "; ".join(f"{k}: {old.get(k, '<absent>')!r} → {new.get(k, '<absent>')!r}" for k in refused)
+        diff = config_diff(saved, to_dict(run.cfg))
+        diffs = format_diff({k: diff[k] for k in refused})
         raise CheckpointError(f"--resume: the config differs from the one {path} was trained with in keys a resume "
                               f"may not change ({diffs}); resume with the original settings (--config "
                               f"{run.out_dir / 'config.yaml'}) or start a new run")
@@ -650,12 +653,6 @@ def restore(run: Run, state: dict, train_loader) -> tuple[int, int, list[dict], 
         train_loader.sampler.set_epoch(loader_state["epoch"])
         train_loader.sampler.set_position(loader_state["position"])
     return epoch, position, state["history"], (state["epoch_loss_sum"], state["epoch_seen"]), resume_rng
-
-
-def _flat(tree: dict) -> dict:
-    from engine.config import flatten
-
-    return flatten(tree)
 
 
 def _set_rng(run: Run, rng: torch.Tensor, cuda_rng: list) -> None:

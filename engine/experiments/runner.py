@@ -27,7 +27,7 @@ from typing import Hashable
 import yaml
 
 from engine import train as training
-from engine.config import Config, config_from_dict, flatten, to_dict, yaml_load
+from engine.config import Config, config_diff, config_from_dict, format_diff, to_dict, yaml_load
 from engine.errors import CheckpointError, ConfigError
 from engine.io import write_json
 
@@ -54,10 +54,7 @@ def saved_config(run_dir: Path) -> dict | None:
 
 def config_differences(saved: dict, cfg: Config) -> dict[str, tuple]:
     """{dotted key: (saved value, requested value)} for every key that differs, NEUTRAL_KEYS left out."""
-    old, new = flatten(_comparable(saved)), flatten(_comparable(to_dict(cfg)))
-    missing = "(absent)"
-    return {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
-            if old.get(k, missing) != new.get(k, missing)}
+    return config_diff(_comparable(saved), _comparable(to_dict(cfg)))
 
 
 def run_status(run_dir: Path, cfg: Config) -> str:
@@ -71,10 +68,8 @@ def run_status(run_dir: Path, cfg: Config) -> str:
                           "config.yaml; choose another --out or delete that folder")
     diff = config_differences(saved, cfg)
     if diff:
-        shown = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in list(diff.items())[:8])
-        more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
         raise ConfigError(f"{run_dir} holds a {'finished' if finished else 'resumable'} run trained with another "
-                          f"config: {shown}{more} (saved → requested); choose another --out, or delete that folder "
+                          f"config: {format_diff(diff, 8)} (saved → requested); choose another --out, or delete that folder "
                           "to train it again")
     return "finished" if finished else "unfinished"
 
