@@ -27,6 +27,7 @@ import kernels
 from engine.distributed import all_reduce_sum_
 from engine.metrics import counts_from_tally, tally_metrics
 from engine.models import Classifier
+from pipelines.long_tail import shot_groups
 
 GROUPS = ("many", "medium", "few", "top1")  # the shot groups of every report, and the whole test split
 # Above this many classes the K×K confusion matrix is not kept (K=2048: 32 MiB of int64 on the device and
@@ -152,14 +153,6 @@ def class_sums_pass(model: Classifier, loader, device: torch.device, num_classes
             sums.add(model.forward_features(x.to(device, non_blocking=True)), y)
     model.train(was_training)
     return sums
-
-
-def shot_groups(class_counts: np.ndarray, many_threshold: int, few_threshold: int) -> dict[str, np.ndarray]:
-    """many: n > many_threshold; few: n < few_threshold; medium: the rest (ImageNet-LT: 100 / 20)."""
-    counts = np.asarray(class_counts)
-    many = counts > many_threshold
-    few = counts < few_threshold
-    return {"many": np.flatnonzero(many), "medium": np.flatnonzero(~many & ~few), "few": np.flatnonzero(few)}
 
 
 def accuracy_report(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from engine.io import atomic_write_text
+from pipelines.long_tail import shot_groups
 from pipelines.splits import DataError, SplitIndex, outside_root
 
 
@@ -167,11 +168,7 @@ def check_split(
     valid = labels[(labels >= 0) & (labels < num_classes)]
     counts = np.bincount(valid, minlength=num_classes) if num_classes else np.zeros(0, dtype=np.int64)
     empty = np.flatnonzero(counts == 0).tolist()
-    shots = {
-        "many": np.flatnonzero(counts > many).tolist(),
-        "medium": np.flatnonzero((counts <= many) & (counts >= few)).tolist(),
-        "few": np.flatnonzero(counts < few).tolist(),
-    }
+    shots = {name: ids.tolist() for name, ids in shot_groups(counts, many, few).items()}
     report: dict[str, Any] = {
         "split_file": str(split_file),
         "root": str(root),

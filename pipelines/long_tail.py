@@ -12,7 +12,18 @@ AdjustBnd4Imbalance code (Kim & Kim 2020, `cifar.py --evaluate`) re-scales with,
 
 from __future__ import annotations
 
+import numpy as np
+
 PROFILES = ("exp", "step")
+
+
+def shot_groups(class_counts, many_threshold: int, few_threshold: int) -> dict[str, np.ndarray]:
+    """Class ids per shot group: many: n > many_threshold; few: n < few_threshold (an empty class too);
+    medium: the rest (ImageNet-LT, Liu et al. 2019: 100 / 20)."""
+    counts = np.asarray(class_counts)
+    many = counts > many_threshold
+    few = counts < few_threshold
+    return {"many": np.flatnonzero(many), "medium": np.flatnonzero(~many & ~few), "few": np.flatnonzero(few)}
 
 
 def long_tailed_profile(num_classes: int, n_max: float, imbalance_ratio: float, profile: str = "exp") -> list[float]:
