@@ -19,15 +19,14 @@ Class counts are computed afterwards, once, by `pipelines.splits.class_counts`.
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
 
 import numpy as np
 
+from engine.io import atomic_write_bytes
 from pipelines.long_tail import long_tailed_counts
 from pipelines.splits import DataError, SplitIndex, outside_root, read_split, write_split
 
@@ -318,15 +317,7 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
 
     if path.is_file():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, lambda f: Image.fromarray(pixels, mode="RGB").save(f, format="PNG"))
 
 
 def build_cifar_lt(

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import EngineError
+from engine.io import atomic_write_text
 
 
 class DataError(EngineError, ValueError):
@@ -123,7 +124,5 @@ def class_counts(index: SplitIndex, require_all: bool = True) -> np.ndarray:
 
 
 def write_split(path: Path, rows: list[tuple[str, int]]) -> None:
-    """Write a split file atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(f"{rel} {label}\n" for rel, label in rows))
-    tmp.replace(path)
+    """Write a split file atomically (engine.io: temp file + fsync + rename)."""
+    atomic_write_text(path, "".join(f"{rel} {label}\n" for rel, label in rows))
