@@ -26,10 +26,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from common.errors import ConfigError, EngineError, StorageError
+from common.io import check_folder
 from engine.config import DEFAULT_PRESET, RS_COUNTS, available_presets, load_config
-from engine.errors import ConfigError, EngineError, StorageError
 from engine.experiments.study_design import PRESETS as STUDY_PRESETS
-from engine.io import check_folder
 from engine.logs import launch_rank, setup_logging
 from engine.posthoc import METHODS as CALIBRATIONS
 from engine.posthoc import SWEEPS, inclusive_range

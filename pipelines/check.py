@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.io import atomic_write_text
+from common.io import atomic_write_text
 from pipelines.long_tail import shot_groups
 from pipelines.splits import DataError, SplitIndex, outside_root
 

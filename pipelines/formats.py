@@ -26,7 +26,7 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from engine.io import atomic_write_bytes
+from common.io import atomic_write_bytes
 from pipelines.long_tail import long_tailed_counts
 from pipelines.splits import DataError, SplitIndex, outside_root, read_split, write_split
 

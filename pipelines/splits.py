@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import EngineError
-from engine.io import atomic_write_text
+from common.errors import EngineError
+from common.io import atomic_write_text
 
 
 class DataError(EngineError, ValueError):
@@ -124,5 +124,5 @@ def class_counts(index: SplitIndex, require_all: bool = True) -> np.ndarray:
 
 
 def write_split(path: Path, rows: list[tuple[str, int]]) -> None:
-    """Write a split file atomically (engine.io: temp file + fsync + rename)."""
+    """Write a split file atomically (common.io: temp file + fsync + rename)."""
     atomic_write_text(path, "".join(f"{rel} {label}\n" for rel, label in rows))

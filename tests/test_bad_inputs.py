@@ -288,20 +288,20 @@ def test_the_battery_covers_the_issue():
 
 
 def _read_only(monkeypatch, folder):
-    """Simulate a read-only `folder` (we run as root: chmod would not stop us): engine.io's temp file there fails
+    """Simulate a read-only `folder` (we run as root: chmod would not stop us): common.io's temp file there fails
     with EROFS, as the kernel's would; every other folder stays writable."""
     import errno
     import tempfile
     from types import SimpleNamespace
 
-    import engine.io
+    import common.io
 
     def mkstemp(*a, dir=None, **k):
         if dir is not None and Path(dir).resolve() == Path(folder).resolve():
             raise OSError(errno.EROFS, "Read-only file system", str(dir))
         return tempfile.mkstemp(*a, dir=dir, **k)
 
-    monkeypatch.setattr(engine.io, "tempfile", SimpleNamespace(mkstemp=mkstemp))
+    monkeypatch.setattr(common.io, "tempfile", SimpleNamespace(mkstemp=mkstemp))
 
 
 @pytest.mark.parametrize("argv,written", [
