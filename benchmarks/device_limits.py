@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from timing import best_time  # benchmarks/timing.py (benchmarks/ is on sys.path, as for every bench file)
 
-from engine.errors import EngineError
+from common.errors import EngineError
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_JSON = ROOT / "benchmarks" / "results" / "device_limits.json"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import CheckpointError
-from engine.io import atomic_write_bytes
+from common.errors import CheckpointError
+from common.io import atomic_write_bytes
 
 FORMAT = 1
 

@@ -26,10 +26,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from common.errors import ConfigError, EngineError, StorageError
+from common.io import check_folder
 from engine.config import DEFAULT_PRESET, RS_COUNTS, available_presets, load_config
-from engine.errors import ConfigError, EngineError, StorageError
 from engine.experiments.study_design import PRESETS as STUDY_PRESETS
-from engine.io import check_folder
 from engine.logs import launch_rank, setup_logging
 from engine.posthoc import METHODS as CALIBRATIONS
 from engine.posthoc import SWEEPS, inclusive_range
@@ -138,7 +138,10 @@ def _add_data(sub) -> None:
                     "splits (e.g. `engine data check train.txt val.txt test.txt --root DIR`) images shared between "
                     "splits (leakage) and images with different labels in different splits are reported too. "
                     "Without --decode every image is opened (header read); --decode decodes every image.")
-    dc.add_argument("split", nargs="+", help="split file(s) (`relative/path label` per line)")
+    dc.add_argument("split", nargs="+",
+                    help="split file(s) (`relative/path label` per line): an absolute path, or a path relative to "
+                         "the current folder when it exists there (that wins), else relative to --root (as engine "
+                         "train finds data.train_split under data.root)")
     dc.add_argument("--root", required=True, help="image root the split's paths are relative to")
     dc.add_argument("--num-classes", type=int, default=None, help="labels must lie in [0, N) (default: inferred)")
     dc.add_argument("--many", type=int, default=100, help="many-shot: more than this many images")
@@ -326,6 +329,21 @@ def _cmd_study(args) -> list[str]:
     return study.summary_lines(summary, out)
 
 
+def _split_path(split: str, root: str) -> str:
+    """A split file of `engine data check`: absolute or existing relative to the current folder as
+    given, else under --root (where `engine train` looks for data.train_split)."""
+    from pipelines.splits import DataError
+
+    path = Path(split)
+    if path.is_absolute() or path.exists():
+        return split
+    under_root = Path(root) / path
+    if under_root.exists():
+        return str(under_root)
+    raise DataError(f"split file {split} not found: neither {path.absolute()} nor {under_root} exists; "
+                    "expected a split file relative to the current folder or to --root")
+
+
 def _cmd_data(args) -> tuple[list[str], int]:
     """`engine data check`: exit 0 when the splits are clean, 1 when it found problems."""
     from pipelines.check import check_splits, format_multi_report, write_bad_list
@@ -337,10 +355,11 @@ def _cmd_data(args) -> tuple[list[str], int]:
     if args.many < 0 or args.few < 0 or args.few > args.many + 1:
         raise ConfigError(f"--few {args.few} and --many {args.many}: expected 0 ≤ --few ≤ --many + 1")
     _out_file(args.bad_list, "--bad-list")
-    result = check_splits(args.split, args.root, num_classes=args.num_classes, many=args.many, few=args.few,
+    splits = [_split_path(s, args.root) for s in args.split]
+    result = check_splits(splits, args.root, num_classes=args.num_classes, many=args.many, few=args.few,
                           workers=args.jobs, decode=args.decode, progress=not args.json,
                           allow_outside_root=args.allow_outside_root)
-    lines = [json.dumps(result["splits"][0] if len(args.split) == 1 else result, indent=2) if args.json
+    lines = [json.dumps(result["splits"][0] if len(splits) == 1 else result, indent=2) if args.json
              else format_multi_report(result)]
     if args.bad_list:
         write_bad_list(args.bad_list, result["bad"], args.root)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from engine.errors import ConfigError
+from common.errors import ConfigError
 from engine.methods import METHODS, LossConfig
 from pipelines import formats
 from pipelines.long_tail import PROFILES

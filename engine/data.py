@@ -20,12 +20,12 @@ import numpy as np
 
 from engine.config import Config
 from engine.distributed import DistInfo
-from pipelines.check import screen_splits
+from pipelines.check import read_exclusions, screen_splits
 from pipelines.digits_lt import build_digits_lt, default_cache_dir
 from pipelines.formats import build_cifar_lt, read_image_folder, read_inat
 from pipelines.loader import build_imagenet_transform, build_transform, make_loader
 from pipelines.samplers import ShardSampler, build_sampler
-from pipelines.splits import DataError, SplitIndex, class_counts, read_split
+from pipelines.splits import DataError, SplitIndex, class_counts, image_path, parse_split, read_split
 
 
 @dataclass
@@ -53,37 +53,56 @@ def _user_root(root: str) -> Path:
     return path
 
 
+def _read_split_files(files: list[Path], root: Path, num_classes: int, outside: bool,
+                      exclude: frozenset[str] | set[str]) -> tuple[SplitIndex, SplitIndex, SplitIndex]:
+    """The train, val and test split files. data.num_classes=0 takes the classes from the training
+    split (one more than its largest label); val and test must lie in them, and a training label above
+    every val/test label is refused too: it would be a class that is never evaluated (a typo like `10`
+    in a 10-class set), so it is an error naming its line, before any image is checked."""
+    train = read_split(files[0], root, num_classes or None, outside, exclude)
+    val, test = (read_split(f, root, train.num_classes, outside, exclude) for f in files[1:])
+    top = int(max(val.labels.max(), test.labels.max()))
+    if not num_classes and top + 1 < train.num_classes:
+        line = next(x for x in parse_split(files[0])[0] if x.label > top and image_path(root, x.rel) not in exclude)
+        names = ", ".join(dict.fromkeys(str(f) for f in files[1:]))
+        raise DataError(f"{files[0]}:{line.lineno}: label {line.label} is above every label of {names} (0..{top}); "
+                        f"expected a label in [0, {top}]: data.num_classes=0 infers the classes, and this one would "
+                        "never be evaluated (fix the line or set data.num_classes)")
+    return train, val, test
+
+
 def load_data(cfg: Config) -> Data:
-    """Splits → indexes + class counts; every file and label is checked here, before training."""
+    """Splits → indexes + class counts; every file and label is checked here, before training.
+    The images of data.exclude_file are dropped as the splits are read, before any check."""
     d = cfg.data
     cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
     notes: list[str] = []
+    exclude = read_exclusions(d.exclude_file, d.root) if d.exclude_file else frozenset()
     if d.format == "digits_lt":
         s = build_digits_lt(cache, d.imbalance_ratio, d.imbalance_profile, cfg.seed, d.n_max,
                             d.val_per_class, d.test_per_class)
-        train, val, test = (read_split(p, s.root, 10) for p in (s.train, s.val, s.test))
+        train, val, test = (read_split(p, s.root, 10, exclude=exclude) for p in (s.train, s.val, s.test))
     elif d.format in ("cifar10_lt", "cifar100_lt"):
         s = build_cifar_lt(_user_root(d.root), cache, d.format.removesuffix("_lt"), d.imbalance_ratio,
                            d.imbalance_profile, cfg.seed)
-        train = read_split(s.train, s.root, len(s.class_names))
-        val = test = read_split(s.test, s.root, len(s.class_names))
+        train = read_split(s.train, s.root, len(s.class_names), exclude=exclude)
+        val = test = read_split(s.test, s.root, len(s.class_names), exclude=exclude)
         notes.append("CIFAR-LT has no validation split: val is the test split (as in the papers)")
     else:
         root = _user_root(d.root)
         files = [_resolve(root, s) for s in (d.train_split, d.val_split, d.test_split or d.val_split)]
         outside = d.allow_outside_root
         if d.format == "split_files":
-            train = read_split(files[0], root, d.num_classes or None, outside)
-            val, test = (read_split(f, root, train.num_classes, outside) for f in files[1:])
+            train, val, test = _read_split_files(files, root, d.num_classes, outside, exclude)
         elif d.format == "inat":
-            train, ids = read_inat(files[0], root, allow_outside_root=outside)
-            val, test = (read_inat(f, root, ids, outside)[0] for f in files[1:])
+            train, ids = read_inat(files[0], root, allow_outside_root=outside, exclude=exclude)
+            val, test = (read_inat(f, root, ids, outside, exclude)[0] for f in files[1:])
         else:  # image_folder
-            train, names = read_image_folder(files[0])
-            val, test = (read_image_folder(f, names)[0] for f in files[1:])
+            train, names = read_image_folder(files[0], exclude=exclude)
+            val, test = (read_image_folder(f, names, exclude=exclude)[0] for f in files[1:])
         if not d.test_split:
             notes.append("no data.test_split: the validation split is also the test split")
-    # data.exclude_file, then every val/test image decodes and every train image opens (pipelines/check.py)
+    # every val/test image decodes and every train image opens (pipelines/check.py)
     builtin = d.format in ("digits_lt", "cifar10_lt", "cifar100_lt")  # images this engine wrote itself
     (train, val, test), bad = screen_splits((train, val, test), d, builtin, cfg.run.progress)
     counts = class_counts(train)  # raises on an empty class

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from common.errors import ConfigError, TrainingError
 from engine.config import Config
 from engine.distributed import DistInfo
-from engine.errors import ConfigError, TrainingError
 
 
 def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet as tv
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-from engine.errors import CheckpointError
+from common.errors import CheckpointError
 from engine.heads import METHODS, Head
 from engine.methods import LossConfig
 
@@ -179,7 +179,7 @@ def convert_sync_bn(model: nn.Module, kind: str) -> nn.Module:
         try:
             from apex.parallel import convert_syncbn_model
         except ImportError:
-            from engine.errors import ConfigError
+            from common.errors import ConfigError
 
             raise ConfigError("model.sync_bn=apex needs NVIDIA apex (github.com/NVIDIA/apex); it cannot be "
                               "imported here: use model.sync_bn=on (torch.nn.SyncBatchNorm)") from None

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.errors import CalibrationError
+from common.errors import CalibrationError
 from engine.evaluate import Features, scalars
 from engine.heads import Head, rescale_factors
 from engine.losses import log_prior

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engine.io import atomic_write_bytes
+from common.io import atomic_write_bytes
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

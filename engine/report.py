@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.io import atomic_write_text
+from common.io import atomic_write_text
 from engine.render import fmt, markdown_table, save_png, subplots
 
 TICKS_MAX_CLASSES = 50  # per-class views (bars, tick labels, table rows) up to this many classes; binned beyond

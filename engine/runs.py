@@ -12,12 +12,12 @@ from typing import Sequence
 
 import torch
 
+from common.errors import CheckpointError, ConfigError
 from engine.checkpoint import check_fits, load_checkpoint
 from engine.config import RESUME_MAY_CHANGE, Config, config_from_dict, resume_changes
 from engine.data import Data, load_data, make_loaders, train_features_loader
 from engine.device import resolve_device
 from engine.distributed import DistInfo
-from engine.errors import CheckpointError, ConfigError
 from engine.evaluate import Features, collect_features, reporter
 from engine.models import Classifier, build_model
 

@@ -31,6 +31,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from common.errors import CheckpointError, ConfigError, EngineError, TrainingError
+from common.io import atomic_write_text, check_folder, write_json
 from engine import report
 from engine.checkpoint import all_finite, check_fits, load_checkpoint, nonfinite_tensors, save_checkpoint
 from engine.config import (
@@ -53,9 +55,7 @@ from engine.distributed import (
     init_distributed,
     shutdown,
 )
-from engine.errors import CheckpointError, ConfigError, EngineError, TrainingError
 from engine.evaluate import ClassSums, class_sums_pass, evaluate_loader, scalars
-from engine.io import atomic_write_text, check_folder, write_json
 from engine.logs import log_to_file
 from engine.models import Classifier, build_model, convert_sync_bn
 from engine.preemption import Preempted, StopRequest, stop_on_signals

@@ -1,7 +1,8 @@
 """Image and split checks: `engine data check`, and the check `load_data` runs before training.
 
-Unlike `read_split`, which stops at the first problem, `check_split` collects ALL of them:
-lines that do not parse, labels out of range, paths leaving the root, missing files, files
+`check_split` reads a split through the same parser as `read_split` (pipelines/splits.py,
+`parse_split`), but where `read_split` stops at the first problem it collects ALL of them:
+lines that do not parse (non-UTF-8 bytes included), labels out of range, paths leaving the root, missing files, files
 that cannot be read (permissions, folders) and files PIL cannot fully decode (truncated,
 corrupt, not an image; `decode=False` only opens them, a header read), duplicate lines and
 one image with different labels. It also reports the label range, per-class counts, empty
@@ -9,11 +10,11 @@ classes and the many/medium/few-shot partition (Liu et al. 2019: many > 100, few
 training images). `check_splits` adds what only several splits show: images shared between
 splits (leakage) and label conflicts between them.
 
-Before training, `screen_splits` drops the images of `data.exclude_file`, opens every train
-image and decodes every val/test image (threads, a tqdm bar), and applies `data.on_bad_image`
-(fail: one error listing them; skip: dropped and returned, up to `data.max_bad_images`).
-`write_bad_list` / `read_exclusions` are the exclusion file's two sides:
-`relative/path<TAB>reason` per line.
+Before training, `screen_splits` opens every train image and decodes every val/test image
+(threads, a tqdm bar), and applies `data.on_bad_image` (fail: one error listing them; skip:
+dropped and returned, up to `data.max_bad_images`). `write_bad_list` / `read_exclusions` are
+the exclusion file's two sides: `relative/path<TAB>reason` per line; the readers drop the
+excluded images before they check that images exist (engine/data.py passes them on).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.io import atomic_write_text
+from common.io import atomic_write_text
 from pipelines.long_tail import shot_groups
-from pipelines.splits import DataError, SplitIndex, outside_root
+from pipelines.splits import DataError, SplitIndex, SplitLine, image_path, outside_root, parse_split, repeated_images
 
 
 def _decode(path: Path) -> tuple[str, str] | None:
@@ -84,6 +85,18 @@ def _scan(paths: list[Path], check, jobs: int | None, progress: bool, desc: str)
     return out
 
 
+def _image_problems(root: Path, lines: list[SplitLine], decode: bool, workers: int | None, progress: bool,
+                    desc: str) -> dict[str, list[dict[str, Any]]]:
+    """Every image of `lines` decoded (or opened): {missing, unreadable, corrupt: [{line, path, error}]}."""
+    paths = [root / line.rel for line in lines]
+    results = _scan(paths, _decode if decode else _open_header, workers, progress, desc)
+    problems: dict[str, list[dict[str, Any]]] = {"missing": [], "unreadable": [], "corrupt": []}
+    for line, path, res in zip(lines, paths, results):
+        if res is not None:
+            problems[res[0]].append({"line": line.lineno, "path": str(path), "error": res[1]})
+    return problems
+
+
 def check_split(
     split_file: str | Path,
     root: str | Path,
@@ -95,8 +108,8 @@ def check_split(
     progress: bool = False,
     allow_outside_root: bool = False,
 ) -> dict[str, Any]:
-    """Scan `split_file` (`relative/path label` lines under `root`) and decode every image
-    (`decode=False`: open every image, a header read).
+    """Scan `split_file` (`relative/path label` lines under `root`, parsed by `parse_split`) and decode
+    every image (`decode=False`: open every image, a header read).
 
     Returns a dict (JSON-serialisable) with:
       split_file, root, num_lines, num_images (parsed lines), num_classes,
@@ -114,83 +127,43 @@ def check_split(
     split_file, root = Path(split_file), Path(root)
     if few > many:
         raise ValueError(f"few-shot threshold {few} is above the many-shot threshold {many}")
-    try:
-        text = split_file.read_text()
-    except OSError as exc:
-        raise DataError(f"cannot read split file {split_file}: {exc.strerror}") from None
+    lines, bad_lines = parse_split(split_file)
     if not root.is_dir():
         raise DataError(f"image root {root} does not exist or is not a folder")
-
-    bad_lines: list[dict[str, Any]] = []
-    entries: list[tuple[int, Path, int]] = []  # (line number, path, label)
-    rel_of: dict[int, str] = {}  # line number → the path as written
-    num_lines = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        num_lines += 1
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2:
-            bad_lines.append({"line": lineno, "text": line, "error": "expected 'relative/path label'"})
-            continue
-        try:
-            label = int(parts[1])
-        except ValueError:
-            bad_lines.append({"line": lineno, "text": line, "error": f"label {parts[1]!r} is not an integer"})
-            continue
-        entries.append((lineno, root / parts[0], label))
-        rel_of[lineno] = parts[0]
-
-    outside: list[dict[str, Any]] = []
-    if not allow_outside_root:
-        outside = [{"line": ln, "path": str(p)} for ln, p, _ in entries if outside_root(root, rel_of[ln])]
-    out_lines = {o["line"] for o in outside}
-    by_path: dict[str, list[tuple[int, int]]] = {}
-    for ln, p, lab in entries:
-        by_path.setdefault(os.path.normpath(p), []).append((ln, lab))
-    duplicates = [{"path": p, "lines": [ln for ln, _ in v]} for p, v in by_path.items() if len(v) > 1]
-    conflicts = [{"path": d["path"], "lines": d["lines"], "labels": sorted({lab for _, lab in by_path[d["path"]]})}
-                 for d in duplicates if len({lab for _, lab in by_path[d["path"]]}) > 1]
-
-    labels = np.array([e[2] for e in entries], dtype=np.int64)
+    labels = np.array([line.label for line in lines], dtype=np.int64)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
-    out_of_range = [{"line": ln, "label": lab} for ln, _, lab in entries if not 0 <= lab < num_classes]
-
-    scanned = [e for e in entries if e[0] not in out_lines]
-    results = _scan([e[1] for e in scanned], _decode if decode else _open_header, workers, progress,
-                    f"{'decoding' if decode else 'opening'} {split_file.name}")
-    problems: dict[str, list[dict[str, Any]]] = {"missing": [], "unreadable": [], "corrupt": []}
-    for (ln, path, _), res in zip(scanned, results):
-        if res is not None:
-            problems[res[0]].append({"line": ln, "path": str(path), "error": res[1]})
-
-    valid = labels[(labels >= 0) & (labels < num_classes)]
-    counts = np.bincount(valid, minlength=num_classes) if num_classes else np.zeros(0, dtype=np.int64)
-    empty = np.flatnonzero(counts == 0).tolist()
-    shots = {name: ids.tolist() for name, ids in shot_groups(counts, many, few).items()}
+    outside = [] if allow_outside_root else [line for line in lines if outside_root(root, line.rel)]
+    skipped = {line.lineno for line in outside}  # never opened: the path is not the user's to read
+    problems = _image_problems(root, [line for line in lines if line.lineno not in skipped], decode, workers,
+                               progress, f"{'decoding' if decode else 'opening'} {split_file.name}")
+    repeated = repeated_images(lines, root)
+    conflicts = {path: found for path, found in repeated.items() if len({line.label for line in found}) > 1}
+    counts = np.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes)
     report: dict[str, Any] = {
         "split_file": str(split_file),
         "root": str(root),
-        "num_lines": num_lines,
-        "num_images": len(entries),
+        "num_lines": len(lines) + len(bad_lines),
+        "num_images": len(lines),
         "num_classes": num_classes,
         "label_min": int(labels.min()) if len(labels) else None,
         "label_max": int(labels.max()) if len(labels) else None,
-        "bad_lines": bad_lines,
-        "out_of_range": out_of_range,
+        "bad_lines": [{"line": b.lineno, "text": b.text, "error": b.error} for b in bad_lines],
+        "out_of_range": [{"line": line.lineno, "label": line.label} for line in lines
+                         if not 0 <= line.label < num_classes],
         **problems,
-        "outside_root": outside,
-        "duplicates": duplicates,
-        "conflicting_labels": conflicts,
+        "outside_root": [{"line": line.lineno, "path": str(root / line.rel)} for line in outside],
+        "duplicates": [{"path": path, "lines": [line.lineno for line in found]} for path, found in repeated.items()],
+        "conflicting_labels": [{"path": path, "lines": [line.lineno for line in found],
+                                "labels": sorted({line.label for line in found})} for path, found in conflicts.items()],
         "decoded": decode,
         "class_counts": counts.tolist(),
-        "empty_classes": empty,
-        "shots": shots,
+        "empty_classes": np.flatnonzero(counts == 0).tolist(),
+        "shots": {name: ids.tolist() for name, ids in shot_groups(counts, many, few).items()},
         "thresholds": {"many": many, "few": few},
     }
-    report["ok"] = not (bad_lines or out_of_range or empty or any(problems.values()) or not entries or outside
-                        or duplicates)
+    report["ok"] = not (bad_lines or report["out_of_range"] or report["empty_classes"] or any(problems.values())
+                        or not lines or outside or repeated)
     return report
 
 
@@ -249,29 +222,16 @@ def check_splits(split_files: list[str | Path], root: str | Path, **kw) -> dict[
     """
     reports = [check_split(f, root, **kw) for f in split_files]
     where: dict[str, list[dict[str, Any]]] = {}
-    root_path = Path(root)
     for f in split_files:
-        for ln, rel, lab in _parsed_lines(Path(f)):
-            where.setdefault(os.path.normpath(root_path / rel), []).append({"split": str(f), "line": ln, "label": lab})
+        for line in parse_split(f)[0]:
+            where.setdefault(image_path(Path(root), line.rel), []).append(
+                {"split": str(f), "line": line.lineno, "label": line.label})
     shared = [{"path": p, "where": w} for p, w in where.items() if len({x["split"] for x in w}) > 1]
     conflicts = [s for s in shared if len({x["label"] for x in s["where"]}) > 1]
     bad = [(x["path"], f"{kind}: {x['error']}") for rep in reports for kind in ("missing", "unreadable", "corrupt")
            for x in rep[kind]]
     ok = all(r["ok"] for r in reports) and not shared
     return {"splits": reports, "shared": shared, "conflicting_labels": conflicts, "bad": bad, "ok": ok}
-
-
-def _parsed_lines(split_file: Path) -> list[tuple[int, str, int]]:
-    """(line number, path as written, label) of every line that parses (check_split reports the rest)."""
-    out = []
-    for lineno, line in enumerate(split_file.read_text().splitlines(), start=1):
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) == 2:
-            try:
-                out.append((lineno, parts[0], int(parts[1])))
-            except ValueError:
-                pass
-    return out
 
 
 def format_multi_report(result: dict[str, Any], max_listed: int = 20) -> str:
@@ -309,15 +269,18 @@ def read_exclusions(exclude_file: str | Path, root: str | Path) -> set[str]:
     lines and lines starting with '#' are ignored)."""
     exclude_file = Path(exclude_file)
     try:
-        text = exclude_file.read_text()
+        text = exclude_file.read_text(encoding="utf-8")
     except OSError as exc:
         raise DataError(f"cannot read exclusion file {exclude_file} (data.exclude_file): {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise DataError(f"{exclude_file}:{line}: byte {exc.object[exc.start]:#04x} is not UTF-8 (data.exclude_file); "
+                        "expected UTF-8 text") from None
     out = set()
     for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        rel = line.split("\t", 1)[0].strip()
-        out.add(os.path.normpath(os.path.join(root, rel)))
+        out.add(image_path(Path(root), line.split("\t", 1)[0].strip()))
     return out
 
 
@@ -346,19 +309,18 @@ def screen_splits(
     builtin: bool = False,
     progress: bool = True,
 ) -> tuple[tuple[SplitIndex, ...], list[tuple[str, str]]]:
-    """Before training: apply `data.exclude_file`, then check images; return (splits, bad list).
+    """Before training: check the images of the splits; return (splits, bad list).
 
     `splits` is (train, val, test) (val and test may be the same object). `data_cfg` is the
-    data config (engine.config.DataConfig): root, exclude_file, verify_images, on_bad_image,
-    max_bad_images, num_workers. The first split (train) is checked by opening every file
+    data config (engine.config.DataConfig): verify_images, on_bad_image, max_bad_images,
+    num_workers. The first split (train) is checked by opening every file
     (header read); the others are fully decoded (they are small). With on_bad_image="fail"
     any bad image is a DataError listing them; with "skip" they are dropped from their
     split and returned as (path, reason) — unless more than max_bad_images of a split is
     bad. `builtin`: images this engine wrote itself (digits_lt, cifar*_lt): verify_images
-    "auto" skips their check. Excluded images are not in the bad list (the user listed them).
+    "auto" skips their check. The images of `data.exclude_file` are not in `splits` (the readers drop them).
     """
     d = data_cfg
-    excluded = read_exclusions(d.exclude_file, d.root) if d.exclude_file else set()
     verify = d.verify_images == "on" or (d.verify_images == "auto" and not builtin)
     jobs = max(d.num_workers, min(8, os.cpu_count() or 1))
     done: dict[tuple, SplitIndex] = {}  # val and test may be one file, read twice: checked once
@@ -370,14 +332,11 @@ def screen_splits(
     for k, index in enumerate(splits):
         if key(k, index) in done:
             continue
-        drop = {i for i, p in enumerate(index.paths) if os.path.normpath(p) in excluded} if excluded else set()
         bad: list[tuple[int, str]] = []
         if verify:
             name = "train" if k == 0 else ("val" if k == 1 else "test")
-            todo = [i for i in range(len(index)) if i not in drop]
-            found = find_bad_images([index.paths[i] for i in todo], decode=k > 0, jobs=jobs, progress=progress,
-                                    desc=f"{'opening' if k == 0 else 'decoding'} {name} images")
-            bad = [(todo[i], reason) for i, reason in found]
+            bad = find_bad_images(index.paths, decode=k > 0, jobs=jobs, progress=progress,
+                                  desc=f"{'opening' if k == 0 else 'decoding'} {name} images")
         if bad:
             listed = "; ".join(f"{index.paths[i]} ({r})" for i, r in bad[:10])
             if d.on_bad_image == "fail":
@@ -394,6 +353,5 @@ def screen_splits(
                     f"data.max_bad_images={d.max_bad_images:g} of the split: {listed}"
                 )
             bad_all += [(str(index.paths[i]), r) for i, r in bad]
-            drop |= {i for i, _ in bad}
-        done[key(k, index)] = drop_images(index, drop) if drop else index
+        done[key(k, index)] = drop_images(index, {i for i, _ in bad}) if bad else index
     return tuple(done[key(k, s)] for k, s in enumerate(splits)), bad_all

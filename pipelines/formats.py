@@ -19,6 +19,7 @@ Class counts are computed afterwards, once, by `pipelines.splits.class_counts`.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,9 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from engine.io import atomic_write_bytes
+from common.io import atomic_write_bytes
 from pipelines.long_tail import long_tailed_counts
-from pipelines.splits import DataError, SplitIndex, outside_root, read_split, write_split
+from pipelines.splits import DataError, SplitIndex, image_path, outside_root, read_split, write_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FORMATS = ("split_files", "inat", "image_folder", "cifar10_lt", "cifar100_lt")
@@ -69,6 +70,7 @@ def read_inat(
     root: str | Path,
     category_ids: Sequence[int] | None = None,
     allow_outside_root: bool = False,
+    exclude: frozenset[str] | set[str] = frozenset(),
 ) -> tuple[SplitIndex, list[int]]:
     """Read an iNaturalist-2018-style COCO json into an index; return (index, category_ids).
 
@@ -76,7 +78,8 @@ def read_inat(
     training json when reading the validation json, so both use the same labels (the
     validation json lists the same categories, but an explicit mapping makes it certain).
     Every image needs exactly one annotation; `file_name` is relative to `root` and may not
-    leave it unless `allow_outside_root` (as `read_split`).
+    leave it unless `allow_outside_root` (as `read_split`). Images in `exclude` (normalized
+    paths, `image_path`) are dropped before the images are checked to exist.
     """
     json_file, root = Path(json_file), Path(root)
     if not root.is_dir():
@@ -128,9 +131,11 @@ def read_inat(
         )
     if not file_of:
         raise DataError(f"{json_file} lists no images")
-    ids = list(file_of)  # the json's image order
+    ids = [i for i in file_of if image_path(root, file_of[i]) not in exclude]  # the json's image order
+    if not ids:
+        raise DataError(f"{json_file}: all {len(file_of)} images are excluded by data.exclude_file")
     if not allow_outside_root:
-        for n, i in enumerate(ids):
+        for n, i in enumerate(file_of):
             if (escaped := outside_root(root, file_of[i])) is not None:
                 raise DataError(
                     f"{json_file}: images[{n}] file_name {file_of[i]!r} resolves to {escaped}, outside the image "
@@ -144,13 +149,17 @@ def read_inat(
 
 # ---- image folder -----------------------------------------------------------------------------
 def read_image_folder(
-    folder: str | Path, class_names: Sequence[str] | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS
+    folder: str | Path,
+    class_names: Sequence[str] | None = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    exclude: frozenset[str] | set[str] = frozenset(),
 ) -> tuple[SplitIndex, list[str]]:
     """Index `folder/<class>/**/<image>`: sorted class names → labels; return (index, class_names).
 
     Files are matched by extension (case-insensitive) and sorted within a class. Pass the
     training folder's `class_names` when reading a validation folder so labels agree; a
-    class folder that is absent there is an empty class (reported by `class_counts`).
+    class folder that is absent there is an empty class (reported by `class_counts`). Images in
+    `exclude` (normalized paths, `image_path`) are left out.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -171,7 +180,8 @@ def read_image_folder(
         cdir = folder / name
         if not cdir.is_dir():
             continue
-        files = sorted(p for p in cdir.rglob("*") if p.suffix.lower() in exts and p.is_file())
+        files = sorted(p for p in cdir.rglob("*")
+                       if p.suffix.lower() in exts and p.is_file() and os.path.normpath(p) not in exclude)
         paths += files
         labels += [label] * len(files)
     if not paths:

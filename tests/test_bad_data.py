@@ -19,7 +19,7 @@ from pipelines.check import (
 )
 from pipelines.loader import build_transform, make_loader
 from pipelines.samplers import ClassAwareSampler, InstanceSampler
-from pipelines.splits import DataError, SplitIndex
+from pipelines.splits import DataError, SplitIndex, read_split, write_split
 
 SIZE, MEAN, STD = 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -170,10 +170,16 @@ def test_exclusion_file_round_trip(broken, tmp_path):
     write_bad_list(listing, bad, root)
     assert listing.read_text().splitlines()[0] == "c1/03.jpg\tOSError: image file is truncated"
     assert read_exclusions(listing, root) == {str(broken.paths[3]), str(broken.paths[4])}
-    (tr, _, _), found = screen_splits((broken, broken, broken), _cfg(root, exclude_file=str(listing)), progress=False)
-    assert len(tr) == 10 and found == []  # excluded first: nothing left to fail on
+    split = tmp_path / "split.txt"
+    write_split(split, [(str(p.relative_to(root)), int(lab)) for p, lab in zip(broken.paths, broken.labels)])
+    index = read_split(split, root, exclude=read_exclusions(listing, root))
+    (tr, _, _), found = screen_splits((index, index, index), _cfg(root), progress=False)
+    assert len(tr) == 10 and found == []  # excluded as the split is read: nothing left to fail on
     with pytest.raises(DataError, match="cannot read exclusion file"):
-        screen_splits((broken,), _cfg(root, exclude_file=str(tmp_path / "nope.txt")), progress=False)
+        read_exclusions(tmp_path / "nope.txt", root)
+    listing.write_bytes(b"c1/03.jpg\tok\nc0/\xff.jpg\tbad\n")
+    with pytest.raises(DataError, match=r"bad\.txt:2: byte 0xff is not UTF-8"):
+        read_exclusions(listing, root)
 
 
 def _split_files(root: Path, n_val: int) -> tuple[SplitIndex, list[str]]:
@@ -304,10 +310,30 @@ def test_check_decode_writes_the_bad_list_that_training_excludes(tmp_path, capsy
                  "--bad-list", str(bad_list)]) == 1
     assert [line.split("\t")[0] for line in bad_list.read_text().splitlines()] == ["c1/3.jpg", "c0/4.jpg"]
     # the list is an exclusion file: those images are gone before training, nothing else is checked as bad
-    index = SplitIndex(root / "train.txt", [root / f"c{i % 2}/{i}.jpg" for i in range(6)], np.arange(6) % 2, 2)
-    (tr, _, _), bad = screen_splits((index, index, index), _cfg(root, exclude_file=str(bad_list)), progress=False)
+    index = read_split(root / "train.txt", root, exclude=read_exclusions(bad_list, root))
+    (tr, _, _), bad = screen_splits((index, index, index), _cfg(root), progress=False)
     assert len(tr) == 4 and bad == []
     assert main(["data", "check", str(root / "train.txt"), "--root", str(root), "--jobs", "0"]) == 2
+
+
+def test_a_bad_list_naming_missing_images_is_accepted_as_the_exclusion_file(tmp_path, capsys):
+    """`engine data check --decode --bad-list F` lists missing images too; data.exclude_file=F drops them
+    before the readers check that images exist, so the run's data load."""
+    from engine.cli import main
+    from engine.config import load_config
+    from engine.data import load_data
+
+    root = tmp_path / "root"
+    index, over = _split_files(root, n_val=4)
+    index.paths[6].unlink()  # missing, in train
+    _truncate(index.paths[2])  # does not decode, in train and val
+    bad_list = tmp_path / "bad.txt"
+    assert main(["data", "check", str(root / "train.txt"), str(root / "val.txt"), "--root", str(root), "--decode",
+                 "--bad-list", str(bad_list)]) == 1
+    assert {line.split("\t")[0] for line in bad_list.read_text().splitlines()} == {"img/c0/02.jpg", "img/c0/06.jpg"}
+    data = load_data(load_config(overrides=over + [f"data.exclude_file={bad_list}"]))
+    assert (len(data.train), len(data.val), data.bad_images) == (6, 3, [])
+    assert str(index.paths[6]) not in map(str, data.train.paths)
 
 
 def test_check_flags_paths_outside_the_root_without_opening_them(tmp_path):

@@ -66,6 +66,7 @@ def ctx(tmp_path_factory, digits_cache):
     for name, text in splits.items():
         (data / name).write_text(text)
     (data / "c1" / "2.jpg").write_bytes(b"not a jpeg")  # corrupt: in every split that lists it
+    (data / "notUtf8.txt").write_bytes(good.encode() + b"c0/\xe9t\xe9.jpg 0\n")
     return SimpleNamespace(base=base, run=run, ckpt=ckpt, rescaled=rescaled, no_config=no_config, garbage=garbage,
                            no_counts=no_counts, misfit=misfit,
                            file=a_file, data=data, cache=digits_cache)
@@ -159,6 +160,9 @@ CASES = {
     "split-path-escapes-root": ("train", lambda c: _train(*_split(c, "escape.txt"))(c), "etc/passwd"),
     "split-image-missing": ("train", lambda c: _train(*_split(c, "missing.txt"))(c), "c1/9.jpg"),
     "split-image-corrupt": ("train", lambda c: _train(*_split(c, "train.txt"))(c), "c1/2.jpg"),
+    "split-not-utf8": ("train", lambda c: _train(*_split(c, "notUtf8.txt"))(c), "notUtf8.txt:10: byte 0xe9"),
+    "split-train-label-above-eval": ("train", lambda c: _train(*_split(c, "bigLabel.txt", "train.txt"))(c),
+                                     "bigLabel.txt:10: label 7"),
     # --- eval (the checkpoint side; the command is another helper's)
     "eval-missing": ("eval", lambda c: ["eval", "--checkpoint", str(c.base / "none.pt")], "none.pt"),
     "eval-garbage": ("eval", lambda c: ["eval", "--checkpoint", str(c.garbage)], "garbage.pt"),
@@ -241,6 +245,8 @@ CASES = {
     # --- data check
     "data-check-split-missing": ("data check", lambda c: ["data", "check", str(c.base / "absent.txt"), "--root",
                                                           str(c.data)], "absent.txt"),
+    "data-check-split-nowhere": ("data check", lambda c: ["data", "check", "absent.txt", "--root", str(c.data)],
+                                 lambda c: str(c.data / "absent.txt")),
     "data-check-root-missing": ("data check", lambda c: ["data", "check", str(c.data / "train.txt"), "--root",
                                                          str(c.base / "nowhere")], "nowhere"),
     "data-check-jobs-0": ("data check", lambda c: ["data", "check", str(c.data / "train.txt"), "--root", str(c.data),
@@ -288,20 +294,20 @@ def test_the_battery_covers_the_issue():
 
 
 def _read_only(monkeypatch, folder):
-    """Simulate a read-only `folder` (we run as root: chmod would not stop us): engine.io's temp file there fails
+    """Simulate a read-only `folder` (we run as root: chmod would not stop us): common.io's temp file there fails
     with EROFS, as the kernel's would; every other folder stays writable."""
     import errno
     import tempfile
     from types import SimpleNamespace
 
-    import engine.io
+    import common.io
 
     def mkstemp(*a, dir=None, **k):
         if dir is not None and Path(dir).resolve() == Path(folder).resolve():
             raise OSError(errno.EROFS, "Read-only file system", str(dir))
         return tempfile.mkstemp(*a, dir=dir, **k)
 
-    monkeypatch.setattr(engine.io, "tempfile", SimpleNamespace(mkstemp=mkstemp))
+    monkeypatch.setattr(common.io, "tempfile", SimpleNamespace(mkstemp=mkstemp))
 
 
 @pytest.mark.parametrize("argv,written", [

@@ -7,9 +7,9 @@ import zipfile
 import pytest
 import torch
 
+from common.errors import CheckpointError, StorageError
+from common.io import atomic_write_bytes, atomic_write_text
 from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.errors import CheckpointError, StorageError
-from engine.io import atomic_write_bytes, atomic_write_text
 
 
 def _state(**extra):

@@ -1,5 +1,7 @@
 """Long-tailed split construction, Digits-LT, and the split-file reader's checks."""
 
+import logging
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -101,3 +103,47 @@ def test_empty_class_is_an_error(image_root):
         class_counts(idx)
     assert class_counts(idx, require_all=False).tolist() == [1, 0, 1]
     assert np.issubdtype(class_counts(idx, require_all=False).dtype, np.integer)
+
+
+def test_a_non_utf8_line_is_one_error_naming_file_and_line(image_root):
+    split = image_root / "split.txt"
+    split.write_bytes(b"img0.png 0\nimg\xff1.png 1\n")
+    with pytest.raises(DataError, match=r"split\.txt:2: byte 0xff at column 4 is not UTF-8") as err:
+        read_split(split, image_root)
+    assert "\n" not in str(err.value) and "img\ufffd1.png" in str(err.value)  # the byte shown as U+FFFD
+
+
+def test_duplicate_lines_are_a_warning_with_the_count(image_root, caplog):
+    split = _write(image_root, "img0.png 0\nimg1.png 1\nimg0.png 0\n./img1.png 2\nimg2.png 2\nimg0.png 0\n")
+    with caplog.at_level(logging.WARNING, logger="pipelines.splits"):
+        idx = read_split(split, image_root)
+    assert len(idx) == 6  # every line is kept as written
+    assert "split.txt: 3 duplicate lines (2 images listed more than once, 1 of them with different labels" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines.splits"):
+        read_split(_write(image_root, "img0.png 0\nimg1.png 1\n"), image_root)
+    assert caplog.text == ""
+
+
+def _split_files_run(root, train: str, val: str, *over: str):
+    from engine.config import load_config
+
+    (root / "train.txt").write_text(train)
+    (root / "val.txt").write_text(val)
+    return load_config(overrides=["data.format=split_files", f"data.root={root}", "data.train_split=train.txt",
+                                  "data.val_split=val.txt", "run.progress=false", *over])
+
+
+def test_a_train_label_above_every_eval_label_is_an_error_on_its_line(image_root):
+    """`10` in a 10-class set: with data.num_classes=0 it would be an 11th class that is never evaluated."""
+    from engine.data import load_data
+
+    val = "img0.png 0\nimg1.png 1\nimg2.png 2\n"
+    cfg = _split_files_run(image_root, "img0.png 0\nimg1.png 1\nimg2.png 2\nimg2.png 3\n", val)
+    with pytest.raises(DataError, match=r"train\.txt:4: label 3 is above every label of .*val\.txt \(0\.\.2\)") as err:
+        load_data(cfg)
+    assert "\n" not in str(err.value) and "data.num_classes" in str(err.value)
+    cfg = _split_files_run(image_root, "img0.png 0\nimg1.png 1\nimg2.png 2\n", val)
+    assert load_data(cfg).num_classes == 3
+    cfg = _split_files_run(image_root, "img0.png 0\nimg1.png 1\nimg2.png 2\nimg2.png 3\n", val, "data.num_classes=4")
+    assert load_data(cfg).num_classes == 4  # given: the user's choice, no inference to guard

@@ -96,3 +96,37 @@ def test_bad_arguments(tmp_path):
         check_split(tmp_path / "s.txt", tmp_path / "missing_root")
     with pytest.raises(ValueError, match="few-shot threshold 50 is above"):
         check_split(tmp_path / "s.txt", tmp_path, many=10, few=50)
+
+
+def test_a_non_utf8_line_is_a_bad_line_not_a_traceback(tmp_path, capsys):
+    from engine.cli import main
+
+    write_jpeg(tmp_path / "a.jpg", (8, 8))
+    (tmp_path / "s.txt").write_bytes(b"a.jpg 0\ncaf\xe9.jpg 0\n")
+    r = check_split(tmp_path / "s.txt", tmp_path)
+    assert [(b["line"], b["error"]) for b in r["bad_lines"]] == [(2, "byte 0xe9 at column 4 is not UTF-8; expected UTF-8 text")]
+    assert r["num_lines"] == 2 and not r["ok"]
+    assert main(["data", "check", str(tmp_path / "s.txt"), "--root", str(tmp_path)]) == 1
+    assert "line 2: byte 0xe9 at column 4 is not UTF-8" in capsys.readouterr().out
+
+
+def test_split_is_found_under_root_as_train_finds_it(tmp_path, monkeypatch, capsys):
+    """SPLIT: absolute, or relative to the current folder when it exists there (that wins), else under --root."""
+    from engine.cli import main
+
+    root = tmp_path / "root"
+    write_jpeg(root / "a.jpg", (8, 8))
+    (root / "train.txt").write_text("a.jpg 0\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["data", "check", "train.txt", "--root", str(root)]) == 0
+    assert f"split {root / 'train.txt'} (root {root})" in capsys.readouterr().out
+    (elsewhere / "train.txt").write_text("a.jpg 0\na.jpg 0\n")  # a duplicate: this one is checked, not root's
+    assert main(["data", "check", "train.txt", "--root", str(root)]) == 1
+    assert "split train.txt" in capsys.readouterr().out
+    assert main(["data", "check", str(root / "train.txt"), "--root", str(root)]) == 0
+    capsys.readouterr()
+    assert main(["data", "check", "absent.txt", "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert f"neither {elsewhere / 'absent.txt'} nor {root / 'absent.txt'} exists" in err and "Traceback" not in err

@@ -16,11 +16,11 @@ from helpers import model_config, tiny
 from torch.utils.data import DataLoader, TensorDataset
 
 import kernels
+from common.errors import ConfigError
 from engine import evaluate as E
 from engine import metrics as M
 from engine.cli import main
 from engine.config import load_config
-from engine.errors import ConfigError
 from engine.models import build_model
 
 COUNTS = np.array([40, 25, 12, 6, 3, 2])  # training counts of 6 classes: many > 20, few < 5

@@ -1,6 +1,6 @@
-"""The project's shape: no import cycle (function-level imports included), the library free of
-matplotlib until a plot is drawn, every module importable on its own, README's method table
-equal to the registry, one exception family."""
+"""The project's shape: layers only point down (common <- pipelines, kernels <- engine), no import cycle
+(function-level and type-only imports included), the library free of matplotlib until a plot is drawn,
+every module importable on its own, README's method table equal to the registry, one exception family."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("engine", "kernels", "pipelines")
+PACKAGES = ("common", "engine", "kernels", "pipelines")
 
 
 def _modules() -> dict[str, Path]:
@@ -24,19 +24,12 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-
-
 def _imports(path: Path, name: str, known: set[str]) -> set[str]:
-    """Project modules `name` imports anywhere in its file (function bodies too), except under TYPE_CHECKING."""
+    """Project modules `name` imports anywhere in its file: module level, function bodies and
+    `if TYPE_CHECKING:` blocks alike (a type-only import is still a dependency of the design)."""
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -89,6 +82,34 @@ def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def test_type_only_and_function_level_imports_are_edges(tmp_path):
+    source = tmp_path / "mod.py"
+    source.write_text("from typing import TYPE_CHECKING\n"
+                      "if TYPE_CHECKING:\n    from engine.config import Config\n"
+                      "def f():\n    import pipelines.splits\n")
+    known = {"engine.config", "pipelines.splits", "x.mod"}
+    assert _imports(source, "x.mod", known) == {"engine.config", "pipelines.splits"}
+
+
+# Which packages each package may import: common is the bottom, pipelines and kernels sit on it,
+# engine (library and commands) sits on all three.
+ALLOWED = {
+    "common": {"common"},
+    "kernels": {"common", "kernels"},
+    "pipelines": {"common", "pipelines"},
+    "engine": {"common", "engine", "kernels", "pipelines"},
+}
+
+
+def test_layers_only_point_down():
+    graph = import_graph()
+    assert set(ALLOWED) == set(PACKAGES)
+    upward = {m: sorted(d for d in deps if d.split(".")[0] not in ALLOWED[m.split(".")[0]])
+              for m, deps in graph.items()}
+    assert not any(upward.values()), {m: d for m, d in upward.items() if d}
+    assert graph["pipelines.splits"] >= {"common.errors", "common.io"}  # the graph sees the bottom layer
+
+
 def test_library_does_not_import_the_applications():
     graph = import_graph()
     library = [m for m in graph if m.startswith("engine.") and not m.startswith(("engine.experiments", "engine.cli"))]
@@ -114,7 +135,7 @@ def test_readme_method_table_is_the_registry():
 
 @pytest.mark.parametrize("name", ["ConfigError", "CheckpointError", "CalibrationError", "TrainingError"])
 def test_one_exception_family(name):
-    import engine.errors as E
+    import common.errors as E
     from pipelines.splits import DataError
 
     assert issubclass(getattr(E, name), E.EngineError) and issubclass(DataError, E.EngineError)

@@ -14,11 +14,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from common.io import write_json
 from engine.checkpoint import save_checkpoint
 from engine.data import make_loaders
 from engine.distributed import DistInfo
 from engine.evaluate import evaluate_loader, format_table
-from engine.io import write_json
 from engine.posthoc import calibrate, rs_counts, rs_weight
 from engine.render import save_png, subplots
 from engine.runs import LoadedRun, load_run

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import CheckpointError
-from engine.io import atomic_write_text, write_json
+from common.errors import CheckpointError
+from common.io import atomic_write_text, write_json
 from engine.render import fmt, markdown_table, save_png, subplots
 
 COMPARE_KEYS = ("many", "medium", "few", "top1", "gm", "f1", "gmean", "iba")

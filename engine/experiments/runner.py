@@ -26,10 +26,10 @@ from typing import Hashable
 
 import yaml
 
+from common.errors import CheckpointError, ConfigError
+from common.io import write_json
 from engine import train as training
 from engine.config import Config, config_diff, config_from_dict, format_diff, to_dict, yaml_load
-from engine.errors import CheckpointError, ConfigError
-from engine.io import write_json
 
 logger = logging.getLogger(__name__)
 

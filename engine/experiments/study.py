@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.io import atomic_write_text, write_json
 from engine.config import Config, ConfigError, load_config, to_dict
 from engine.evaluate import GROUPS
 from engine.experiments.claims import CLAIMS, check_claims, claim_numbers, pearson
@@ -66,7 +67,6 @@ from engine.experiments.study_design import (
     TRAINED,
 )
 from engine.experiments.study_report import markdown, plot_rs_curves
-from engine.io import atomic_write_text, write_json
 from engine.posthoc import PARAM_NAME, SWEEPS, default_values
 from engine.render import mean_std
 

@@ -15,10 +15,10 @@ import itertools
 import json
 from pathlib import Path
 
+from common.io import atomic_write_text, write_json
 from engine.config import ConfigError, load_config
 from engine.evaluate import GROUPS
 from engine.experiments.runner import train_all
-from engine.io import atomic_write_text, write_json
 from engine.render import fmt_mean_std, markdown_table, mean_std
 
 

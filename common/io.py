@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.errors import ConfigError, StorageError
+from common.errors import ConfigError, StorageError
 
 
 def storage_error(path: Path, exc: OSError) -> StorageError:

@@ -2,7 +2,7 @@
 
 The command line maps an `EngineError` to one clear line on stderr and its `exit_code`
 (2: bad input — config, data, checkpoint, calibration request; 1: training could not go on).
-This module imports nothing, so every layer (pipelines/, engine/, benchmarks/) can use it.
+This module imports nothing, so every layer (pipelines/, kernels/, engine/, benchmarks/) can use it.
 """
 
 from __future__ import annotations
