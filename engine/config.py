@@ -9,9 +9,7 @@ received and what was expected. The resolved tree is saved with every run.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from engine.config_rules import (
     ABSENT,
     changeable,
     check_keys,
+    coerce,
     config_diff,
     format_diff,
     key,
@@ -193,45 +192,6 @@ class Config:
 # --------------------------------------------------------------------------- merging
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the field type `tp`; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' expects a list of {_type_name(item_tp)}, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"config key '{key}': union types are not supported")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():  # `1e5` steps: written as a float, meant as an int
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off (yes/no) as a boolean
-            return "on" if value else "off"
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
-        return value
-    raise ConfigError(f"config key '{key}': unsupported field type {tp}")
-
-
 def _merge(node: Any, updates: dict, prefix: str = "") -> None:
     """Apply a nested dict of updates onto a dataclass instance, rejecting unknown keys."""
     if not isinstance(updates, dict):
@@ -246,7 +206,7 @@ def _merge(node: Any, updates: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             _merge(current, value, prefix=f"{dotted}.")
         else:
-            setattr(node, name, _coerce(dotted, value, hints[name]))
+            setattr(node, name, coerce(dotted, value, hints[name]))
 
 
 def _nest(dotted: str, value: Any) -> dict:
@@ -369,6 +329,27 @@ def effective_lr(o: OptimConfig) -> float:
     """The lr the optimizer uses: optim.lr, scaled by batch_size / lr_base_batch when lr_base_batch > 0
     (the linear scaling rule, Goyal et al. 2017; timm's --lr-base-size). batch_size is the global batch."""
     return o.lr * o.batch_size / o.lr_base_batch if o.lr_base_batch else o.lr
+
+
+def effective_notes(cfg: Config) -> dict[str, str]:
+    """{dotted key: note} for the keys whose value in use differs from the one written (the scaled lr)."""
+    o = cfg.optim
+    if not o.lr_base_batch:
+        return {}
+    return {"optim.lr": f"effective {effective_lr(o):g} = {o.lr:g} × batch {o.batch_size} / lr_base_batch "
+                        f"{o.lr_base_batch}"}
+
+
+def to_annotated_yaml(cfg: Config) -> str:
+    """`to_yaml`, with `  # effective …` after each key that `effective_notes` names (`--print-config`)."""
+    notes, lines, section = effective_notes(cfg), [], ""
+    for line in to_yaml(cfg).splitlines():
+        name = line.strip().split(":", 1)[0]
+        if not line.startswith(" "):
+            section = name
+        note = notes.get(f"{section}.{name}" if line.startswith(" ") else name)
+        lines.append(f"{line}  # {note}" if note else line)
+    return "\n".join(lines) + "\n"
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

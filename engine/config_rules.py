@@ -1,7 +1,7 @@
 """The rules of each config key as data, and everything generated from them.
 
-A config key is declared once, in engine/config.py, with `key(default, range=…, choices=…, resume=…,
-eval=…, reuse_ignored=…, help=…)`. From those declarations this module derives the per-key value
+Every value is first checked against its field's type (`coerce`). A config key is declared once,
+in engine/config.py, with `key(default, range=…, choices=…, resume=…, eval=…, reuse_ignored=…, help=…)`. From those declarations this module derives the per-key value
 checks, the three config comparisons (what a `--resume` may change, what `engine eval` overrides may
 change, which keys a sweep ignores when it re-uses a finished run) and the README's key table.
 """
@@ -9,7 +9,9 @@ change, which keys a sweep ignores when it re-uses a finished run) and the READM
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +68,45 @@ def _expected(tp: Any, range: str) -> str:
     kind = "an integer" if tp is int else "a number"
     shown = range.replace(">=", "≥")
     return f"{kind} {shown}" if shown[0] in "≥>" else f"{kind} in {shown}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the field type `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' expects a list of {_type_name(item_tp)}, got {value!r}")
+        return [coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"config key '{key}': union types are not supported")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():  # `1e5` steps: written as a float, meant as an int
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off (yes/no) as a boolean
+            return "on" if value else "off"
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported field type {tp}")
 
 
 def rules(cls: type, prefix: str = "") -> dict[str, tuple[Rule, Any, Any]]:
