@@ -1,9 +1,10 @@
 """The rules of each config key as data, and everything generated from them.
 
-Every value is first checked against its field's type (`coerce`). A config key is declared once,
-in engine/config.py, with `key(default, range=…, choices=…, resume=…, eval=…, reuse_ignored=…, help=…)`. From those declarations this module derives the per-key value
-checks, the three config comparisons (what a `--resume` may change, what `engine eval` overrides may
-change, which keys a sweep ignores when it re-uses a finished run) and the README's key table.
+Every value is first checked against its field's type (`coerce`). A config key is declared once, in
+engine/config.py, with `key(default, range=…, choices=…, resume=…, eval=…, reuse_ignored=…, help=…)`.
+From those declarations this module derives the per-key value checks, the config comparisons (what a
+`--resume` may change, what `engine eval` overrides may change, which keys a sweep ignores when it
+re-uses a finished run) and the README's key table.
 """
 
 from __future__ import annotations
