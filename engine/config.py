@@ -24,6 +24,7 @@ from engine.config_rules import (
     check_keys,
     coerce,
     config_diff,
+    flatten,
     format_diff,
     key,
     reuse_comparable,
@@ -37,7 +38,7 @@ from pipelines.long_tail import PROFILES
 from pipelines.sampler_names import SAMPLERS
 
 __all__ = ["ABSENT", "Config", "ConfigError", "LossConfig", "load_config", "config_from_dict", "to_dict", "to_yaml",
-           "config_diff", "format_diff"]
+           "config_diff", "flatten", "format_diff"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "digits-lt"
