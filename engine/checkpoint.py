@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes (engine/io.py), safe and verified loads.
+"""Checkpoints: atomic writes (common/io.py), safe and verified loads.
 
 A load never runs code (`torch.load(weights_only=True)`), checks every stored CRC (a torch
 checkpoint is a zip archive; torch itself does not verify the CRCs) and refuses non-finite

@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="yes", default=None, metavar="auto",
                    help="continue the run in --out from its last.pt; `--resume auto`: continue when last.pt "
                         "exists, start fresh otherwise (job scripts that are requeued)")
-    t.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML, the values in use noted (the scaled lr), and exit")
     t.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. method=ce optim.lr=0.05")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its test (or val) split")
@@ -212,7 +213,7 @@ def _show(lines: list[str]) -> None:
 def _cmd_train(args) -> tuple[list[str], int]:
     """Exit 0: trained; 75 (PREEMPTED_EXIT_CODE): stopped by SIGTERM/SIGUSR1 with a checkpoint (requeue and
     run again with --resume auto)."""
-    from engine.config import to_yaml
+    from engine.config import to_annotated_yaml
     from engine.evaluate import format_table
     from engine.preemption import Preempted
     from engine.train import train
@@ -228,7 +229,7 @@ def _cmd_train(args) -> tuple[list[str], int]:
     preset = args.preset if (args.preset or args.config) else DEFAULT_PRESET
     cfg = load_config(preset, args.config, args.overrides)
     if args.print_config:
-        return [to_yaml(cfg).rstrip()], 0
+        return [to_annotated_yaml(cfg).rstrip()], 0  # the YAML, with the values in use noted (scaled lr)
     if resume and not args.out:
         raise ConfigError("--resume needs --out DIR (the run folder to continue)")
     try:  # no --out: runs/<method>-<time>-s<seed>-<4 random hex>, chosen by rank 0 (engine.train.default_run_dir)

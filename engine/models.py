@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,9 +30,6 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 from common.errors import CheckpointError
 from engine.heads import METHODS, Head
 from engine.methods import LossConfig
-
-if TYPE_CHECKING:
-    from engine.config import Config
 
 
 class CifarResNet(nn.Module):
@@ -73,6 +70,7 @@ def _imagenet_backbone(net: tv.ResNet) -> tv.ResNet:
     return net
 
 
+# The builder of each name in engine/archs.py (the config checks model.arch against those names, torch-free).
 ARCHS: dict[str, Callable[[], nn.Module]] = {
     "resnet8_cifar": lambda: CifarResNet(1),  # tiny: tests and quick studies
     "resnet20_cifar": lambda: CifarResNet(3),
@@ -147,16 +145,17 @@ class Classifier(nn.Module):
         return self.head.loss(features, labels), features
 
 
-def head_loss_config(cfg: Config) -> LossConfig:
+def head_loss_config(cfg: Any) -> LossConfig:
     """`cfg.loss` as the head reads it: `loss.drw_epoch = 0` means Cao et al.'s schedule,
     re-weighting from epoch ⌊0.8·epochs⌋ (160 of 200), 0-based, i.e. the last fifth of training."""
     lo = cfg.loss
     return dataclasses.replace(lo, drw_epoch=lo.drw_epoch if lo.drw_epoch > 0 else int(0.8 * cfg.epochs))
 
 
-def build_model(cfg: Config, class_counts: np.ndarray | list[int]) -> Classifier:
+def build_model(cfg: Any, class_counts: np.ndarray | list[int]) -> Classifier:
     """The one model builder (training, post hoc, benchmarks): `cfg.model` backbone (+ `pretrained`
-    weights) and `Head(…, METHODS[cfg.method], cfg.loss, class_counts)`; num_classes = len(class_counts)."""
+    weights) and `Head(…, METHODS[cfg.method], cfg.loss, class_counts)`; num_classes = len(class_counts).
+    `cfg` is an engine.config.Config, typed loosely so that the models do not import the config."""
     arch = cfg.model.arch
     if arch not in ARCHS:
         raise ValueError(f"unknown model.arch {arch!r}; expected one of {', '.join(ARCHS)}")

@@ -14,7 +14,7 @@ import torch
 
 from common.errors import CheckpointError, ConfigError
 from engine.checkpoint import check_fits, load_checkpoint
-from engine.config import RESUME_MAY_CHANGE, Config, config_from_dict, resume_changes
+from engine.config import Config, changeable_keys, config_from_dict, eval_changes
 from engine.data import Data, load_data, make_loaders, train_features_loader
 from engine.device import resolve_device
 from engine.distributed import DistInfo
@@ -47,7 +47,8 @@ def load_run(checkpoint: str | Path, overrides: Sequence[str] = ()) -> LoadedRun
 
     `overrides` (dotted key=value, as `engine train` takes them) apply on top of the saved config: keys
     that do not change the model or what it was trained on (a moved data.root, data.num_workers,
-    eval.batch_size, run.device, …: engine.config.RESUME_MAY_CHANGE plus run.device); others are refused."""
+    eval.batch_size, run.device, …: the keys declared with eval=True or resume=True in engine/config.py);
+    others are refused."""
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
     saved = _legacy_config(state["config"])
@@ -73,19 +74,15 @@ def load_run(checkpoint: str | Path, overrides: Sequence[str] = ()) -> LoadedRun
     return LoadedRun(checkpoint, state, cfg, data, model, device)
 
 
-EVAL_MAY_ALSO_CHANGE = ("run.device",)  # besides RESUME_MAY_CHANGE: where a trained model is evaluated
-
-
 def _with_overrides(saved: dict, overrides: Sequence[str], checkpoint: Path) -> Config:
     """The checkpoint's config with `overrides` applied; refuses a key that would change the model."""
     cfg = config_from_dict(saved, overrides)  # unknown keys and bad values: ConfigError naming the key
-    _, refused = resume_changes(saved, cfg)
-    refused = [k for k in refused if k not in EVAL_MAY_ALSO_CHANGE]
+    _, refused = eval_changes(saved, cfg)
     if refused:
         raise ConfigError(
             f"{checkpoint}: override(s) of {', '.join(refused)} would change the trained model or its data; "
             f"a checkpoint is evaluated with its own config, changing only: "
-            f"{', '.join(k + '*' if k.endswith('.') else k for k in (*RESUME_MAY_CHANGE, *EVAL_MAY_ALSO_CHANGE))}")
+            f"{', '.join(changeable_keys('eval'))}")
     return cfg
 
 

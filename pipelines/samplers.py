@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-SAMPLERS = ("instance", "class_aware", "sqrt", "progressive")
+from pipelines.sampler_names import SAMPLERS
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:

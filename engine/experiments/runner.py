@@ -1,7 +1,8 @@
 """One runner for `engine sweep` and `engine study`: train every run not finished yet.
 
 A run is (Config, run folder). Before anything is trained, every run folder that already holds a run
-is compared with the config requested for it (up to NEUTRAL_KEYS, which do not change the numbers):
+is compared with the config requested for it, up to the keys engine/config.py declares reuse_ignored=True
+(they do not change the numbers):
 
 * same config, finished (metrics.json present): re-used, not trained again;
 * same config, unfinished (killed, preempted; last.pt present): resumed from its last checkpoint
@@ -29,20 +30,9 @@ import yaml
 from common.errors import CheckpointError, ConfigError
 from common.io import write_json
 from engine import train as training
-from engine.config import Config, config_diff, config_from_dict, format_diff, to_dict, yaml_load
+from engine.config import Config, config_from_dict, format_diff, reuse_differences, to_dict, yaml_load
 
 logger = logging.getLogger(__name__)
-
-# Config keys that do not change a run's numbers: a finished run is re-used across them.
-NEUTRAL_KEYS = (("run", "progress"), ("run", "threads"), ("run", "tensorboard"), ("run", "checkpoint_every"))
-
-
-def _comparable(cfg_dict: dict) -> dict:
-    d = json.loads(json.dumps(cfg_dict))
-    for section, key in NEUTRAL_KEYS:
-        d.get(section, {}).pop(key, None)
-    return d
-
 
 def saved_config(run_dir: Path) -> dict | None:
     try:
@@ -50,11 +40,6 @@ def saved_config(run_dir: Path) -> dict | None:
     except (OSError, yaml.YAMLError):
         return None
     return saved if isinstance(saved, dict) else None
-
-
-def config_differences(saved: dict, cfg: Config) -> dict[str, tuple]:
-    """{dotted key: (saved value, requested value)} for every key that differs, NEUTRAL_KEYS left out."""
-    return config_diff(_comparable(saved), _comparable(to_dict(cfg)))
 
 
 def run_status(run_dir: Path, cfg: Config) -> str:
@@ -66,7 +51,7 @@ def run_status(run_dir: Path, cfg: Config) -> str:
     if saved is None:
         raise ConfigError(f"{run_dir} holds a {'finished' if finished else 'started'} run without a readable "
                           "config.yaml; choose another --out or delete that folder")
-    diff = config_differences(saved, cfg)
+    diff = reuse_differences(saved, cfg)  # keys declared reuse_ignored=True do not count
     if diff:
         raise ConfigError(f"{run_dir} holds a {'finished' if finished else 'resumable'} run trained with another "
                           f"config: {format_diff(diff, 8)} (saved → requested); choose another --out, or delete that folder "
@@ -82,7 +67,7 @@ def train_one(cfg_dict: dict, run_dir: str) -> tuple[str, float, float]:
     path = Path(run_dir)
     resume = (path / "last.pt").is_file()  # run_status checked its config up front
     threads = cfg.run.threads
-    if resume:  # continue with the config it was trained with (equal to cfg up to NEUTRAL_KEYS)
+    if resume:  # continue with the config it was trained with (equal to cfg up to its reuse_ignored keys)
         cfg = config_from_dict(saved_config(path))
     elif path.exists():
         logger.info("%s: no checkpoint yet (killed before its first one); starting it over", path)
