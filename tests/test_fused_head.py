@@ -9,6 +9,7 @@ against `kernels.reference.offset_head_loss` evaluated in float64 on CPU on the 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 
@@ -545,6 +546,19 @@ def test_opcheck():
         saved = fused_head._fused_head_op(*args)[1:]
     bwd_args = (torch.tensor(3.7, device=f.device), *args[:5], *saved, *flags.op_args())
     torch.library.opcheck(fused_head._fused_head_backward_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_head_flags_define_the_op_schemas():
+    """Both custom ops take HeadFlags' fields, in order, after their tensors; `HeadFlags.of` turns the
+    public arguments into the schema's types (tf32: None → -1 follows torch's allow_tf32)."""
+    ops = {torch.ops.lt_engine.fused_offset_head_cce.default: 5, torch.ops.lt_engine.fused_offset_head_cce_backward.default: 10}
+    for op, n_tensors in ops.items():
+        names = [a.name for a in op._schema.arguments]
+        assert names[n_tensors:] == [f.name for f in dataclasses.fields(HeadFlags)], names
+    flags = HeadFlags.of(1, 0, use_offset=0, label_smoothing=0, center_grad=1)
+    assert flags == HeadFlags(1.0, 0.0, False, 0.0, True, 0, -1, False, False)
+    assert [type(v) for v in flags.op_args()] == [float, float, bool, float, bool, int, int, bool, bool]
+    assert (HeadFlags.of(tf32=True).tf32, HeadFlags.of(tf32=False).tf32) == (1, 0)
 
 
 def test_torch_compile_fullgraph():
