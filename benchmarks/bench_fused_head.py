@@ -79,9 +79,6 @@ def _gemm_dtype(fdt, wdt):
     return {head_plan.MODE_BF16: torch.bfloat16, head_plan.MODE_FP16: torch.float16}.get(mode, torch.float32)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("precision", list(PRECISIONS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-d{}-K{}".format(*s))
 def _skip_reason(shape, precision, impl) -> str | None:
     """Why this case does not run here (None: it runs)."""
     if impl == "fused":
@@ -127,6 +124,9 @@ def _measure(benchmark, step, reset, params) -> tuple[float, int | None]:
     return t, peak
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-d{}-K{}".format(*s))
 def test_head_fwd_bwd(benchmark, machine_limits, shape, precision, impl):
     reason = _skip_reason(shape, precision, impl)
     if reason:

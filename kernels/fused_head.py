@@ -17,8 +17,9 @@ lse and runs the two gradient GEMMs with grad_output read on the device and fold
 1/B scale. What that buys, and what it costs:
   * no (B, K) buffer: the backward's (chunk, K) dz scratch is the only (·, K) tensor, under 512 MiB
     per row chunk (one chunk at B = 512, K ≤ 131072);
-  * launches per row chunk: forward ≤ 4 (eo_uc: logits, rows, the loss sum, + the stats zero-fill
-    when asked), backward 3 (dz, grad_features, grad_weight), for every method;
+  * launches, for every method: forward 2 Triton kernels per row chunk (logits, rows) + the loss
+    sum (+ the stats zero-fill when asked), so ≤ 4 at one chunk; backward 3 per row chunk (dz,
+    grad_features, grad_weight) and nothing else;
   * no host sync and no data-dependent shape: the op captures in a CUDA graph and torch.compile
     traces it without a graph break. Labels are checked on the host only when they live on the CPU
     (free), else in-kernel with tl.device_assert under flags.debug;

@@ -11,20 +11,20 @@ Launches per row chunk, in order (kernels in `kernels.fused_head_triton`):
     backward  _dz_kernel             grid M/BM × K/BN   z tile again; dz = softmax − target
               _grad_features_kernel  grid M/BM × d/BD   dF = g·dz·W/B (+ center term)
               _grad_weight_kernel    grid d/BD × K/BN   dW, dC, dB (finalize as its epilogue)
-With the forward's two torch kernels (the loss sum, the stats zero-fill when asked) every method
-launches at most 4 kernels forward and 3 backward per chunk. The batch is split into row chunks
-so that the backward's (chunk, K) dz scratch stays under 512 MiB: no (B, K) buffer exists, and at
-the benchmark shapes (B = 512, K ≤ 131072) one chunk holds the whole batch.
+The forward adds the loss sum (and, when the stats are asked for, their zero-fill) as torch
+kernels: at one chunk every method launches ≤ 4 kernels forward and 3 backward. The batch is split
+into row chunks so that the backward's (chunk, K) dz scratch stays under 512 MiB: no (B, K) buffer
+exists, and at the benchmark shapes (B = 512, K ≤ 131072) one chunk holds the whole batch.
 
 GEMM precision: one operand dtype for the three GEMMs (z = f·Wᵀ, dF = dz·W, dW = dzᵀ·F), loaded
 in the storage dtype, converted in registers, accumulated in fp32; softmax/CE/UC math is fp32:
 
-    | features | weight/centers | GEMM operands (`gemm_mode`)                 | dz stored as |
-    |----------|----------------|---------------------------------------------|--------------|
-    | bf16     | bf16 or fp32   | bf16 tensor cores (AMP: W cast in registers) | bf16        |
-    | fp16     | fp16 or fp32   | fp16 tensor cores                           | fp16         |
-    | fp32     | bf16 / fp16    | that low-precision dtype                    | that dtype   |
-    | fp32     | fp32           | TF32 tensor cores if tf32, else IEEE fp32   | fp32         |
+    | features | weight/centers | GEMM operands (`gemm_mode`)                  | dz stored as |
+    |----------|----------------|----------------------------------------------|--------------|
+    | bf16     | bf16 or fp32   | bf16 tensor cores (AMP: W cast in registers) | bf16         |
+    | fp16     | fp16 or fp32   | fp16 tensor cores                            | fp16         |
+    | fp32     | bf16 / fp16    | that low-precision dtype                     | that dtype   |
+    | fp32     | fp32           | TF32 tensor cores if tf32, else IEEE fp32    | fp32         |
 
 dz is stored without the 1/B factor (|dz| ≤ 1), so fp16 loses only probabilities below its
 subnormal range (< 6e-8), as an autocast fp16 linear's backward would. Under the interpreter
