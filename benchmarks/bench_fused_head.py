@@ -11,9 +11,9 @@ autocast backbone, fp32 weight and centers: the engine's default CUDA run; recor
                     CPU: pytest-benchmark's median (the smoke run records its single call)
     peak_mem_bytes  peak CUDA memory allocated during one fwd+bwd above the inputs (CUDA only)
     flops           6·B·K·d  (logits, dF = dz·W, dW = dzᵀ·F: the minimum; the O(B·K + K·d) rest is ignored)
-    executed_flops  the fused kernels' matmul FLOPs, 8·B·K·d (`fused_head.flops`: the backward recomputes
+    executed_flops  the fused kernels' matmul FLOPs, 8·B·K·d (`head_traffic.flops`: the backward recomputes
                     the logits), for the fused case
-    bytes           ideal HBM traffic (`kernels.fused_head.modelled_bytes`: f and W read twice, C once,
+    bytes           ideal HBM traffic (`kernels.head_traffic.modelled_bytes`: f and W read twice, C once,
                     dF and dW written, logits streamed once)
     modelled_bytes  the fused kernels' modelled traffic (same function), for the fused case
     matmul_flops_s  measured rate of a plain large matmul in the GEMM precision (AMP: bf16; fp32: TF32
@@ -35,7 +35,7 @@ import pytest
 import torch
 from device_limits import copy_rate, device_limits, matmul_rate
 
-from kernels import fused_head, reference
+from kernels import fused_head, head_plan, head_traffic, reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -75,26 +75,62 @@ def _loss_fn(impl):
 
 def _gemm_dtype(fdt, wdt):
     """The dtype the fused kernels multiply in (the roofline's matmul rate)."""
-    mode = fused_head.gemm_mode(fdt, wdt, tf32=torch.backends.cuda.matmul.allow_tf32)
-    return {fused_head.MODE_BF16: torch.bfloat16, fused_head.MODE_FP16: torch.float16}.get(mode, torch.float32)
+    mode = head_plan.gemm_mode(fdt, wdt, tf32=torch.backends.cuda.matmul.allow_tf32)
+    return {head_plan.MODE_BF16: torch.bfloat16, head_plan.MODE_FP16: torch.float16}.get(mode, torch.float32)
+
+
+def _skip_reason(shape, precision, impl) -> str | None:
+    """Why this case does not run here (None: it runs)."""
+    if impl == "fused":
+        if not CUDA:
+            return "fused Triton head needs a CUDA device (the CPU interpreter is for correctness tests, not timing)"
+        if head_plan.INTERPRET:
+            return "TRITON_INTERPRET=1 is set in this process: Triton would run interpreted, timings meaningless"
+        if not head_plan.HAS_TRITON:
+            return "triton is not installed"
+    if impl == "compiled" and not CUDA and (shape != SHAPES[0] or precision != "fp32"):
+        return ("CPU smoke run: the compiled reference runs only at the smallest shape in fp32 "
+                "(each cold inductor compile on CPU costs 10-20 s)")
+    return None
+
+
+def _measure(benchmark, step, reset, params) -> tuple[float, int | None]:
+    """(median seconds of one fwd+bwd, peak CUDA bytes above the inputs or None on CPU)."""
+    reset()
+    step()  # warm-up: compilation / Triton JIT
+    peak, t_gpu = None, None
+    if CUDA:
+        import triton.testing
+
+        reset()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        t_gpu = triton.testing.do_bench(step, grad_to_none=params, return_mode="median") * 1e-3
+
+    benchmark.pedantic(lambda: (reset(), step()), rounds=5 if CUDA else 3, iterations=1, warmup_rounds=1)
+    stats = getattr(benchmark, "stats", None)
+    t = t_gpu if t_gpu is not None else (stats.stats.median if stats is not None else None)
+    if t is None:  # --benchmark-disable on CPU: time the single call here
+        import time
+
+        t0 = time.perf_counter()
+        reset()
+        step()
+        t = time.perf_counter() - t0
+    return t, peak
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-d{}-K{}".format(*s))
 def test_head_fwd_bwd(benchmark, machine_limits, shape, precision, impl):
-    if impl == "fused":
-        if not CUDA:
-            pytest.skip("fused Triton head needs a CUDA device (the CPU interpreter is for correctness tests, not timing)")
-        if fused_head.INTERPRET:
-            pytest.skip("TRITON_INTERPRET=1 is set in this process: Triton would run interpreted, timings meaningless")
-        if not fused_head.HAS_TRITON:
-            pytest.skip("triton is not installed")
-    if impl == "compiled" and not CUDA and (shape != SHAPES[0] or precision != "fp32"):
-        pytest.skip(
-            "CPU smoke run: the compiled reference runs only at the smallest shape in fp32 "
-            "(each cold inductor compile on CPU costs 10-20 s)"
-        )
+    reason = _skip_reason(shape, precision, impl)
+    if reason:
+        pytest.skip(reason)
     fdt, wdt, dtype_name = PRECISIONS[precision]
     B, d, K = shape
     g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -112,34 +148,10 @@ def test_head_fwd_bwd(benchmark, machine_limits, shape, precision, impl):
     def reset():
         f.grad = w.grad = None
 
-    reset()
-    step()  # warm-up: compilation / Triton JIT
-    peak, t_gpu = None, None
-    if CUDA:
-        import triton.testing
+    t, peak = _measure(benchmark, step, reset, [f, w])
 
-        reset()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        t_gpu = triton.testing.do_bench(step, grad_to_none=[f, w], return_mode="median") * 1e-3
-
-    benchmark.pedantic(lambda: (reset(), step()), rounds=5 if CUDA else 3, iterations=1, warmup_rounds=1)
-    stats = getattr(benchmark, "stats", None)
-    t = t_gpu if t_gpu is not None else (stats.stats.median if stats is not None else None)
-    if t is None:  # --benchmark-disable on CPU: time the single call here
-        import time
-
-        t0 = time.perf_counter()
-        reset()
-        step()
-        t = time.perf_counter() - t0
-
-    traffic = fused_head.modelled_bytes(B, d, K, fdt, wdt, fused_head.HeadFlags(LAMBDA_C, LAMBDA_U, True, 0.0, False))
-    flops = fused_head.ideal_flops(B, d, K)
+    traffic = head_traffic.modelled_bytes(B, d, K, fdt, wdt, head_plan.HeadFlags(LAMBDA_C, LAMBDA_U, True, 0.0, False))
+    flops = head_traffic.ideal_flops(B, d, K)
     rate = matmul_rate(machine_limits, _gemm_dtype(fdt, wdt))
     bw = copy_rate(machine_limits)
     floor = max(flops / rate, traffic["ideal"] / bw)
@@ -153,7 +165,7 @@ def test_head_fwd_bwd(benchmark, machine_limits, shape, precision, impl):
         flops=flops,
         bytes=traffic["ideal"],
         modelled_bytes=traffic["total"] if impl == "fused" else None,
-        executed_flops=fused_head.flops(B, d, K) if impl == "fused" else None,
+        executed_flops=head_traffic.flops(B, d, K) if impl == "fused" else None,
         matmul_flops_s=rate,
         copy_bytes_s=bw,
         limits_source=machine_limits["source"],

@@ -2,7 +2,7 @@
 
 Triton compiles for `GPUTarget("cuda", 90, 32)` (H100) or `("cuda", 80, 32)` (A100) without a
 GPU; ptxas (shipped in triton/backends/nvidia/bin) then reports registers and spills. The
-launches come from `kernels.fused_head.plan_forward` / `plan_backward` — what the launcher runs —
+launches come from `kernels.head_plan.plan_forward` / `plan_backward` — what the launcher runs —
 so what is compiled here is what the engine launches, not a hand-written list.
 
     python -m kernels.aot            # table: kernel × dtype × arch → registers, spills, shared, MMA
@@ -16,11 +16,11 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from kernels import fused_head as fh
+from kernels import head_plan as hp
 
 # Shared memory an SM can give one CTA (opt-in maximum): sm_90 227 KiB, sm_80 163 KiB.
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -63,7 +63,7 @@ def _specialize(value) -> tuple[str, bool]:
         return "fp32", False
 
 
-def signature(launch: fh.Launch) -> tuple[dict, dict, dict]:
+def signature(launch: hp.Launch) -> tuple[dict, dict, dict]:
     """Triton signature (name → type), constexprs and attrs (divisibility) of one launch,
     specialized from its runtime arguments as the JIT would."""
     names = launch.kernel.arg_names
@@ -86,7 +86,7 @@ def signature(launch: fh.Launch) -> tuple[dict, dict, dict]:
     return {n: sig[n] for n in names}, const, attrs
 
 
-def cache_key(launch: fh.Launch, arch: int, debug: bool = False) -> tuple:
+def cache_key(launch: hp.Launch, arch: int, debug: bool = False) -> tuple:
     sig, const, attrs = signature(launch)
     return (launch.name, arch, tuple(sig.items()), tuple(sorted(const.items())), tuple(sorted(attrs)),
             launch.num_warps, launch.num_stages, debug)
@@ -110,14 +110,14 @@ def _compile(key: tuple) -> Compiled:
     src = ASTSource(fn=getattr(_jit_kernels(), name), signature=sig, constexprs=dict(const), attrs=attrs)
     opts = dict(num_warps=warps, num_stages=stages)
     if debug:
-        opts.update(fh.DEBUG_OPTIONS)
+        opts.update(hp.DEBUG_OPTIONS)
     cc = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     ptx = cc.asm["ptx"]
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as fh_:
-            fh_.write(ptx)
+        with open(path, "w") as ptx_file:
+            ptx_file.write(ptx)
         out = subprocess.run([_bin("ptxas"), "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True)
     if out.returncode != 0:
@@ -170,7 +170,7 @@ def compile_launches(launches, arch: int, debug: bool = False) -> list[Compiled]
     return [_RESULTS[k] for k in keys]
 
 
-def compile_launch(launch: fh.Launch, arch: int, debug: bool = False) -> Compiled:
+def compile_launch(launch: hp.Launch, arch: int, debug: bool = False) -> Compiled:
     """Compile one launch for sm_`arch` (cached per specialization within the process)."""
     return compile_launches([launch], arch, debug)[0]
 
@@ -202,7 +202,7 @@ def meta_inputs(B: int, D: int, K: int, features_dtype, weight_dtype, bias: bool
     c = torch.empty(K, D, dtype=weight_dtype, device=meta)
     y = torch.empty(B, dtype=torch.int64, device=meta)
     b = torch.empty(K, dtype=weight_dtype, device=meta) if bias else None
-    return f, w, c, y, b
+    return hp.HeadInputs(f, w, c, y, b)
 
 
 # (features dtype, weight dtype, tf32) of every precision the engine runs.
@@ -217,22 +217,22 @@ DTYPES = {
 GEMM_KERNELS = ("_logits_kernel", "_dz_kernel", "_grad_features_kernel", "_grad_weight_kernel")
 
 
-def launches_for(B, D, K, dtype: str, flags: fh.HeadFlags, bias: bool):
+def launches_for(B, D, K, dtype: str, flags: hp.HeadFlags, bias: bool):
     """Every launch of one forward and its backward (`plan_forward` + `plan_backward`) at this shape."""
     fdt, wdt, tf32 = DTYPES[dtype]
-    flags = fh.HeadFlags(**{**flags.__dict__, "tf32": int(tf32)})
-    f, w, c, y, b = meta_inputs(B, D, K, fdt, wdt, bias)
-    fwd = fh.plan_forward(f, w, c, y, b, flags, interpret=False)
+    flags = replace(flags, tf32=int(tf32))
+    inputs = meta_inputs(B, D, K, fdt, wdt, bias)
+    fwd = hp.plan_forward(inputs, flags, interpret=False)
     g = torch.empty((), dtype=torch.float32, device="meta")  # grad_output, as autograd passes it
-    bwd = fh.plan_backward(g, f, w, c, y, b, fwd.lse, fwd.off, fwd.ucs, fwd.stats, flags, interpret=False)
+    bwd = hp.plan_backward(g, inputs, fwd.saved, flags, interpret=False)
     return fwd.launches + bwd.launches
 
 
 def main() -> None:
     """Table of the engine's default method (eo_uc, B=512, d=2048, K=8142), without and with the
     per-class stats epilogue, every precision and arch."""
-    variants = {"eo_uc": fh.HeadFlags(1.0, 1.0, True, 0.0, False),
-                "eo_uc+stats": fh.HeadFlags(1.0, 1.0, True, 0.0, False, stats=True)}
+    variants = {"eo_uc": hp.HeadFlags(1.0, 1.0, True, 0.0, False),
+                "eo_uc+stats": hp.HeadFlags(1.0, 1.0, True, 0.0, False, stats=True)}
     print("| kernel | variant | dtype | arch | registers | spills (st/ld B) | shared KiB | tensor cores |")
     print("|---|---|---|---|---|---|---|---|")
     for dtype in DTYPES:

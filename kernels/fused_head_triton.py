@@ -1,12 +1,24 @@
-"""The Triton kernels of the fused head (the math is documented in `kernels.fused_head`,
-which builds their launches; this file holds only @triton.jit functions, so that
-`kernels.aot` can load a compiled — not interpreted — copy of it for ahead-of-time
-compilation even when TRITON_INTERPRET=1 is set for the CPU tests).
+"""The Triton kernels of the fused head (the loss is defined in `kernels.reference`, the design is
+described in `kernels.fused_head`, the launches are built by `kernels.head_plan`). This file holds
+only @triton.jit functions, so that `kernels.aot` can load a compiled — not interpreted — copy of it
+for ahead-of-time compilation even when TRITON_INTERPRET=1 is set for the CPU tests.
 
-Every kernel's docstring gives its HBM bytes and FLOPs (M = rows of the row chunk,
-e = bytes of the dz element type, BN/BD = its tile sizes).
+Every kernel's docstring gives its HBM bytes and FLOPs (M = rows of the row chunk, e = bytes of
+the dz element type, BN/BD = its tile sizes); `kernels.head_traffic` sums them.
+
+Gradients (everything is divided by B; g = grad_output scales every term):
+    CE_ε(z_i, y) = lse(z_i) − (1−ε) z_iy − ε/K Σ_k z_ik
+    dz_ik = softmax(z_i)_k − (1−ε)[k = y_i] − ε/K;      ∂L/∂z_ik = dz_ik / B
+    ∂L/∂f_i = Σ_k dz_ik w_k / B,   ∂L/∂w_k = Σ_i dz_ik f_i / B,   ∂L/∂b_k = Σ_i dz_ik / B
+    ∂L/∂õ_k += −Σ_i dz_ik / B  (use_offset)
+    center loss: ∂L/∂f_i += 2λ1/B (f_i − c_{y_i}),  ∂L/∂c_k += −2λ1/B (S_k − n_k c_k)
+        S_k = Σ_{i: y_i=k} f_i, n_k the class count (also Wen's update statistics)
+    uniform constraint UC = Σ_k p_k log p_k, p = softmax(q), q = −õ:
+        with m = max q, s = Σ e^{q−m}, t = Σ e^{q−m} q (merged over CTAs):
+        lse_q = m + log s,  UC = t/s − lse_q,   ∂UC/∂õ_j = −p_j (log p_j − UC),  ∂L/∂õ += λ2 ∂UC/∂õ
+    õ_k = ½ c_k·w_k ⇒ ∂L/∂w_k += ½ c_k ∂L/∂õ_k,  ∂L/∂c_k += ½ w_k ∂L/∂õ_k
+    center_grad=False: c is a constant (the reference's `c.detach()`).
 """
-
 import triton
 import triton.language as tl
 

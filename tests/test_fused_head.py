@@ -9,6 +9,7 @@ against `kernels.reference.offset_head_loss` evaluated in float64 on CPU on the 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 
@@ -19,8 +20,9 @@ CUDA = torch.cuda.is_available()
 assert CUDA or os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TRITON_INTERPRET on CPU"
 
 import kernels  # noqa: E402
-from kernels import fused_head, reference  # noqa: E402
-from kernels.fused_head import HeadFlags, fused_offset_head_loss, fused_offset_head_loss_with_stats  # noqa: E402
+from kernels import fused_head, head_plan, head_traffic, reference  # noqa: E402
+from kernels.fused_head import fused_offset_head_loss, fused_offset_head_loss_with_stats  # noqa: E402
+from kernels.head_plan import HeadFlags, HeadInputs, Saved  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (CPU runs the kernels in Triton's interpreter)")
@@ -160,13 +162,13 @@ def test_mixed_dtypes_and_autocast(amp_dtype):
 def test_gemm_precision_table():
     """The docstring's table: one operand dtype for the three GEMMs per input dtype pair."""
     bf, hf, f32 = torch.bfloat16, torch.float16, torch.float32
-    gm = fused_head.gemm_mode
-    assert gm(bf, f32, tf32=False) == gm(bf, bf, tf32=True) == gm(f32, bf, tf32=False) == fused_head.MODE_BF16
-    assert gm(hf, f32, tf32=True) == gm(hf, hf, tf32=False) == fused_head.MODE_FP16
-    assert gm(f32, f32, tf32=True) == fused_head.MODE_TF32
-    assert gm(f32, f32, tf32=False) == fused_head.MODE_IEEE
-    assert gm(bf, f32, tf32=False, interpret=True) == fused_head.MODE_BF16_EMULATED
-    assert gm(f32, f32, tf32=True, interpret=True) == fused_head.MODE_IEEE
+    gm = head_plan.gemm_mode
+    assert gm(bf, f32, tf32=False) == gm(bf, bf, tf32=True) == gm(f32, bf, tf32=False) == head_plan.MODE_BF16
+    assert gm(hf, f32, tf32=True) == gm(hf, hf, tf32=False) == head_plan.MODE_FP16
+    assert gm(f32, f32, tf32=True) == head_plan.MODE_TF32
+    assert gm(f32, f32, tf32=False) == head_plan.MODE_IEEE
+    assert gm(bf, f32, tf32=False, interpret=True) == head_plan.MODE_BF16_EMULATED
+    assert gm(f32, f32, tf32=True, interpret=True) == head_plan.MODE_IEEE
 
 
 def test_grad_output_scaling_and_no_grad_inputs():
@@ -219,21 +221,22 @@ def _on_device(dtype, *ts):
 @pytest.mark.parametrize("chunk_rows", [32, 0], ids=["3chunks", "1chunk"])
 def test_poisoned_buffers_are_all_written(monkeypatch, dtype, smoothing, chunk_rows):
     """Every buffer the kernels should overwrite starts as NaN: any unwritten element shows."""
-    monkeypatch.setattr(fused_head, "_empty", _nan_empty)
+    monkeypatch.setattr(head_plan, "_empty", _nan_empty)
     f, w, c, b, y = make_inputs(70, 130, 65, seed=2)
     out = run_both(f, w, c, b, y, dtype, 0.5, 0.5, label_smoothing=smoothing, chunk_rows=chunk_rows)
     check_close(*out, dtype)
     fd, wd, cd, bd, yd = _on_device(dtype, f, w, c, b, y)
     flags = HeadFlags(0.5, 0.5, True, smoothing, True, chunk_rows, 0, stats=True)
-    res = fused_head._forward_impl(fd, wd, cd, yd, bd, flags)
-    grads = fused_head._backward_impl(torch.tensor(1.0, device=DEVICE), fd, wd, cd, yd, bd, *res[1:], flags)
+    inputs = HeadInputs(fd, wd, cd, yd, bd)
+    res = fused_head._forward_impl(inputs, flags)
+    grads = fused_head._backward_impl(torch.tensor(1.0, device=DEVICE), inputs, Saved(*res[1:]), flags)
     for name, t in zip(("loss", "lse", "off", "ucs", "stats", "dF", "dW", "dC", "dB"), res + grads):
         assert t.numel() > 0 and torch.isfinite(t).all(), f"{name} has unwritten (NaN) elements"
 
 
 def test_poison_detector_can_fail(monkeypatch):
     """The poison check catches a kernel that skips elements (here: a grad-weight pass that writes nothing)."""
-    monkeypatch.setattr(fused_head, "_empty", _nan_empty)
+    monkeypatch.setattr(head_plan, "_empty", _nan_empty)
 
     class _Skip:
         __name__ = "_skip"
@@ -241,12 +244,13 @@ def test_poison_detector_can_fail(monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **k: None
 
-    monkeypatch.setattr(fused_head, "_grad_weight_kernel", _Skip())
+    monkeypatch.setattr(head_plan, "_grad_weight_kernel", _Skip())
     f, w, c, b, y = make_inputs(5, 37, 19, seed=4)
     fd, wd, cd, bd, yd = _on_device(torch.bfloat16, f, w, c, b, y)
     flags = HeadFlags(1.0, 1.0, True, 0.0, True)
-    res = fused_head._forward_impl(fd, wd, cd, yd, bd, flags)
-    grads = fused_head._backward_impl(torch.tensor(1.0, device=DEVICE), fd, wd, cd, yd, bd, *res[1:], flags)
+    inputs = HeadInputs(fd, wd, cd, yd, bd)
+    res = fused_head._forward_impl(inputs, flags)
+    grads = fused_head._backward_impl(torch.tensor(1.0, device=DEVICE), inputs, Saved(*res[1:]), flags)
     for name, t in zip(("dW", "dC", "dB"), grads[1:]):
         assert torch.isnan(t).all(), f"{name}: grad-weight pass skipped, yet not NaN"
     assert torch.isfinite(grads[0]).all()  # dF comes from another kernel
@@ -320,7 +324,7 @@ def _head_ops(monkeypatch, flags, with_bias=False):
     """{"forward"|"backward": (aten ops, Triton launches)} of one fused forward and its backward on
     the non-CPU path (label check skipped: it runs only for CPU labels, where it costs no sync)."""
     phase = {}
-    real_run = fused_head.Launch.run
+    real_run = head_plan.Launch.run
     log = _OpLog()
 
     def counting_run(self, debug=False):
@@ -331,21 +335,20 @@ def _head_ops(monkeypatch, flags, with_bias=False):
         finally:
             log.paused = False
 
-    monkeypatch.setattr(fused_head.Launch, "run", counting_run)
+    monkeypatch.setattr(head_plan.Launch, "run", counting_run)
     monkeypatch.setattr(fused_head, "_check_labels", lambda labels, K: None)
     f, w, c, b, y = make_inputs(10, 37, 19, seed=3, with_bias=with_bias)
     args = _on_device(torch.float32, f, w, c, *([b] if with_bias else []), y)
-    fd, wd, cd, yd = args[0], args[1], args[2], args[-1]
-    bd = args[3] if with_bias else None
+    inputs = HeadInputs(args[0], args[1], args[2], args[-1], args[3] if with_bias else None)
     g = torch.tensor(1.0, device=DEVICE)
     out = {}
     phase["launches"] = []
     with log:
-        res = fused_head._forward_impl(fd, wd, cd, yd, bd, flags)
+        res = fused_head._forward_impl(inputs, flags)
     out["forward"] = (log.ops, phase["launches"])
     log.ops, phase["launches"] = [], []
     with log:
-        fused_head._backward_impl(g, fd, wd, cd, yd, bd, *res[1:], flags)
+        fused_head._backward_impl(g, inputs, Saved(*res[1:]), flags)
     out["backward"] = (log.ops, phase["launches"])
     return out
 
@@ -488,7 +491,7 @@ def test_non_contiguous_inputs():
 
 
 def test_triton_on_cpu_without_interpreter_says_so(monkeypatch):
-    monkeypatch.setattr(fused_head, "INTERPRET", False)
+    monkeypatch.setattr(head_plan, "INTERPRET", False)
     f, w, c, b, y = make_inputs(6, 37, 19, seed=1)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.offset_head_loss(f.float(), w.float(), c.float(), y, backend="triton")
@@ -545,6 +548,19 @@ def test_opcheck():
     torch.library.opcheck(fused_head._fused_head_backward_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
+def test_head_flags_define_the_op_schemas():
+    """Both custom ops take HeadFlags' fields, in order, after their tensors; `HeadFlags.of` turns the
+    public arguments into the schema's types (tf32: None → -1 follows torch's allow_tf32)."""
+    ops = {torch.ops.lt_engine.fused_offset_head_cce.default: 5, torch.ops.lt_engine.fused_offset_head_cce_backward.default: 10}
+    for op, n_tensors in ops.items():
+        names = [a.name for a in op._schema.arguments]
+        assert names[n_tensors:] == [f.name for f in dataclasses.fields(HeadFlags)], names
+    flags = HeadFlags.of(1, 0, use_offset=0, label_smoothing=0, center_grad=1)
+    assert flags == HeadFlags(1.0, 0.0, False, 0.0, True, 0, -1, False, False)
+    assert [type(v) for v in flags.op_args()] == [float, float, bool, float, bool, int, int, bool, bool]
+    assert (HeadFlags.of(tf32=True).tf32, HeadFlags.of(tf32=False).tf32) == (1, 0)
+
+
 def test_torch_compile_fullgraph():
     f, w, c, b, y = _small()
 
@@ -567,24 +583,24 @@ def test_torch_compile_fullgraph():
 
 
 def test_traffic_table_in_docstring_is_current():
-    """The module docstring's byte table is `modelled_bytes`' output (regenerate it when a kernel changes)."""
-    for line in fused_head._traffic_table().splitlines():
-        assert "    " + line in fused_head.__doc__, f"docstring table out of date; expected the row:\n{line}"
+    """head_traffic's docstring table is `modelled_bytes`' output (regenerate it when a kernel changes)."""
+    for line in head_traffic.traffic_table().splitlines():
+        assert "    " + line in head_traffic.__doc__, f"docstring table out of date; expected the row:\n{line}"
 
 
 def test_modelled_bytes_accounting():
     """Hand check at K=1000, bf16: f = 2 MiB-ish, W = 4 MB; the model's ideal and a few kernel terms."""
     B, D, K = 512, 2048, 1000
-    m = fused_head.modelled_bytes(B, D, K, torch.bfloat16, torch.bfloat16)
+    m = head_traffic.modelled_bytes(B, D, K, torch.bfloat16, torch.bfloat16)
     f, W = B * D * 2, K * D * 2
     assert m["ideal"] == 2 * (f + W) + W + f + W + B * K * 2
     assert m["kernels"]["_dz_kernel"] == f + W + 2 * B * K + 4 * K + 4 * B
     assert m["kernels"]["_grad_features_kernel"] == 2 * B * K + W + f + 2 * f  # eo_uc: center term reads f, c_y
     assert m["total"] == sum(m["kernels"].values()) and m["ratio"] == m["total"] / m["ideal"]
     # fp32 accumulators across row chunks appear only when B·K forces several chunks.
-    big = fused_head.modelled_bytes(4096, D, 131072, torch.bfloat16, torch.bfloat16)
+    big = head_traffic.modelled_bytes(4096, D, 131072, torch.bfloat16, torch.bfloat16)
     assert big["chunks"] > 1
-    assert big["kernels"]["_grad_weight_kernel"] > fused_head.modelled_bytes(512, D, 131072)["kernels"][
+    assert big["kernels"]["_grad_weight_kernel"] > head_traffic.modelled_bytes(512, D, 131072)["kernels"][
         "_grad_weight_kernel"]
 
 
@@ -593,9 +609,9 @@ def test_modelled_bytes_accounting():
                                         (torch.float32, torch.float32, True), (torch.float32, torch.float32, False)],
                          ids=["bf16", "amp_bf16", "fp16", "amp_fp16", "tf32", "fp32"])
 def test_modelled_traffic_within_twice_ideal(fd, wd, tf32):
-    """Issue 11's target: modelled HBM bytes per fwd+bwd ≤ 2× the ideal at (512, 2048, K), engine default flags."""
+    """The design's bound: modelled HBM bytes per fwd+bwd ≤ 2× the ideal at (512, 2048, K), engine default flags."""
     for K in (1000, 8142, 131072):
-        m = fused_head.modelled_bytes(512, 2048, K, fd, wd, tf32=tf32)
+        m = head_traffic.modelled_bytes(512, 2048, K, fd, wd, tf32=tf32)
         assert m["ratio"] <= 2.0, (K, m["ratio"], m["kernels"])
 
 
@@ -608,12 +624,11 @@ def test_modelled_kernels_are_the_launch_plan(B, K, flags):
     from kernels import aot
 
     D, fd, wd = 2048, torch.bfloat16, torch.float32
-    f, w, c, y, b = aot.meta_inputs(B, D, K, fd, wd, bias=False)
-    fwd = fused_head.plan_forward(f, w, c, y, b, flags, interpret=False)
-    bwd = fused_head.plan_backward(torch.empty((), device="meta"), f, w, c, y, b, fwd.lse, fwd.off, fwd.ucs,
-                                   fwd.stats, flags, interpret=False)
+    inputs = aot.meta_inputs(B, D, K, fd, wd, bias=False)
+    fwd = head_plan.plan_forward(inputs, flags, interpret=False)
+    bwd = head_plan.plan_backward(torch.empty((), device="meta"), inputs, fwd.saved, flags, interpret=False)
     names = [launch.name for launch in fwd.launches + bwd.launches]
-    m = fused_head.modelled_bytes(B, D, K, fd, wd, flags, tf32=False)
+    m = head_traffic.modelled_bytes(B, D, K, fd, wd, flags, tf32=False)
     modelled = [k for k, v in m["kernels"].items() if k.startswith("_") and v > 0]
     assert list(dict.fromkeys(names)) == modelled
     assert all(names.count(k) == m["chunks"] for k in modelled), (names, m["chunks"])

@@ -2,7 +2,7 @@
 
 For every method the engine can run through the fused op, every precision (fp32, fp32+TF32,
 bf16, fp16, AMP-bf16, AMP-fp16) and the benchmark shapes, the launches are produced by
-`kernels.fused_head.plan_forward` / `plan_backward` — what the launcher runs — and compiled with Triton
+`kernels.head_plan.plan_forward` / `plan_backward` — what the launcher runs — and compiled with Triton
 for GPUTarget("cuda", 90|80, 32). Each specialization must:
   * compile;
   * fit the SM's shared memory (sm_90: 227 KiB, sm_80: 163 KiB);
@@ -31,14 +31,14 @@ triton = pytest.importorskip("triton", reason="triton is not installed: nothing 
 
 import kernels  # noqa: E402
 from kernels import aot  # noqa: E402
-from kernels import fused_head as fh  # noqa: E402
+from kernels import head_plan as hp  # noqa: E402
 
 FULL = os.environ.get("LT_AOT_FULL", "0") == "1"
 ARCHS = (90, 80)
 SHAPES_FULL = list(itertools.product((256, 512), (512, 2048), (1000, 8142, 131072)))  # (B, d, K)
 
 
-def engine_flag_sets(label_smoothing: float) -> dict[str, tuple[fh.HeadFlags, bool]]:
+def engine_flag_sets(label_smoothing: float) -> dict[str, tuple[hp.HeadFlags, bool]]:
     """method → (HeadFlags, has bias) as the engine's own head passes them to the fused op in a training
     step (center methods take the per-class statistics from the same pass: `offset_head_loss_with_stats`)."""
     from engine.heads import METHODS, Head
@@ -51,8 +51,9 @@ def engine_flag_sets(label_smoothing: float) -> dict[str, tuple[fh.HeadFlags, bo
     def recorder(name: str, stats: bool):
         def record(features, weight, centers, labels, lambda_center=1.0, lambda_uniform=1.0, *, use_offset=True,
                    bias=None, label_smoothing=0.0, center_grad=True, backend="auto"):
-            seen["call"] = (fh._flags(lambda_center, lambda_uniform, use_offset, label_smoothing, center_grad, 0,
-                                      None, False, stats), bias is not None)
+            seen["call"] = (hp.HeadFlags.of(lambda_center, lambda_uniform, use_offset=use_offset,
+                                            label_smoothing=label_smoothing, center_grad=center_grad, stats=stats),
+                            bias is not None)
             return real[name](features, weight, centers, labels, lambda_center, lambda_uniform,
                               use_offset=use_offset, bias=bias, label_smoothing=label_smoothing,
                               center_grad=center_grad, backend="torch")
@@ -77,7 +78,7 @@ def engine_flag_sets(label_smoothing: float) -> dict[str, tuple[fh.HeadFlags, bo
 
 # The non-engine variant the tests and `fused_offset_head_loss_with_stats` launch: every
 # optional epilogue on (per-class stats, dC, dB, label smoothing).
-EVERYTHING = (fh.HeadFlags(1.0, 1.0, True, 0.1, True, stats=True), True)
+EVERYTHING = (hp.HeadFlags(1.0, 1.0, True, 0.1, True, stats=True), True)
 DEFAULT_DTYPE = "amp_bf16"  # the engine's default CUDA run (run.amp=auto)
 
 
@@ -117,7 +118,7 @@ def test_engine_methods_reach_the_fused_op():
 @pytest.mark.parametrize("dtype", list(aot.DTYPES))
 def test_every_specialization_compiles_fits_and_uses_tensor_cores(dtype, arch):
     fdt, wdt, tf32 = aot.DTYPES[dtype]
-    mode = fh.gemm_mode(fdt, wdt, tf32)
+    mode = hp.gemm_mode(fdt, wdt, tf32)
     problems, kernels_seen = [], set()
     labelled = [(label, launch) for label, launches in cases(dtype, arch) for launch in launches]
     compiled = aot.compile_launches([launch for _, launch in labelled], arch)  # one batch, deduplicated
@@ -129,7 +130,7 @@ def test_every_specialization_compiles_fits_and_uses_tensor_cores(dtype, arch):
         if c.spill_stores or c.spill_loads:
             problems.append(f"{where}: spills {c.spill_stores}/{c.spill_loads} B (registers {c.registers})")
         if launch.name in aot.GEMM_KERNELS:
-            want = ("wgmma" if arch >= 90 else "mma") if mode in fh.TENSOR_CORE_MODES else ""
+            want = ("wgmma" if arch >= 90 else "mma") if mode in hp.TENSOR_CORE_MODES else ""
             if c.mma != want:
                 problems.append(f"{where}: tensor-core instruction {c.mma or 'none'!r}, expected {want or 'none'!r}")
     assert set(aot.GEMM_KERNELS) | {"_rows_kernel"} <= kernels_seen
@@ -141,7 +142,7 @@ def test_default_amp_bf16_runs_all_gemms_on_bf16_tensor_cores():
     flags, bias = engine_flag_sets(0.0)["eo_uc"]
     launches = aot.launches_for(512, 2048, 8142, "amp_bf16", flags, bias)
     gemms = [launch for launch in launches if launch.name in aot.GEMM_KERNELS]
-    assert len(gemms) == 4 and all(launch.constexprs["MODE"] == fh.MODE_BF16 for launch in gemms)
+    assert len(gemms) == 4 and all(launch.constexprs["MODE"] == hp.MODE_BF16 for launch in gemms)
     for arch in ARCHS:
         for launch, compiled in zip(gemms, aot.compile_launches(gemms, arch)):
             assert compiled.mma == ("wgmma" if arch >= 90 else "mma"), (launch.name, arch)
@@ -149,7 +150,7 @@ def test_default_amp_bf16_runs_all_gemms_on_bf16_tensor_cores():
 
 def test_debug_label_assert_compiles():
     """flags.debug compiles tl.device_assert into the logits kernel (no spill either)."""
-    flags = fh.HeadFlags(1.0, 1.0, True, 0.0, False, debug=True)
+    flags = hp.HeadFlags(1.0, 1.0, True, 0.0, False, debug=True)
     (launch,) = [x for x in aot.launches_for(512, 2048, 1000, "amp_bf16", flags, False) if x.name == "_logits_kernel"]
     assert launch.constexprs["DEBUG"] is True
     c = aot.compile_launch(launch, 90, debug=True)
@@ -158,9 +159,9 @@ def test_debug_label_assert_compiles():
 
 def test_detector_sees_spills_and_missing_tensor_cores():
     """The checks can fail: an oversized IEEE tile spills, and IEEE fp32 has no tensor-core instruction."""
-    flags = fh.HeadFlags(1.0, 1.0, True, 0.0, False)
+    flags = hp.HeadFlags(1.0, 1.0, True, 0.0, False)
     (launch,) = [x for x in aot.launches_for(512, 2048, 8142, "fp32", flags, False) if x.name == "_grad_weight_kernel"]
-    big = fh.Launch(launch.kernel, launch.grid, launch.args,
+    big = hp.Launch(launch.kernel, launch.grid, launch.args,
                     {**launch.constexprs, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_D": 128}, 4, 2)
     c = aot.compile_launch(big, 80)
     assert c.spill_stores > 0 and c.mma == "" and c.ffma > 0
