@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
 from pipelines.splits import DataError, SameClassOrder, SplitIndex
+from pipelines.workers import ignore_stop_signals
 
 BadImage = tuple[str, str]  # (path, reason)
 
@@ -315,6 +316,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,  # SIGTERM / SIGINT / SIGUSR1 are the main process's to handle
         **extra,
     )
     return ImageLoader(loader, sampler, on_bad_image, max_bad_images)
