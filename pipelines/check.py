@@ -27,6 +27,7 @@ import numpy as np
 
 from engine.io import atomic_write_text
 from pipelines.long_tail import shot_groups
+from pipelines.progress import progress_bar
 from pipelines.splits import DataError, SplitIndex, outside_root
 
 
@@ -70,12 +71,10 @@ def _open_header(path: Path) -> tuple[str, str] | None:
 
 def _scan(paths: list[Path], check, jobs: int | None, progress: bool, desc: str) -> list[tuple[str, str] | None]:
     """`check(path)` for every path in `jobs` threads (PIL releases the GIL while decoding;
-    default min(8, CPU count)), in order, with a tqdm bar on stderr when `progress`."""
-    from tqdm import tqdm
-
+    default min(8, CPU count)), in order, with a progress bar on stderr when `progress` (pipelines/progress.py)."""
     n_jobs = jobs or min(8, os.cpu_count() or 1)
     out: list[tuple[str, str] | None] = []
-    with ThreadPoolExecutor(max_workers=n_jobs) as pool, tqdm(
+    with ThreadPoolExecutor(max_workers=n_jobs) as pool, progress_bar(
         total=len(paths), desc=desc, unit="img", disable=not progress, leave=False
     ) as bar:
         for res in pool.map(check, paths, chunksize=64):
