@@ -259,6 +259,31 @@ def test_dali_loader_sigkill_then_resume_is_bitwise(tmp_path, digits_cache):
     _assert_same_run(ref, out)
 
 
+def test_loader_workers_ignore_the_stop_signals(tmp_path):
+    """SIGTERM, SIGINT and SIGUSR1 sent to the torchvision loader's workers mid-epoch: the epoch runs on."""
+    import numpy as np
+
+    from pipelines.loader import make_loader
+    from pipelines.spec import LoaderSpec
+    from pipelines.splits import SplitIndex
+    from pipelines.workers import STOP_SIGNALS
+
+    paths = [tmp_path / f"{i}.jpg" for i in range(12)]
+    for i, path in enumerate(paths):
+        helpers.write_jpeg(path, (20, 24), seed=i)
+    index = SplitIndex(tmp_path / "split.txt", paths, np.arange(12) % 2, 2)
+    loader = make_loader(index, LoaderSpec(2, image_size=16, augment="pad_crop", workers=2), True)
+    batches = iter(loader)
+    next(batches)
+    workers = [w.pid for w in loader.loader._iterator._workers]
+    for pid in workers:
+        for sig in STOP_SIGNALS:
+            os.kill(pid, sig)
+    time.sleep(0.5)  # a worker that acts on a signal is dead by now
+    assert len(list(batches)) == len(loader) - 1
+    assert all(w.is_alive() for w in loader.loader._iterator._workers)
+
+
 def test_run_lock_dies_with_its_holder_not_with_its_forked_children(tmp_path):
     """A holder SIGKILLed while a forked child (a DataLoader worker) lives on: the lock is free at once."""
     from engine.runlock import RunFolderBusy, RunLock
