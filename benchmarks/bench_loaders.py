@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pipelines.loader import build_imagenet_transform, make_loader
+from pipelines.loader import make_loader
 from pipelines.long_tail import long_tailed_counts
 from pipelines.samplers import build_sampler
+from pipelines.spec import LoaderSpec
 from pipelines.splits import SplitIndex
 
 dali = pytest.importorskip("pipelines.dali")
@@ -31,7 +33,7 @@ dali = pytest.importorskip("pipelines.dali")
 WORKERS = int(os.environ.get("BENCH_LOADER_WORKERS", "2"))
 N_IMAGES = int(os.environ.get("BENCH_LOADER_IMAGES", "96"))
 BATCH = 16
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SPEC = LoaderSpec(BATCH, image_size=224, workers=WORKERS)  # ImageNet mean/std and random-resized crop, CPU
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +85,14 @@ def _record(benchmark, run, **info) -> None:
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_dali_cpu(benchmark, jpeg_set, train):
     sampler = build_sampler("instance", jpeg_set.labels, 10) if train else None
-    loader = dali.DaliLoader(
-        jpeg_set, BATCH, train, sampler=sampler, image_size=224, mean=MEAN, std=STD, device_id=None, num_threads=WORKERS
-    )
+    loader = dali.DaliLoader(jpeg_set, SPEC, train, sampler=sampler)
     _record(benchmark, _epoch_rate(loader, loader.set_epoch), loader="dali_cpu", mode="train" if train else "eval")
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_torchvision(benchmark, jpeg_set, train):
     sampler = build_sampler("instance", jpeg_set.labels, 10) if train else None
-    tf = build_imagenet_transform(train, 224, MEAN, STD)
-    loader = make_loader(jpeg_set, tf, BATCH, train, sampler=sampler, num_workers=WORKERS)
+    loader = make_loader(jpeg_set, SPEC, train, sampler=sampler)
     set_epoch = sampler.set_epoch if sampler is not None else None
     _record(benchmark, _epoch_rate(loader, set_epoch), loader="torchvision", mode="train" if train else "eval")
 
@@ -102,9 +101,7 @@ def test_torchvision(benchmark, jpeg_set, train):
 def test_dali_cpu_sampler_order(benchmark, jpeg_set, name):
     """Same DALI train pipeline, plain vs class-aware order: the difference is the sampler's cost."""
     sampler = build_sampler(name, jpeg_set.labels, 10, seed=0)
-    loader = dali.DaliLoader(
-        jpeg_set, BATCH, True, sampler=sampler, image_size=224, mean=MEAN, std=STD, device_id=None, num_threads=WORKERS
-    )
+    loader = dali.DaliLoader(jpeg_set, SPEC, True, sampler=sampler)
     _record(benchmark, _epoch_rate(loader, loader.set_epoch), loader="dali_cpu", sampler=name)
 
 
@@ -128,10 +125,8 @@ def test_sampler_epoch_imagenet_lt_size(benchmark, name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="DALI mixed (GPU) decode needs a CUDA device; none here")
 def test_dali_mixed_gpu_224(benchmark, jpeg_set):
     sampler = build_sampler("instance", jpeg_set.labels, 10)
-    loader = dali.DaliLoader(
-        jpeg_set, BATCH, True, sampler=sampler, image_size=224, mean=MEAN, std=STD, device_id=0, num_threads=WORKERS,
-        layout="channels_last", dtype="float16",
-    )
+    spec = replace(SPEC, device_id=0, layout="channels_last", dtype="float16")
+    loader = dali.DaliLoader(jpeg_set, spec, True, sampler=sampler)
 
     def run() -> int:
         n = _epoch_rate(loader, loader.set_epoch)()

@@ -13,7 +13,7 @@ the `class_counts` computed here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,9 @@ from engine.distributed import DistInfo
 from pipelines.check import read_exclusions, screen_splits
 from pipelines.digits_lt import build_digits_lt, default_cache_dir
 from pipelines.formats import build_cifar_lt, read_image_folder, read_inat
-from pipelines.loader import build_imagenet_transform, build_transform, make_loader
+from pipelines.loader import make_loader
 from pipelines.samplers import ShardSampler, build_sampler
+from pipelines.spec import LoaderSpec
 from pipelines.splits import DataError, SplitIndex, class_counts, image_path, parse_split, read_split
 
 
@@ -119,52 +120,42 @@ def _use_dali(cfg: Config, device_type: str) -> bool:
     return choice == "dali" or (choice == "auto" and device_type == "cuda" and dali_available())
 
 
-def make_loaders(cfg: Config, data: Data, dist: DistInfo, device_type: str = "cpu", layout: str = "NCHW"):
-    """Train / val / test loaders for this rank: the train sampler is sharded by rank
-    (equal length on every rank), the eval splits by interleaved shards without padding."""
+def loader_spec(cfg: Config, dist: DistInfo, device_type: str = "cpu", layout: str = "NCHW") -> LoaderSpec:
+    """This rank's LoaderSpec (pipelines/spec.py) of the run: the training batch size per rank,
+    data.* geometry, augmentation and bad-image policy, workers, the rank's seed, the device."""
     d = cfg.data
-    per_rank = cfg.optim.batch_size // dist.world_size
+    return LoaderSpec(
+        batch_size=cfg.optim.batch_size // dist.world_size, image_size=d.image_size, augment=d.augment,
+        resize_size=d.resize_size or None, hflip=d.hflip, crop_padding=d.crop_padding, mean=tuple(d.mean),
+        std=tuple(d.std), layout=layout, workers=d.num_workers, seed=cfg.seed + dist.rank,
+        device_id=dist.local_rank if device_type == "cuda" else None, on_bad_image=d.on_bad_image,
+        max_bad_images=d.max_bad_images,
+    )
+
+
+def make_loaders(cfg: Config, data: Data, dist: DistInfo, device_type: str = "cpu", layout: str = "NCHW"):
+    """Train / val / test loaders for this rank, from one LoaderSpec: the train sampler is sharded by
+    rank (equal length on every rank), the eval splits by interleaved shards without padding."""
+    d = cfg.data
+    spec = loader_spec(cfg, dist, device_type, layout)
+    eval_spec = replace(spec, batch_size=cfg.eval.batch_size, on_bad_image="fail")  # val/test decoded in load_data
     sampler = build_sampler(
         d.sampler, data.train.labels, data.num_classes, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
         num_samples=d.sampler_epoch_length or None, total_epochs=cfg.epochs, samples_per_class=d.samples_per_class,
     )
     shards = [ShardSampler(len(s), dist.rank, dist.world_size) for s in (data.val, data.test)]
-
     if _use_dali(cfg, device_type):
         from pipelines.dali import DaliLoader
 
-        common = dict(image_size=d.image_size, resize_size=d.resize_size or None, mean=d.mean, std=d.std,
-                      hflip=d.hflip, train_crop=d.augment, crop_padding=d.crop_padding, layout=layout,
-                      device_id=dist.local_rank if device_type == "cuda" else None,
-                      num_threads=d.num_workers or 2, seed=cfg.seed + dist.rank)
-        train = DaliLoader(data.train, per_rank, True, sampler=sampler, on_bad_image=d.on_bad_image,
-                           max_bad_images=d.max_bad_images, checkpointing=True, **common)  # same outputs, resumable
-        val, test = (DaliLoader(s, cfg.eval.batch_size, False, sampler=sh, **common)
-                     for s, sh in zip((data.val, data.test), shards))
+        train = DaliLoader(data.train, spec, True, sampler=sampler, checkpointing=True)  # same outputs, resumable
+        val, test = (DaliLoader(s, eval_spec, False, sampler=sh) for s, sh in zip((data.val, data.test), shards))
         return train, val, test
-
-    train_tf, eval_tf = _transforms(cfg)
-    workers = dict(num_workers=d.num_workers, pin_memory=device_type == "cuda", layout=layout)
-    train = make_loader(data.train, train_tf, per_rank, train=True, sampler=sampler, on_bad_image=d.on_bad_image,
-                        max_bad_images=d.max_bad_images, **workers)
-    val, test = (make_loader(s, eval_tf, cfg.eval.batch_size, train=False, sampler=sh, **workers)
-                 for s, sh in zip((data.val, data.test), shards))
+    train = make_loader(data.train, spec, True, sampler=sampler)
+    val, test = (make_loader(s, eval_spec, False, sampler=sh) for s, sh in zip((data.val, data.test), shards))
     return train, val, test
-
-
-def _transforms(cfg: Config):
-    d = cfg.data
-    if d.augment == "random_resized_crop":
-        return (build_imagenet_transform(True, d.image_size, d.mean, d.std, d.resize_size or None, d.hflip),
-                build_imagenet_transform(False, d.image_size, d.mean, d.std, d.resize_size or None))
-    common = dict(image_size=d.image_size, mean=d.mean, std=d.std)
-    return (build_transform(True, crop_padding=d.crop_padding, hflip=d.hflip, **common),
-            build_transform(False, **common))
 
 
 def train_features_loader(cfg: Config, data: Data, dist: DistInfo):
     """This rank's shard of the training split without augmentation (class feature means)."""
-    _, eval_tf = _transforms(cfg)
-    return make_loader(data.train, eval_tf, cfg.eval.batch_size, train=False, num_workers=cfg.data.num_workers,
-                       sampler=ShardSampler(len(data.train), dist.rank, dist.world_size),
-                       on_bad_image=cfg.data.on_bad_image, max_bad_images=cfg.data.max_bad_images)
+    spec = replace(loader_spec(cfg, dist), batch_size=cfg.eval.batch_size)
+    return make_loader(data.train, spec, False, sampler=ShardSampler(len(data.train), dist.rank, dist.world_size))

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import kernels
 from engine.distributed import all_reduce_sum_
 from engine.metrics import counts_from_tally, tally_metrics
 from engine.models import Classifier
 from pipelines.long_tail import shot_groups
+from pipelines.progress import progress_bar
 
 GROUPS = ("many", "medium", "few", "top1")  # the shot groups of every report, and the whole test split
 # Above this many classes the K×K confusion matrix is not kept (K=2048: 32 MiB of int64 on the device and
@@ -45,8 +45,8 @@ def _batches(loader, desc: str | None):
     """The loader, with a progress bar when `desc` is given (rank 0 with run.progress)."""
     if desc is None:
         return loader
-    return tqdm(loader, desc=desc, total=len(loader) if hasattr(loader, "__len__") else None, leave=False,
-                unit="batch")
+    return progress_bar(loader, desc=desc, total=len(loader) if hasattr(loader, "__len__") else None, leave=False,
+                        unit="batch")
 
 
 @torch.no_grad()

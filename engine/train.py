@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from common.errors import CheckpointError, ConfigError, EngineError, TrainingError
 from common.io import atomic_write_text, check_folder, write_json
@@ -61,6 +60,7 @@ from engine.models import Classifier, build_model, convert_sync_bn
 from engine.preemption import Preempted, StopRequest, stop_on_signals
 from engine.runlock import LOCK_NAME, RunFolderBusy, RunLock
 from pipelines.check import write_bad_list
+from pipelines.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -379,8 +379,8 @@ def train_epochs(run: Run, train_loader, val_loader, state: dict | None, stop: S
             _set_rng(run, *resume_rng)
             absorbing = _absorb_iterator_seed(train_loader)
             resume_rng = None
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=position,
-                   total=steps, disable=not (cfg.run.progress and run.dist.is_main), leave=False)
+        bar = progress_bar(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=position,
+                           total=steps, disable=not (cfg.run.progress and run.dist.is_main), leave=False)
         for x, y in bar:
             if absorbing is not None:  # the epoch's iterator exists now: later ones draw as before
                 absorbing.generator, absorbing = None, None

@@ -11,7 +11,7 @@ training images). `check_splits` adds what only several splits show: images shar
 splits (leakage) and label conflicts between them.
 
 Before training, `screen_splits` opens every train image and decodes every val/test image
-(threads, a tqdm bar), and applies `data.on_bad_image` (fail: one error listing them; skip:
+(threads, a progress bar), and applies `data.on_bad_image` (fail: one error listing them; skip:
 dropped and returned, up to `data.max_bad_images`). `write_bad_list` / `read_exclusions` are
 the exclusion file's two sides: `relative/path<TAB>reason` per line; the readers drop the
 excluded images before they check that images exist (engine/data.py passes them on).
@@ -28,6 +28,7 @@ import numpy as np
 
 from common.io import atomic_write_text
 from pipelines.long_tail import shot_groups
+from pipelines.progress import progress_bar
 from pipelines.splits import DataError, SplitIndex, SplitLine, image_path, outside_root, parse_split, repeated_images
 
 
@@ -71,12 +72,10 @@ def _open_header(path: Path) -> tuple[str, str] | None:
 
 def _scan(paths: list[Path], check, jobs: int | None, progress: bool, desc: str) -> list[tuple[str, str] | None]:
     """`check(path)` for every path in `jobs` threads (PIL releases the GIL while decoding;
-    default min(8, CPU count)), in order, with a tqdm bar on stderr when `progress`."""
-    from tqdm import tqdm
-
+    default min(8, CPU count)), in order, with a progress bar on stderr when `progress` (pipelines/progress.py)."""
     n_jobs = jobs or min(8, os.cpu_count() or 1)
     out: list[tuple[str, str] | None] = []
-    with ThreadPoolExecutor(max_workers=n_jobs) as pool, tqdm(
+    with ThreadPoolExecutor(max_workers=n_jobs) as pool, progress_bar(
         total=len(paths), desc=desc, unit="img", disable=not progress, leave=False
     ) as bar:
         for res in pool.map(check, paths, chunksize=64):

@@ -11,8 +11,8 @@ Graph (one pipeline per rank):
     fn.crop_mirror_normalize  (random horizontal flip in train) → float32 / float16, CHW or HWC
     DALIGenericIterator  → (images, labels) torch tensors
 
-`device_id=None` builds the CPU-only pipeline (no GPU, no libcuda needed: tests and CPU
-runs). An integer `device_id` decodes with `device="mixed"` (nvJPEG / nvImageCodec) and
+`spec.device_id=None` builds the CPU-only pipeline (no GPU, no libcuda needed: tests and CPU
+runs). An integer `spec.device_id` decodes with `device="mixed"` (nvJPEG / nvImageCodec) and
 returns CUDA tensors on that device.
 
 Order and sharding come from the sampler (pipelines/samplers.py): every sample's label is
@@ -59,7 +59,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from pipelines.loader import LAYOUTS
+from pipelines.spec import LoaderSpec
 from pipelines.splits import DataError, SameClassOrder, SplitIndex
 
 try:  # DALI is optional at import time: `dali_available()` tells callers to fall back.
@@ -70,18 +70,10 @@ try:  # DALI is optional at import time: `dali_available()` tells callers to fal
 except Exception as exc:  # ImportError, or a broken install raising something else
     _DALI_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-DTYPES = ("float32", "float16", "bfloat16")
-TRAIN_CROPS = ("random_resized_crop", "pad_crop")
-
 
 def dali_available() -> bool:
     """True when nvidia.dali and its PyTorch plugin import."""
     return _DALI_IMPORT_ERROR is None
-
-
-def default_resize(image_size: int) -> int:
-    """The eval resize of the standard 256 → 224 protocol, scaled: round(size · 256 / 224)."""
-    return int(round(image_size * 256 / 224))
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
@@ -165,84 +157,36 @@ def _find_broken(paths: Sequence[Path]) -> list[str]:
 
 
 class DaliLoader:
-    """Iterate (images, labels) batches of one split through a DALI pipeline.
+    """Iterate (images, labels) batches of one split through a DALI pipeline, as `spec` says
+    (pipelines/spec.py: the same LoaderSpec as the torchvision loader).
 
-    images: `layout` "NCHW" (B, 3, S, S), "NHWC" (B, S, S, 3), or "channels_last" (B, 3, S, S)
-    with channels-last strides (a zero-copy view of DALI's HWC output); `dtype` float32 /
+    images: spec.layout "NCHW" (B, 3, S, S), "NHWC" (B, S, S, 3), or "channels_last" (B, 3, S, S)
+    with channels-last strides (a zero-copy view of DALI's HWC output); spec.dtype float32 /
     float16 / bfloat16; values (pixel/255 − mean) / std. labels: int64 (B,), in the
-    sampler's order. CPU tensors when `device_id is None`, else CUDA tensors on `device_id`.
+    sampler's order. CPU tensors when spec.device_id is None, else CUDA tensors on that device.
+    DALI runs spec.workers threads (2 when 0) with spec.prefetch batches queued, seeded by spec.seed.
 
     Train (`train=True`): `sampler` gives the order (any sampler of pipelines/samplers.py,
-    or any iterable of indices with `set_epoch`; default InstanceSampler(seed)); the last incomplete batch is dropped
-    unless `drop_last=False`. Eval: `sampler=None` is the data set's order; all images kept.
-    Call `set_epoch(e)` before iterating an epoch (it forwards to the sampler).
+    or any iterable of indices with `set_epoch`; default InstanceSampler(spec.seed)); the last
+    incomplete batch is dropped unless spec.drop_last is False. Eval: `sampler=None` is the
+    data set's order; all images kept. Call `set_epoch(e)` before iterating an epoch (it
+    forwards to the sampler). `checkpointing`: DALI's enable_checkpointing, for state_dict.
     """
 
-    def __init__(
-        self,
-        index: SplitIndex,
-        batch_size: int,
-        train: bool,
-        *,
-        sampler=None,
-        image_size: int = 224,
-        resize_size: int | None = None,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        hflip: bool = True,
-        train_crop: str = "random_resized_crop",
-        random_area: tuple[float, float] = (0.08, 1.0),
-        random_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        crop_padding: int = 4,
-        layout: str = "NCHW",
-        dtype: str = "float32",
-        device_id: int | None = None,
-        num_threads: int = 2,
-        prefetch: int = 2,
-        seed: int = 0,
-        drop_last: bool | None = None,
-        on_bad_image: str = "fail",
-        max_bad_images: float = 0.0,
-        checkpointing: bool = False,
-    ) -> None:
+    def __init__(self, index: SplitIndex, spec: LoaderSpec, train: bool, *, sampler=None,
+                 checkpointing: bool = False) -> None:
         if not dali_available():
             raise RuntimeError(
                 f"NVIDIA DALI is not usable ({_DALI_IMPORT_ERROR}); install nvidia-dali-cuda130 or use the "
                 "torchvision loader (pipelines.loader.make_loader)"
             )
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout {layout!r} is not supported; expected one of {LAYOUTS}")
-        if dtype not in DTYPES:
-            raise ValueError(
-                f"output dtype {dtype!r} is not supported; expected one of {DTYPES} "
-                "(DALI's crop_mirror_normalize produces FLOAT or FLOAT16; bfloat16 is cast in torch)"
-            )
-        if on_bad_image not in ("fail", "skip"):
-            raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
-        if train_crop not in TRAIN_CROPS:
-            raise ValueError(f"train_crop {train_crop!r} is not supported; expected one of {TRAIN_CROPS}")
-        if batch_size < 1 or image_size < 1:
-            raise ValueError(f"batch_size and image_size must be ≥ 1, got {batch_size} and {image_size}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need 3 values each (std > 0), got mean={list(mean)}, std={list(std)}")
         if sampler is not None and not hasattr(sampler, "set_epoch"):
             raise ValueError(f"sampler must have set_epoch(epoch) (pipelines.samplers), got {type(sampler).__name__}")
         if sampler is None and train:  # as make_loader: a fresh permutation per epoch
             from pipelines.samplers import InstanceSampler
 
-            sampler = InstanceSampler(index.labels, index.num_classes, seed=seed)
-        self.index, self.batch_size, self.train, self.sampler = index, batch_size, train, sampler
-        self.image_size = image_size
-        self.resize_size = resize_size or (default_resize(image_size) if train_crop != "pad_crop" else image_size)
-        if self.resize_size < image_size:
-            raise ValueError(f"resize_size {self.resize_size} is smaller than the crop image_size {image_size}")
-        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
-        self.hflip, self.train_crop, self.crop_padding = hflip, train_crop, crop_padding
-        self.random_area, self.random_aspect_ratio = tuple(random_area), tuple(random_aspect_ratio)
-        self.layout, self.dtype, self.device_id = layout, dtype, device_id
-        self.num_threads, self.prefetch, self.seed = num_threads, prefetch, seed
-        self.drop_last = train if drop_last is None else drop_last
-        self.native_dtype = dtype != "bfloat16" or hasattr(types, "BFLOAT16")
+            sampler = InstanceSampler(index.labels, index.num_classes, seed=spec.seed)
+        device_id = spec.device_id
         if device_id is not None:
             if not torch.cuda.is_available():
                 raise RuntimeError(
@@ -254,10 +198,14 @@ class DaliLoader:
                     f"DALI loader asked for GPU {device_id}, but only {torch.cuda.device_count()} are visible; "
                     "pass a valid device_id, or device_id=None for the CPU pipeline"
                 )
-        self._source = _SamplerSource(index, sampler, batch_size, self.drop_last)
+        self.index, self.spec, self.train, self.sampler = index, spec, train, sampler
+        self.batch_size, self.device_id = spec.batch_size, device_id
+        self.drop_last = train if spec.drop_last is None else spec.drop_last
+        self.native_dtype = spec.dtype != "bfloat16" or hasattr(types, "BFLOAT16")
+        self._source = _SamplerSource(index, sampler, spec.batch_size, self.drop_last)
         self._iterator = None
         self._epoch_done = True
-        self.on_bad_image, self.max_bad_images = on_bad_image, max_bad_images
+        self.on_bad_image, self.max_bad_images = spec.on_bad_image, spec.max_bad_images
         self.bad_images: list[tuple[str, str]] = []  # (path, reason), unique, in the order met (as ImageLoader)
         self.bad_count = 0  # bad files met while loading (a file is checked again only in a fresh loader)
         self._same_class: SameClassOrder | None = None
@@ -277,20 +225,20 @@ class DaliLoader:
 
     # ---- pipeline ---------------------------------------------------------------------------
     def _define(self):
-        gpu = self.device_id is not None
-        size, pad = self.image_size, self.crop_padding
-        out_dtype = _dali_dtype(self.dtype)
-        out_layout = "CHW" if self.layout == "NCHW" else "HWC"
-        mean = [255.0 * m for m in self.mean]
-        std = [255.0 * s for s in self.std]
+        spec, gpu = self.spec, self.device_id is not None
+        size, pad = spec.image_size, spec.crop_padding
+        out_dtype = _dali_dtype(spec.dtype)
+        out_layout = "CHW" if spec.layout == "NCHW" else "HWC"
+        mean = [255.0 * m for m in spec.mean]
+        std = [255.0 * s for s in spec.std]
         decoder = "mixed" if gpu else "cpu"
 
         @pipeline_def(
             batch_size=self.batch_size,
-            num_threads=self.num_threads,
+            num_threads=spec.workers or 2,
             device_id=self.device_id,
-            seed=self.seed,
-            prefetch_queue_depth=self.prefetch,
+            seed=spec.seed,
+            prefetch_queue_depth=spec.prefetch,
             enable_checkpointing=self.checkpointing,
             checkpoint=self._restore,
         )
@@ -300,20 +248,20 @@ class DaliLoader:
             )
             encoded = fn.io.file.read(paths)
             mirror = 0
-            if self.train and self.train_crop == "random_resized_crop":
+            if self.train and spec.augment == "random_resized_crop":
                 images = fn.decoders.image_random_crop(
                     encoded,
                     device=decoder,
                     output_type=types.RGB,
-                    random_area=list(self.random_area),
-                    random_aspect_ratio=list(self.random_aspect_ratio),
+                    random_area=list(spec.random_area),
+                    random_aspect_ratio=list(spec.random_aspect_ratio),
                     num_attempts=10,
                 )
                 images = fn.resize(images, resize_x=size, resize_y=size)
                 crop = None
             else:
                 images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
-                images = fn.resize(images, resize_shorter=self.resize_size)
+                images = fn.resize(images, resize_shorter=spec.eval_resize())
                 crop = (size, size)
                 if self.train and pad > 0:  # CIFAR-style: center crop, then a random crop of the zero-padded image
                     images = fn.crop(images, crop=(size, size))
@@ -324,7 +272,7 @@ class DaliLoader:
                         out_of_bounds_policy="pad", fill_values=0,
                     )
                     crop = None
-            if self.train and self.hflip:
+            if self.train and spec.hflip:
                 mirror = fn.random.coin_flip(probability=0.5)
             kw = dict(crop=crop) if crop is not None else {}
             images = fn.crop_mirror_normalize(
@@ -463,8 +411,8 @@ class DaliLoader:
     def _to_torch(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = out["images"], out["labels"].reshape(-1)
         if not self.native_dtype:
-            images = images.to(_torch_dtype(self.dtype))
-        if self.layout == "channels_last":
+            images = images.to(_torch_dtype(self.spec.dtype))
+        if self.spec.layout == "channels_last":
             images = images.permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: torch.channels_last
         return images, labels
 

@@ -3,11 +3,12 @@
 This is the plain torchvision path (CPU decode with PIL), and the fallback when
 NVIDIA DALI (pipelines/dali.py) is missing. The sampler is deterministic from
 (seed, epoch), so a run's batch order does not depend on how many epochs ran
-before it in this process. `make_loader` also takes any sampler of
-pipelines/samplers.py and can produce DALI's batch layout and dtype
-(`layout="NHWC"` / `"channels_last"`, `dtype="float16"` / `"bfloat16"`), so the
-two loaders are interchangeable; `build_imagenet_transform` is the torchvision
-counterpart of the DALI graph (random-resized crop / resize + center crop).
+before it in this process. `make_loader(index, spec, train)` takes the same
+`LoaderSpec` (pipelines/spec.py) as DaliLoader and any sampler of pipelines/samplers.py,
+and produces DALI's batch layout and dtype (`layout="NHWC"` / `"channels_last"`,
+`dtype="float16"` / `"bfloat16"`), so the two loaders are interchangeable;
+`spec_transform` is the torchvision counterpart of the DALI graph (random-resized crop /
+resize + center crop, or CIFAR's pad crop).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
+from pipelines.spec import LAYOUTS, LoaderSpec
 from pipelines.splits import DataError, SameClassOrder, SplitIndex
+from pipelines.workers import ignore_stop_signals
 
 BadImage = tuple[str, str]  # (path, reason)
 
@@ -232,7 +235,6 @@ def build_imagenet_transform(
     return T.Compose(steps)
 
 
-LAYOUTS = ("NCHW", "NHWC", "channels_last")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -260,61 +262,63 @@ class BatchCollate:
         return images, labels
 
 
+def spec_transform(spec: LoaderSpec, train: bool):
+    """The torchvision transform of `spec` (its `augment`), the counterpart of DaliLoader's graph."""
+    if spec.augment == "random_resized_crop":
+        return build_imagenet_transform(train, spec.image_size, spec.mean, spec.std, spec.resize_size, spec.hflip,
+                                        spec.random_area, spec.random_aspect_ratio)
+    return build_transform(train, spec.image_size, spec.mean, spec.std, spec.crop_padding, spec.hflip)
+
+
 def make_loader(
     index: SplitIndex,
-    transform,
-    batch_size: int,
+    spec: LoaderSpec,
     train: bool,
-    seed: int = 0,
-    num_workers: int = 0,
-    pin_memory: bool = False,
+    *,
     sampler: Sampler[int] | None = None,
-    layout: str = "NCHW",
-    dtype: str = "float32",
-    drop_last: bool | None = None,
-    on_bad_image: str = "fail",
-    max_bad_images: float = 0.0,
     position_seeded: bool | None = None,
 ) -> ImageLoader:
-    """An `ImageLoader` (a DataLoader yielding (images, labels)) over `index`.
+    """An `ImageLoader` (a DataLoader yielding (images, labels)) over `index`, as `spec` says
+    (pipelines/spec.py: batch size, `spec_transform`, workers, layout / dtype, bad images).
 
-    Train without `sampler`: InstanceSampler(seed), a fresh permutation per epoch.
+    Train without `sampler`: InstanceSampler(spec.seed), a fresh permutation per epoch.
     `sampler`: any index sampler with set_epoch, e.g. pipelines.samplers.build_sampler(...)
     (class-aware, square-root, progressive, rank-sharded, resumable); used for eval too.
-    drop_last: default `train and len(index) > batch_size` (as before).
-    layout / dtype: "NCHW" | "NHWC" | "channels_last", "float32" | "float16" | "bfloat16",
-    matching DaliLoader's output.
-    on_bad_image / max_bad_images: see ImageListDataset and ImageLoader ("skip" replaces an
-    unreadable image by another of its class and lists it in `loader.bad_images`).
+    spec.drop_last None: `train and len(index) > batch_size`. spec.layout / spec.dtype match
+    DaliLoader's output. spec.on_bad_image / spec.max_bad_images: see ImageListDataset and
+    ImageLoader ("skip" replaces an unreadable image by another of its class and lists it in
+    `loader.bad_images`). Workers ignore the stop signals (pipelines/workers.py).
     position_seeded: seed each sample's augmentation from (seed, epoch, position in the
     epoch) instead of the workers' RNG streams, so a mid-epoch restart (sampler.set_position)
     gives the same batches bit for bit. Default: on for a training loader with workers (the
-    num_workers=0 path keeps the process's global RNG stream, as before).
+    workers=0 path keeps the process's global RNG stream).
     """
     if sampler is None and train:
         from pipelines.samplers import InstanceSampler
 
-        sampler = InstanceSampler(index.labels, index.num_classes, seed=seed)
+        sampler = InstanceSampler(index.labels, index.num_classes, seed=spec.seed)
     if position_seeded is None:
-        position_seeded = train and num_workers > 0 and hasattr(sampler, "set_position")
+        position_seeded = train and spec.workers > 0 and hasattr(sampler, "set_position")
     if position_seeded and not hasattr(sampler, "epoch"):
         raise ValueError(f"position_seeded needs an epoch sampler (pipelines.samplers), got {type(sampler).__name__}")
-    collate = BatchCollate(layout, dtype) if (layout, dtype) != ("NCHW", "float32") else None
+    collate = BatchCollate(spec.layout, spec.dtype) if (spec.layout, spec.dtype) != ("NCHW", "float32") else None
     extra: dict[str, Any] = {}
-    if on_bad_image == "skip":
+    if spec.on_bad_image == "skip":
         extra["collate_fn"] = SkipCollate(collate)
     elif collate is not None:
         extra["collate_fn"] = collate
-    sampler_seed = getattr(sampler, "seed", seed)
+    dataset = ImageListDataset(index, spec_transform(spec, train), spec.on_bad_image,
+                               seed=getattr(sampler, "seed", spec.seed))
     loader = DataLoader(
-        ImageListDataset(index, transform, on_bad_image, seed=sampler_seed),
-        batch_size=batch_size,
+        dataset,
+        batch_size=spec.batch_size,
         sampler=PositionedSampler(sampler) if position_seeded else sampler,
         shuffle=False,
-        drop_last=(train and len(index) > batch_size) if drop_last is None else drop_last,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        drop_last=(train and len(index) > spec.batch_size) if spec.drop_last is None else spec.drop_last,
+        num_workers=spec.workers,
+        pin_memory=spec.device_id is not None,
+        persistent_workers=spec.workers > 0,
+        worker_init_fn=ignore_stop_signals,  # SIGTERM / SIGINT / SIGUSR1 are the main process's to handle
         **extra,
     )
-    return ImageLoader(loader, sampler, on_bad_image, max_bad_images)
+    return ImageLoader(loader, sampler, spec.on_bad_image, spec.max_bad_images)

@@ -17,8 +17,9 @@ from pipelines.check import (
     screen_splits,
     write_bad_list,
 )
-from pipelines.loader import build_transform, make_loader
+from pipelines.loader import make_loader
 from pipelines.samplers import ClassAwareSampler, InstanceSampler
+from pipelines.spec import LoaderSpec
 from pipelines.splits import DataError, SplitIndex, read_split, write_split
 
 SIZE, MEAN, STD = 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -51,20 +52,21 @@ def broken(tmp_path):
     return index
 
 
-EVAL_TF = build_transform(False, SIZE, MEAN, STD)
+def _spec(batch_size: int, augment: str = "pad_crop", **kw) -> LoaderSpec:
+    """SIZE px, the tests' mean/std; CIFAR-style resize + center crop (+ pad crop in train) by default."""
+    return LoaderSpec(batch_size, image_size=SIZE, augment=augment, mean=MEAN, std=STD, **kw)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_torchvision_loader_skips_and_names_bad_images(broken, num_workers):
-    loader = make_loader(broken, EVAL_TF, 4, train=False, num_workers=num_workers, on_bad_image="skip",
-                         max_bad_images=0.5)
+    loader = make_loader(broken, _spec(4, workers=num_workers, on_bad_image="skip", max_bad_images=0.5), False)
     batches = list(loader)
     images = torch.cat([x for x, _ in batches])
     labels = torch.cat([y for _, y in batches])
     assert labels.tolist() == broken.labels.tolist()  # every position keeps its label
     # The replacement is the next image of the same class in index order: 3 → 5, 4 → 6.
     good = list(make_loader(SplitIndex(broken.split_file, [broken.paths[5], broken.paths[6]], np.array([1, 0]), 2),
-                            EVAL_TF, 2, train=False))[0][0]
+                            _spec(2), False))[0][0]
     assert torch.equal(images[3], good[0]) and torch.equal(images[4], good[1])
     assert [p for p, _ in loader.bad_images] == [str(broken.paths[3]), str(broken.paths[4])]
     assert "truncated" in loader.bad_images[0][1].lower() and "cannot identify" in loader.bad_images[1][1]
@@ -74,8 +76,8 @@ def test_torchvision_loader_skips_and_names_bad_images(broken, num_workers):
 
 def test_fail_policy_names_the_file_and_threshold_stops_a_skip_run(broken):
     with pytest.raises(DataError, match=r"cannot read image .*03\.jpg \(OSError: .*[Tt]runcated"):
-        list(make_loader(broken, EVAL_TF, 4, train=False))
-    loader = make_loader(broken, EVAL_TF, 4, train=False, on_bad_image="skip", max_bad_images=0.1)
+        list(make_loader(broken, _spec(4), False))
+    loader = make_loader(broken, _spec(4, on_bad_image="skip", max_bad_images=0.1), False)
     with pytest.raises(DataError, match=r"2 of 12 images .* more than data.max_bad_images=0.1"):
         list(loader)
 
@@ -85,13 +87,13 @@ def test_a_class_with_no_readable_image_is_an_error(tmp_path):
     for i in (1, 3):  # all of class 1
         _truncate(index.paths[i])
     with pytest.raises(DataError, match="none of the 1 other images of its class 1"):
-        list(make_loader(index, EVAL_TF, 4, train=False, on_bad_image="skip", max_bad_images=1.0))
+        list(make_loader(index, _spec(4, on_bad_image="skip", max_bad_images=1.0), False))
 
 
 def test_training_loader_with_sampler_and_layout_skips_too(broken):
     sampler = ClassAwareSampler(broken.labels, seed=1)
-    loader = make_loader(broken, build_transform(True, SIZE, MEAN, STD, crop_padding=2, hflip=True), 4, train=True,
-                         sampler=sampler, layout="NHWC", dtype="float16", on_bad_image="skip", max_bad_images=0.5)
+    spec = _spec(4, crop_padding=2, hflip=True, layout="NHWC", dtype="float16", on_bad_image="skip", max_bad_images=0.5)
+    loader = make_loader(broken, spec, True, sampler=sampler)
     loader.sampler.set_epoch(3)
     xs = [x for x, _ in loader]
     assert len(xs) == 3 and xs[0].shape == (4, SIZE, SIZE, 3) and xs[0].dtype == torch.float16
@@ -102,20 +104,20 @@ def test_dali_loader_skips_and_names_bad_images(broken):
     dali = pytest.importorskip("pipelines.dali")
     if not dali.dali_available():
         pytest.skip(f"NVIDIA DALI is not importable: {dali._DALI_IMPORT_ERROR}")
-    kw = dict(image_size=SIZE, mean=MEAN, std=STD, num_threads=1)
-    loader = dali.DaliLoader(broken, 4, False, on_bad_image="skip", max_bad_images=0.5, **kw)
+    kw = dict(augment="random_resized_crop", workers=1)
+    loader = dali.DaliLoader(broken, _spec(4, on_bad_image="skip", max_bad_images=0.5, **kw), False)
     batches = list(loader)
     images = torch.cat([x for x, _ in batches])
     assert torch.cat([y for _, y in batches]).tolist() == broken.labels.tolist()
     assert [p for p, _ in loader.bad_images] == [str(broken.paths[3]), str(broken.paths[4])]
     ref = torch.cat([x for x, _ in dali.DaliLoader(
-        SplitIndex(broken.split_file, [broken.paths[5], broken.paths[6]], np.array([1, 0]), 2), 2, False, **kw)])
+        SplitIndex(broken.split_file, [broken.paths[5], broken.paths[6]], np.array([1, 0]), 2), _spec(2, **kw), False)])
     assert torch.equal(images[3], ref[0]) and torch.equal(images[4], ref[1])
     assert len(list(loader)) == 3  # the next epoch reads the replacements directly
     with pytest.raises(DataError, match=r"cannot read image .*03\.jpg"):
-        list(dali.DaliLoader(broken, 4, False, **kw))
+        list(dali.DaliLoader(broken, _spec(4, **kw), False))
     with pytest.raises(DataError, match="more than data.max_bad_images=0.05"):
-        list(dali.DaliLoader(broken, 4, False, on_bad_image="skip", max_bad_images=0.05, **kw))
+        list(dali.DaliLoader(broken, _spec(4, on_bad_image="skip", max_bad_images=0.05, **kw), False))
 
 
 # ---- before training ----------------------------------------------------------------------------------
@@ -218,8 +220,7 @@ def _train_loader(index, num_workers, start=0, epoch=1):
     sampler = InstanceSampler(index.labels, index.num_classes, seed=5)
     sampler.set_epoch(epoch)
     sampler.set_position(start)
-    tf = build_transform(True, SIZE, MEAN, STD, crop_padding=4, hflip=True)
-    return make_loader(index, tf, 2, train=True, sampler=sampler, num_workers=num_workers)
+    return make_loader(index, _spec(2, crop_padding=4, hflip=True, workers=num_workers), True, sampler=sampler)
 
 
 def test_resume_mid_epoch_with_workers_gives_the_same_batches(tmp_path):
@@ -370,8 +371,8 @@ def test_dali_checkpoint_resumes_bit_for_bit(tmp_path):
 
     def loader():
         sampler = InstanceSampler(index.labels, 2, seed=3)
-        return dali.DaliLoader(index, 2, True, sampler=sampler, image_size=SIZE, mean=MEAN, std=STD, num_threads=1,
-                               seed=11, checkpointing=True)
+        spec = _spec(2, augment="random_resized_crop", workers=1, seed=11)
+        return dali.DaliLoader(index, spec, True, sampler=sampler, checkpointing=True)
 
     a = loader()
     a.set_epoch(1)

@@ -17,7 +17,8 @@ if not dali.dali_available():
     pytest.skip(f"NVIDIA DALI is not importable: {dali._DALI_IMPORT_ERROR}", allow_module_level=True)
 
 from pipelines.dali import DaliLoader  # noqa: E402
-from pipelines.loader import build_imagenet_transform, build_transform, make_loader  # noqa: E402
+from pipelines.loader import make_loader  # noqa: E402
+from pipelines.spec import LoaderSpec  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE = 32  # crop size; eval resize = round(32·256/224) = 37
@@ -48,10 +49,14 @@ def index(tmp_path_factory) -> SplitIndex:
     return _write_set(tmp_path_factory.mktemp("jpegs"))
 
 
-def _loader(index, batch_size=8, train=True, **kw) -> DaliLoader:
+def _spec(batch_size: int, **kw) -> LoaderSpec:
+    """The tests' LoaderSpec: SIZE px, their mean/std, CPU, 0 workers (DALI: 2 threads)."""
     kw.setdefault("image_size", SIZE)
-    kw.setdefault("num_threads", 2)
-    return DaliLoader(index, batch_size, train, mean=MEAN, std=STD, device_id=None, **kw)
+    return LoaderSpec(batch_size, mean=MEAN, std=STD, **kw)
+
+
+def _loader(index, batch_size=8, train=True, sampler=None, **kw) -> DaliLoader:
+    return DaliLoader(index, _spec(batch_size, **kw), train, sampler=sampler)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +87,7 @@ def test_train_batches_shapes_layouts_dtypes(index, layout, dtype, shape, torch_
 def test_labels_follow_the_sampler_exactly(index):
     # Class-aware, rank 1 of 2, two epochs, then a resumed epoch; batch 5 keeps the tail (eval-style).
     sampler = ClassAwareSampler(index.labels, seed=3, rank=1, world_size=2, num_samples=30)
-    loader = _loader(index, batch_size=5, sampler=sampler, drop_last=False, train_crop="random_resized_crop")
+    loader = _loader(index, batch_size=5, sampler=sampler, drop_last=False, augment="random_resized_crop")
     for epoch in (0, 1):
         loader.set_epoch(epoch)
         got = torch.cat([y for _, y in loader]).tolist()
@@ -157,7 +162,7 @@ def test_eval_resize_and_crop_match_pil_on_varied_images(index):
 def test_eval_against_the_torchvision_fallback(index):
     """Same batches and labels; values agree up to the one-pixel size/offset conventions above."""
     dl = _loader(index, batch_size=8, train=False)
-    tv = make_loader(index, build_imagenet_transform(False, SIZE, MEAN, STD), batch_size=8, train=False)
+    tv = make_loader(index, _spec(8), False)
     assert len(dl) == len(tv) == 3
     for (xd, yd), (xt, yt) in zip(dl, tv):
         assert xd.shape == xt.shape and yd.tolist() == yt.tolist()
@@ -168,8 +173,8 @@ def test_flip_and_pad_crop_values(index):
     """pad_crop without padding = resize + center crop: every train image is the eval image or its mirror."""
     sub = SplitIndex(index.split_file, index.paths[:8], index.labels[:8], 3)
     sampler = InstanceSampler(sub.labels, seed=1)
-    train = _loader(sub, batch_size=8, sampler=sampler, train_crop="pad_crop", crop_padding=0, hflip=True, seed=5)
-    evals = _loader(sub, batch_size=8, train=False, train_crop="pad_crop")
+    train = _loader(sub, batch_size=8, sampler=sampler, augment="pad_crop", crop_padding=0, hflip=True, seed=5)
+    evals = _loader(sub, batch_size=8, train=False, augment="pad_crop")
     (xe, _), = list(evals)
     order = sampler.rank_order(0)
     (xt, yt), = list(train)
@@ -181,7 +186,7 @@ def test_flip_and_pad_crop_values(index):
         flipped += 1
     assert 0 < flipped < 8
     # With padding 4 some crops reach into the zero padding: pixel 0 → (0 − mean)/std exactly.
-    padded = _loader(sub, batch_size=8, sampler=sampler, train_crop="pad_crop", crop_padding=4, hflip=False, seed=5)
+    padded = _loader(sub, batch_size=8, sampler=sampler, augment="pad_crop", crop_padding=4, hflip=False, seed=5)
     (xp, _), = list(padded)
     zero = (-torch.tensor(MEAN) / torch.tensor(STD)).view(3, 1, 1)
     border = (xp - zero).abs().amax(dim=1) < 1e-4  # pixels equal to a zero pixel in all channels
@@ -215,8 +220,7 @@ def test_fallback_loader_matches_dali_batches(index):
         s1.set_epoch(2)
         dl = _loader(index, batch_size=4, sampler=s1, layout=layout, dtype=dtype)
         dl.set_epoch(2)
-        tf = build_imagenet_transform(True, SIZE, MEAN, STD)
-        tv = make_loader(index, tf, 4, train=True, sampler=s2, layout=layout, dtype=dtype)
+        tv = make_loader(index, _spec(4, layout=layout, dtype=dtype), True, sampler=s2)
         tv.sampler.set_epoch(2)
         bd, bt = list(dl), list(tv)
         assert len(bd) == len(bt) == 3
@@ -224,7 +228,7 @@ def test_fallback_loader_matches_dali_batches(index):
             assert xd.shape == xt.shape and xd.dtype == xt.dtype and xd.stride() == xt.stride()
             assert yd.tolist() == yt.tolist()
     # The engine's default path is unchanged: InstanceSampler, NCHW float32.
-    tv = make_loader(index, build_transform(True, SIZE, MEAN, STD, crop_padding=4, hflip=True), 8, train=True)
+    tv = make_loader(index, _spec(8, augment="pad_crop", crop_padding=4, hflip=True), True)
     x, y = next(iter(tv))
     assert x.shape == (8, 3, SIZE, SIZE) and x.dtype == torch.float32 and type(tv.sampler).__name__ == "InstanceSampler"
 
@@ -234,11 +238,11 @@ def test_fallback_loader_names_a_corrupt_file(index, tmp_path):
     bad.write_bytes(b"\xff\xd8\xff" + b"junk" * 10)
     broken = SplitIndex(index.split_file, [index.paths[0], bad], np.array([0, 1]), 3)
     with pytest.raises(DataError, match=r"cannot read image .*bad\.jpg"):
-        list(make_loader(broken, build_imagenet_transform(False, SIZE, MEAN, STD), 2, train=False))
+        list(make_loader(broken, _spec(2), False))
 
 
 def test_bad_options_and_gpu_request_say_what_to_do(index):
-    with pytest.raises(ValueError, match=r"output dtype 'int8' is not supported; expected one of"):
+    with pytest.raises(ValueError, match=r"dtype 'int8' is not supported; expected one of"):
         _loader(index, dtype="int8")
     with pytest.raises(ValueError, match=r"layout 'CHW' is not supported"):
         _loader(index, layout="CHW")
@@ -246,13 +250,14 @@ def test_bad_options_and_gpu_request_say_what_to_do(index):
         _loader(index, train=False, resize_size=20)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match=r"torch sees no CUDA device; to run on CPU pass device_id=None"):
-            DaliLoader(index, 4, False, device_id=0)
+            DaliLoader(index, LoaderSpec(4, device_id=0), False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed (GPU) decode needs a CUDA device; CPU pipeline tested above")
 def test_mixed_decode_on_gpu(index):
     sampler = InstanceSampler(index.labels, seed=0)
-    loader = DaliLoader(index, 8, True, sampler=sampler, image_size=SIZE, device_id=0, layout="channels_last", dtype="float16")
+    spec = LoaderSpec(8, image_size=SIZE, device_id=0, layout="channels_last", dtype="float16")
+    loader = DaliLoader(index, spec, True, sampler=sampler)
     batches = list(loader)
     assert len(batches) == 3
     x, y = batches[0]

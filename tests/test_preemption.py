@@ -37,9 +37,17 @@ def _engine(*args: str) -> list[str]:
     return [sys.executable, "-m", "engine.cli", *args]
 
 
-def _start(out: Path, *args: str) -> subprocess.Popen:
+def _start(out: Path, *args: str, own_group: bool = False) -> subprocess.Popen:
+    """`engine train --out out *args`; `own_group`: in a new session (its pid is the process group's id)."""
     return subprocess.Popen(_engine("train", "--out", str(out), *args), cwd=out.parent, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=own_group)
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes still alive in session `sid` (ps; zombies excluded)."""
+    ps = subprocess.run(["ps", "-e", "-o", "pid=,sid=,stat="], capture_output=True, text=True, check=True)
+    rows = [line.split() for line in ps.stdout.splitlines()]
+    return [int(r[0]) for r in rows if len(r) == 3 and int(r[1]) == sid and not r[2].startswith("Z")]
 
 
 def _wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 120) -> None:
@@ -130,6 +138,55 @@ def test_sigterm_checkpoints_exits_75_and_resume_auto_continues(tmp_path, digits
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_process_group_reaches_the_main_process_not_the_loader_workers(
+    tmp_path, digits_cache, reference
+):
+    """What Slurm, scancel and Kubernetes do: SIGTERM to every process of the job, loader workers included.
+    The workers leave it to the main process, which checkpoints at the step boundary and exits 75."""
+    out = tmp_path / "group"
+    proc = _start(out, *_common(digits_cache), own_group=True)
+    try:
+        _wait_for(proc, _log_says(out / "train.log", "epoch 1 step 3 "), "step 3")
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err
+    assert "stopped by SIGTERM" in err, err
+    state = _ckpt(out / "last.pt")
+    assert state["epoch"] == 0 and 3 <= state["position"] < 14, (state["epoch"], state["position"])
+
+    resumed = subprocess.run(_engine("train", "--out", str(out), "--resume", "auto", *_common(digits_cache)),
+                             cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(reference, out)
+
+
+@pytest.mark.slow
+def test_loader_workers_exit_when_the_main_process_is_sigkilled(tmp_path, digits_cache):
+    """SIGKILL of the main process alone (no shutdown sentinel): its loader workers exit too, none is orphaned."""
+    out = tmp_path / "orphans"
+    proc = _start(out, *_common(digits_cache), "epochs=50", own_group=True)
+    try:
+        _wait_for(proc, _log_says(out / "train.log", "epoch 1 step 3 "), "step 3")
+        assert len(_session_pids(proc.pid)) >= 3  # the main process and its 2 loader workers
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _session_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = _session_pids(proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert left == [], f"loader workers {left} outlived their main process"
+
+
+@pytest.mark.slow
 def test_sigkill_with_loader_workers_then_resume_is_bitwise(tmp_path, digits_cache, reference):
     out = tmp_path / "kill"
     args = [*_common(digits_cache), "run.checkpoint_every=1"]
@@ -200,6 +257,31 @@ def test_dali_loader_sigkill_then_resume_is_bitwise(tmp_path, digits_cache):
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(ref, out)
+
+
+def test_loader_workers_ignore_the_stop_signals(tmp_path):
+    """SIGTERM, SIGINT and SIGUSR1 sent to the torchvision loader's workers mid-epoch: the epoch runs on."""
+    import numpy as np
+
+    from pipelines.loader import make_loader
+    from pipelines.spec import LoaderSpec
+    from pipelines.splits import SplitIndex
+    from pipelines.workers import STOP_SIGNALS
+
+    paths = [tmp_path / f"{i}.jpg" for i in range(12)]
+    for i, path in enumerate(paths):
+        helpers.write_jpeg(path, (20, 24), seed=i)
+    index = SplitIndex(tmp_path / "split.txt", paths, np.arange(12) % 2, 2)
+    loader = make_loader(index, LoaderSpec(2, image_size=16, augment="pad_crop", workers=2), True)
+    batches = iter(loader)
+    next(batches)
+    workers = [w.pid for w in loader.loader._iterator._workers]
+    for pid in workers:
+        for sig in STOP_SIGNALS:
+            os.kill(pid, sig)
+    time.sleep(0.5)  # a worker that acts on a signal is dead by now
+    assert len(list(batches)) == len(loader) - 1
+    assert all(w.is_alive() for w in loader.loader._iterator._workers)
 
 
 def test_run_lock_dies_with_its_holder_not_with_its_forked_children(tmp_path):
