@@ -345,6 +345,7 @@ def screen_splits(
     data_cfg,
     builtin: bool = False,
     progress: bool = True,
+    cache=None,
 ) -> tuple[tuple[SplitIndex, ...], list[tuple[str, str]]]:
     """Before training: apply `data.exclude_file`, then check images; return (splits, bad list).
 
@@ -356,6 +357,8 @@ def screen_splits(
     split and returned as (path, reason) — unless more than max_bad_images of a split is
     bad. `builtin`: images this engine wrote itself (digits_lt, cifar*_lt): verify_images
     "auto" skips their check. Excluded images are not in the bad list (the user listed them).
+    `cache`: an object whose `find_bad` stands in for `find_bad_images` (same arguments and
+    result), e.g. pipelines/screen_cache.py's remembered verdicts.
     """
     d = data_cfg
     excluded = read_exclusions(d.exclude_file, d.root) if d.exclude_file else set()
@@ -375,8 +378,9 @@ def screen_splits(
         if verify:
             name = "train" if k == 0 else ("val" if k == 1 else "test")
             todo = [i for i in range(len(index)) if i not in drop]
-            found = find_bad_images([index.paths[i] for i in todo], decode=k > 0, jobs=jobs, progress=progress,
-                                    desc=f"{'opening' if k == 0 else 'decoding'} {name} images")
+            find_bad = cache.find_bad if cache is not None else find_bad_images
+            found = find_bad([index.paths[i] for i in todo], decode=k > 0, jobs=jobs, progress=progress,
+                             desc=f"{'opening' if k == 0 else 'decoding'} {name} images")
             bad = [(todo[i], reason) for i, reason in found]
         if bad:
             listed = "; ".join(f"{index.paths[i]} ({r})" for i, r in bad[:10])

@@ -1,0 +1,210 @@
+"""Screen the images once per change, not once per start: verdicts remembered in the run folder.
+
+`screen_splits` (pipelines/check.py) opens every train image and decodes every val/test image
+before step 1. `ScreenCache` remembers each verdict (good, or bad with its reason) keyed by the
+file's absolute path, size and mtime_ns and the check level (open or decode) in `RUN/screened.json`,
+so a restart checks again only the files that are new, resized or touched, and the files it could
+not stat (missing ones). Each file is stat'ed before it is checked: a file changed while it is
+checked gets a new stat next time, so its verdict is not reused.
+
+The file is plain JSON (never pickle), columns of equal length under a common path prefix:
+    {"format": FORMAT, "root": "/data", "paths": ["train/a.jpg", ...], "level": [0, 1, ...],
+     "size": [...], "mtime_ns": [...], "bad": {"<row>": "corrupt: reason", ...}}
+level 0 is open (header read), 1 decode. A file that does not parse or has the wrong shape is
+ignored with a warning (every image is checked again), and it is written atomically.
+
+`screen_once` is the entry point `load_data` calls: rank 0 screens with the cache; under
+torch.distributed its verdicts reach the other ranks through `share`, and those ranks replay
+them (`KnownVerdicts`) without opening or stat'ing any image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.io import atomic_write_bytes
+from pipelines.check import find_bad_images, screen_splits
+from pipelines.splits import DataError, SplitIndex
+
+logger = logging.getLogger(__name__)
+
+CACHE_NAME = "screened.json"
+FORMAT = "lt-engine screened images v1"
+LEVELS = ("open", "decode")
+
+def _stat(path: str) -> tuple[int, int] | None:
+    """(size, mtime_ns), or None when the file cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _level(decode: bool) -> int:
+    return 1 if decode else 0
+
+
+class ScreenCache:
+    """Verdicts of earlier starts (`old`) and of this one; `find_bad` is `find_bad_images` that
+    checks only the files whose (size, mtime_ns) at this level are not remembered."""
+
+    def __init__(self, path: Path | None, old: dict[tuple[str, int], tuple[int, int, str | None]] | None = None):
+        self.path = path
+        self.old = old or {}  # (abs path, level) → (size, mtime_ns, reason or None)
+        self.new: dict[tuple[str, int], tuple[int, int, str | None]] = {}
+        self.bad: dict[tuple[str, int], str] = {}  # every bad verdict of this start, missing files included
+        self.checked = self.remembered = 0
+
+    @classmethod
+    def load(cls, path: str | Path) -> ScreenCache:
+        """The cache at `path`; empty when there is none, and empty with a warning when it cannot be used."""
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return cls(path)
+        except OSError as exc:
+            logger.warning("ignoring the screening cache %s (%s); every image is checked again", path,
+                           exc.strerror or exc)
+            return cls(path)
+        try:
+            return cls(path, _parse(json.loads(raw)))
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
+            logger.warning("ignoring the screening cache %s: %s; every image is checked again", path, exc)
+            return cls(path)
+
+    def find_bad(self, paths: list[Path], decode: bool = True, jobs: int | None = None, desc: str = "checking images",
+                 progress: bool = True) -> list[tuple[int, str]]:
+        """(position in `paths`, reason) of every bad image, as `find_bad_images` returns them."""
+        level = _level(decode)
+        keys = [os.path.abspath(p) for p in paths]
+        stats = [_stat(k) for k in keys]
+        verdicts: dict[int, str | None] = {}
+        todo: list[int] = []
+        for i, (key, st) in enumerate(zip(keys, stats)):
+            old = self.old.get((key, level))
+            if st is not None and old is not None and old[:2] == st:
+                verdicts[i] = old[2]
+            else:
+                todo.append(i)
+        found = dict(find_bad_images([paths[i] for i in todo], decode, jobs, desc, progress)) if todo else {}
+        verdicts.update((i, found.get(j)) for j, i in enumerate(todo))
+        self.checked += len(todo)
+        self.remembered += len(paths) - len(todo)
+        for i, reason in verdicts.items():
+            if stats[i] is not None:  # a file without a stat (missing) is checked again every time
+                self.new[keys[i], level] = (*stats[i], reason)
+            if reason is not None:
+                self.bad[keys[i], level] = reason
+        return sorted((i, r) for i, r in verdicts.items() if r is not None)
+
+    def save(self, complete: bool) -> None:
+        """Write this start's verdicts (plus, when the screening stopped early (`complete` false), the
+        earlier ones it did not reach) atomically; nothing is written when nothing changed.
+        A cache that cannot be written is a warning: the run does not depend on it."""
+        if self.path is None:
+            return
+        rows = self.new if complete else {**self.old, **self.new}
+        if rows == self.old:
+            return
+        try:
+            atomic_write_bytes(self.path, lambda f: f.write(json.dumps(_columns(rows)).encode()))
+        except OSError as exc:  # StorageError is an OSError
+            logger.warning("cannot write the screening cache: %s; the next start checks every image again", exc)
+
+
+def _columns(rows: dict[tuple[str, int], tuple[int, int, str | None]]) -> dict[str, Any]:
+    """The JSON form of `rows`: paths under their common folder, one list per field."""
+    keys = list(rows)
+    root = os.path.commonpath([os.path.dirname(k) for k, _ in keys]) if keys else ""
+    cut = len(root.rstrip(os.sep)) + 1
+    return {
+        "format": FORMAT,
+        "root": root,
+        "paths": [k[cut:] for k, _ in keys],
+        "level": [lv for _, lv in keys],
+        "size": [rows[k][0] for k in keys],
+        "mtime_ns": [rows[k][1] for k in keys],
+        "bad": {str(i): rows[k][2] for i, k in enumerate(keys) if rows[k][2] is not None},
+    }
+
+
+def _parse(doc: Any) -> dict[tuple[str, int], tuple[int, int, str | None]]:
+    """`_columns`'s inverse; ValueError / TypeError naming the first thing that is not as written."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ValueError(f"expected a JSON object with format {FORMAT!r}")
+    root, paths, levels, sizes, mtimes, bad = (doc[k] for k in ("root", "paths", "level", "size", "mtime_ns", "bad"))
+    columns = (paths, levels, sizes, mtimes)
+    if not isinstance(root, str) or not all(isinstance(c, list) for c in columns) or not isinstance(bad, dict):
+        raise TypeError("expected root a string, paths/level/size/mtime_ns lists and bad an object")
+    if len({len(c) for c in columns}) != 1:
+        raise ValueError(f"columns of different lengths {[len(c) for c in columns]}")
+    if not (all(type(p) is str for p in paths) and all(lv in (0, 1) and type(lv) is int for lv in levels)
+            and all(type(x) is int and x >= 0 for x in sizes) and all(type(x) is int for x in mtimes)):
+        raise TypeError("expected string paths, levels 0/1 and integer sizes and mtimes")
+    reasons: list[str | None] = [None] * len(paths)
+    for row, reason in bad.items():
+        if not (row.isdigit() and int(row) < len(paths) and isinstance(reason, str)):
+            raise ValueError(f"bad entry {row!r}: expected a row number below {len(paths)} and a reason")
+        reasons[int(row)] = reason
+    return {(os.path.join(root, p), lv): (s, m, r) for p, lv, s, m, r in zip(paths, levels, sizes, mtimes, reasons)}
+
+
+class KnownVerdicts:
+    """`find_bad` answered from verdicts screened elsewhere (rank 0): no image is opened or stat'ed."""
+
+    def __init__(self, bad: dict[tuple[str, int], str]):
+        self.bad = bad
+
+    def find_bad(self, paths: list[Path], decode: bool = True, jobs: int | None = None, desc: str = "",
+                 progress: bool = False) -> list[tuple[int, str]]:
+        level = _level(decode)
+        found = ((i, self.bad.get((os.path.abspath(p), level))) for i, p in enumerate(paths))
+        return [(i, r) for i, r in found if r is not None]
+
+
+def screen_once(
+    splits: tuple[SplitIndex, ...],
+    data_cfg,
+    builtin: bool,
+    progress: bool,
+    run_dir: str | Path | None = None,
+    rank: int = 0,
+    share: Callable[[Any], Any] | None = None,
+) -> tuple[tuple[SplitIndex, ...], list[tuple[str, str]]]:
+    """`screen_splits` once for all ranks, remembering verdicts in `run_dir/screened.json` (no cache without
+    `run_dir`). `share(obj)` is called on every rank and returns rank 0's `obj` (None: one process).
+
+    Rank 0 screens and shares (its error message or None, its bad verdicts); the other ranks raise the
+    same error or apply the same verdicts. Only rank 0 reads or writes the cache.
+    """
+    if rank != 0:
+        if share is None:
+            raise ValueError(f"screen_once: rank {rank} needs `share` to receive rank 0's verdicts")
+        error, bad = share(None)
+        if error is not None:
+            raise DataError(error)
+        return screen_splits(splits, data_cfg, builtin, False, cache=KnownVerdicts(dict(bad)))
+    start = time.perf_counter()
+    cache = ScreenCache.load(Path(run_dir) / CACHE_NAME) if run_dir is not None else ScreenCache(None)
+    result, error = None, None
+    try:
+        result = screen_splits(splits, data_cfg, builtin, progress, cache=cache)
+    except Exception as exc:  # DataError mostly; any failure must reach the waiting ranks
+        error = exc
+    if share is not None:
+        share((None if error is None else str(error), list(cache.bad.items())))
+    cache.save(complete=error is None)
+    if cache.checked or cache.remembered:
+        logger.info("screened %d images in %.1f s: %d checked, %d remembered%s", cache.checked + cache.remembered,
+                    time.perf_counter() - start, cache.checked, cache.remembered,
+                    f" ({cache.path})" if cache.path else "")
+    if error is not None:
+        raise error
+    return result
