@@ -7,11 +7,12 @@ so a restart checks again only the files that are new, resized or touched, and t
 not stat (missing ones). Each file is stat'ed before it is checked: a file changed while it is
 checked gets a new stat next time, so its verdict is not reused.
 
-The file is plain JSON (never pickle), columns of equal length under a common path prefix:
-    {"format": FORMAT, "root": "/data", "paths": ["train/a.jpg", ...], "level": [0, 1, ...],
-     "size": [...], "mtime_ns": [...], "bad": {"<row>": "corrupt: reason", ...}}
-level 0 is open (header read), 1 decode. A file that does not parse or has the wrong shape is
-ignored with a warning (every image is checked again), and it is written atomically.
+The file is plain JSON (never pickle), per level columns of equal length under a common folder:
+    {"format": FORMAT, "root": "/data",
+     "open": {"paths": ["train/a.jpg", ...], "size": [...], "mtime_ns": [...], "bad": {"<row>": "reason"}},
+     "decode": {...}}
+A file that does not parse or has the wrong shape is ignored with a warning (every image is
+checked again); the file is written atomically.
 
 `screen_once` is the entry point `load_data` calls: rank 0 screens with the cache; under
 torch.distributed its verdicts reach the other ranks through `share`, and those ranks replay
@@ -35,15 +36,15 @@ logger = logging.getLogger(__name__)
 
 CACHE_NAME = "screened.json"
 FORMAT = "lt-engine screened images v1"
-LEVELS = ("open", "decode")
+LEVELS = ("open", "decode")  # header read (train), full decode (val/test)
 
-def _stat(path: str) -> tuple[int, int] | None:
-    """(size, mtime_ns), or None when the file cannot be stat'ed."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
+Verdicts = dict[str, tuple[int, int, "str | None"]]  # absolute path → (size, mtime_ns, reason or None)
+
+
+def _key(path: str | Path) -> str:
+    """The cache key of an image: its absolute path (a relative one joined to the working folder)."""
+    text = os.fspath(path)
+    return text if os.path.isabs(text) else os.path.abspath(text)
 
 
 def _level(decode: bool) -> int:
@@ -51,14 +52,15 @@ def _level(decode: bool) -> int:
 
 
 class ScreenCache:
-    """Verdicts of earlier starts (`old`) and of this one; `find_bad` is `find_bad_images` that
-    checks only the files whose (size, mtime_ns) at this level are not remembered."""
+    """Verdicts of earlier starts (`old`) and of this one (`new`), one dict per level (open, decode);
+    `find_bad` is `find_bad_images` that checks only the files whose (size, mtime_ns) at this level
+    are not remembered."""
 
-    def __init__(self, path: Path | None, old: dict[tuple[str, int], tuple[int, int, str | None]] | None = None):
+    def __init__(self, path: Path | None, old: tuple[Verdicts, Verdicts] | None = None):
         self.path = path
-        self.old = old or {}  # (abs path, level) → (size, mtime_ns, reason or None)
-        self.new: dict[tuple[str, int], tuple[int, int, str | None]] = {}
-        self.bad: dict[tuple[str, int], str] = {}  # every bad verdict of this start, missing files included
+        self.old = old or ({}, {})
+        self.new: tuple[Verdicts, Verdicts] = ({}, {})
+        self.bad: dict[tuple[str, int], str] = {}  # (path, level) → reason, this start's, missing files included
         self.checked = self.remembered = 0
 
     @classmethod
@@ -83,26 +85,34 @@ class ScreenCache:
                  progress: bool = True) -> list[tuple[int, str]]:
         """(position in `paths`, reason) of every bad image, as `find_bad_images` returns them."""
         level = _level(decode)
-        keys = [os.path.abspath(p) for p in paths]
-        stats = [_stat(k) for k in keys]
-        verdicts: dict[int, str | None] = {}
+        old, new = self.old[level], self.new[level]
+        keys = [_key(p) for p in paths]
+        stats: list[tuple[int, int] | None] = []
+        reasons: list[str | None] = []
         todo: list[int] = []
-        for i, (key, st) in enumerate(zip(keys, stats)):
-            old = self.old.get((key, level))
-            if st is not None and old is not None and old[:2] == st:
-                verdicts[i] = old[2]
+        for key in keys:
+            try:
+                st = os.stat(key)
+                stat = (st.st_size, st.st_mtime_ns)
+            except OSError:  # missing (or no permission): checked, never remembered
+                stat = None
+            verdict = old.get(key)
+            if verdict is not None and verdict[:2] == stat:
+                reasons.append(verdict[2])
             else:
-                todo.append(i)
-        found = dict(find_bad_images([paths[i] for i in todo], decode, jobs, desc, progress)) if todo else {}
-        verdicts.update((i, found.get(j)) for j, i in enumerate(todo))
+                reasons.append(None)
+                todo.append(len(stats))
+            stats.append(stat)
+        for j, reason in find_bad_images([paths[i] for i in todo], decode, jobs, desc, progress) if todo else ():
+            reasons[todo[j]] = reason
         self.checked += len(todo)
         self.remembered += len(paths) - len(todo)
-        for i, reason in verdicts.items():
-            if stats[i] is not None:  # a file without a stat (missing) is checked again every time
-                self.new[keys[i], level] = (*stats[i], reason)
+        for key, st, reason in zip(keys, stats, reasons):
+            if st is not None:
+                new[key] = (*st, reason)
             if reason is not None:
-                self.bad[keys[i], level] = reason
-        return sorted((i, r) for i, r in verdicts.items() if r is not None)
+                self.bad[key, level] = reason
+        return [(i, r) for i, r in enumerate(reasons) if r is not None]
 
     def save(self, complete: bool) -> None:
         """Write this start's verdicts (plus, when the screening stopped early (`complete` false), the
@@ -110,7 +120,7 @@ class ScreenCache:
         A cache that cannot be written is a warning: the run does not depend on it."""
         if self.path is None:
             return
-        rows = self.new if complete else {**self.old, **self.new}
+        rows = self.new if complete else tuple({**o, **n} for o, n in zip(self.old, self.new))
         if rows == self.old:
             return
         try:
@@ -119,41 +129,47 @@ class ScreenCache:
             logger.warning("cannot write the screening cache: %s; the next start checks every image again", exc)
 
 
-def _columns(rows: dict[tuple[str, int], tuple[int, int, str | None]]) -> dict[str, Any]:
-    """The JSON form of `rows`: paths under their common folder, one list per field."""
-    keys = list(rows)
-    root = os.path.commonpath([os.path.dirname(k) for k, _ in keys]) if keys else ""
+def _columns(rows: tuple[Verdicts, Verdicts]) -> dict[str, Any]:
+    """The JSON form of `rows`: paths under their common folder, one list per field and level."""
+    keys = [k for verdicts in rows for k in verdicts]
+    root = os.path.commonpath([os.path.dirname(k) for k in keys]) if keys else ""
     cut = len(root.rstrip(os.sep)) + 1
-    return {
-        "format": FORMAT,
-        "root": root,
-        "paths": [k[cut:] for k, _ in keys],
-        "level": [lv for _, lv in keys],
-        "size": [rows[k][0] for k in keys],
-        "mtime_ns": [rows[k][1] for k in keys],
-        "bad": {str(i): rows[k][2] for i, k in enumerate(keys) if rows[k][2] is not None},
-    }
+
+    def level(verdicts: Verdicts) -> dict[str, Any]:
+        values = list(verdicts.values())
+        return {"paths": [k[cut:] for k in verdicts], "size": [v[0] for v in values],
+                "mtime_ns": [v[1] for v in values],
+                "bad": {str(i): v[2] for i, v in enumerate(values) if v[2] is not None}}
+
+    return {"format": FORMAT, "root": root, **{name: level(v) for name, v in zip(LEVELS, rows)}}
 
 
-def _parse(doc: Any) -> dict[tuple[str, int], tuple[int, int, str | None]]:
+def _parse(doc: Any) -> tuple[Verdicts, Verdicts]:
     """`_columns`'s inverse; ValueError / TypeError naming the first thing that is not as written."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"expected a JSON object with format {FORMAT!r}")
-    root, paths, levels, sizes, mtimes, bad = (doc[k] for k in ("root", "paths", "level", "size", "mtime_ns", "bad"))
-    columns = (paths, levels, sizes, mtimes)
-    if not isinstance(root, str) or not all(isinstance(c, list) for c in columns) or not isinstance(bad, dict):
-        raise TypeError("expected root a string, paths/level/size/mtime_ns lists and bad an object")
+    if not isinstance(doc["root"], str):
+        raise TypeError(f"root {doc['root']!r}: expected a string")
+    prefix = doc["root"].rstrip(os.sep) + os.sep
+    return tuple(_parse_level(doc[name], name, prefix) for name in LEVELS)
+
+
+def _parse_level(block: Any, name: str, prefix: str) -> Verdicts:
+    paths, sizes, mtimes, bad = (block[k] for k in ("paths", "size", "mtime_ns", "bad"))
+    columns = (paths, sizes, mtimes)
+    if not all(isinstance(c, list) for c in columns) or not isinstance(bad, dict):
+        raise TypeError(f"{name}: expected paths/size/mtime_ns lists and bad an object")
     if len({len(c) for c in columns}) != 1:
-        raise ValueError(f"columns of different lengths {[len(c) for c in columns]}")
-    if not (all(type(p) is str for p in paths) and all(lv in (0, 1) and type(lv) is int for lv in levels)
-            and all(type(x) is int and x >= 0 for x in sizes) and all(type(x) is int for x in mtimes)):
-        raise TypeError("expected string paths, levels 0/1 and integer sizes and mtimes")
+        raise ValueError(f"{name}: columns of different lengths {[len(c) for c in columns]}")
+    if not (all(type(p) is str for p in paths) and all(type(x) is int and x >= 0 for x in sizes)
+            and all(type(x) is int for x in mtimes)):
+        raise TypeError(f"{name}: expected string paths and integer sizes and mtimes")
     reasons: list[str | None] = [None] * len(paths)
     for row, reason in bad.items():
         if not (row.isdigit() and int(row) < len(paths) and isinstance(reason, str)):
-            raise ValueError(f"bad entry {row!r}: expected a row number below {len(paths)} and a reason")
+            raise ValueError(f"{name}: bad entry {row!r}: expected a row number below {len(paths)} and a reason")
         reasons[int(row)] = reason
-    return {(os.path.join(root, p), lv): (s, m, r) for p, lv, s, m, r in zip(paths, levels, sizes, mtimes, reasons)}
+    return dict(zip([prefix + p for p in paths], zip(sizes, mtimes, reasons)))
 
 
 class KnownVerdicts:
@@ -165,7 +181,7 @@ class KnownVerdicts:
     def find_bad(self, paths: list[Path], decode: bool = True, jobs: int | None = None, desc: str = "",
                  progress: bool = False) -> list[tuple[int, str]]:
         level = _level(decode)
-        found = ((i, self.bad.get((os.path.abspath(p), level))) for i, p in enumerate(paths))
+        found = ((i, self.bad.get((_key(p), level))) for i, p in enumerate(paths))
         return [(i, r) for i, r in found if r is not None]
 
 

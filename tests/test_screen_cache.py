@@ -124,10 +124,12 @@ def test_deleted_file_is_found(data, opened):
 
 @pytest.mark.parametrize("content", [
     b"{not json", b"\x80\x04\x95 a pickle", b"[1, 2]", b'{"format": "something else"}',
-    json.dumps({"format": FORMAT, "root": "/", "paths": ["a"], "level": [0], "size": [1, 2], "mtime_ns": [3],
-                "bad": {}}).encode(),
-    json.dumps({"format": FORMAT, "root": "/", "paths": ["a"], "level": [0], "size": [1], "mtime_ns": [3],
-                "bad": {"7": "corrupt"}}).encode(),
+    json.dumps({"format": FORMAT, "root": "/", "open": {"paths": ["a"], "size": [1, 2], "mtime_ns": [3], "bad": {}},
+                "decode": {"paths": [], "size": [], "mtime_ns": [], "bad": {}}}).encode(),
+    json.dumps({"format": FORMAT, "root": "/", "open": {"paths": ["a"], "size": [1], "mtime_ns": [3], "bad": {}},
+                "decode": {"paths": ["b"], "size": [1], "mtime_ns": [3], "bad": {"7": "corrupt"}}}).encode(),
+    json.dumps({"format": FORMAT, "root": "/", "open": {"paths": ["a"], "size": [1], "mtime_ns": [3], "bad": {}}}
+               ).encode(),
 ])
 def test_broken_cache_is_ignored_with_a_warning(data, opened, caplog, content):
     root, run, _ = data
@@ -144,8 +146,9 @@ def test_cache_claiming_a_bad_file_good_is_not_trusted_for_another_stat(data, op
     root, run, _ = data
     _screen(data)
     doc = json.loads((run / CACHE_NAME).read_text())
-    doc["bad"] = {}  # every file claimed good ...
-    doc["size"] = [s + 1 for s in doc["size"]]  # ... but for sizes the files do not have
+    for level in ("open", "decode"):
+        doc[level]["bad"] = {}  # every file claimed good ...
+        doc[level]["size"] = [s + 1 for s in doc[level]["size"]]  # ... but for sizes the files do not have
     (run / CACHE_NAME).write_text(json.dumps(doc))
     opened.clear()
     _, bad = _screen(data)
@@ -171,7 +174,7 @@ def test_cache_is_written_atomically(data, monkeypatch, caplog):
 def test_load_of_a_missing_cache_is_empty_without_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         cache = ScreenCache.load(tmp_path / CACHE_NAME)
-    assert cache.old == {} and caplog.text == ""
+    assert cache.old == ({}, {}) and caplog.text == ""
 
 
 WORKER = """
