@@ -60,7 +60,9 @@ class ScreenCache:
         self.path = path
         self.old = old or ({}, {})
         self.new: tuple[Verdicts, Verdicts] = ({}, {})
-        self.bad: dict[tuple[str, int], str] = {}  # (path, level) → reason, this start's, missing files included
+        # (path as the split gives it, level) → reason: this start's bad verdicts, missing files included;
+        # the split's own path text, the same on every rank (an absolute path may differ between nodes' folders)
+        self.bad: dict[tuple[str, int], str] = {}
         self.checked = self.remembered = 0
 
     @classmethod
@@ -107,11 +109,11 @@ class ScreenCache:
             reasons[todo[j]] = reason
         self.checked += len(todo)
         self.remembered += len(paths) - len(todo)
-        for key, st, reason in zip(keys, stats, reasons):
+        for path, key, st, reason in zip(paths, keys, stats, reasons):
             if st is not None:
                 new[key] = (*st, reason)
             if reason is not None:
-                self.bad[key, level] = reason
+                self.bad[os.fspath(path), level] = reason
         return [(i, r) for i, r in enumerate(reasons) if r is not None]
 
     def save(self, complete: bool) -> None:
@@ -173,7 +175,8 @@ def _parse_level(block: Any, name: str, prefix: str) -> Verdicts:
 
 
 class KnownVerdicts:
-    """`find_bad` answered from verdicts screened elsewhere (rank 0): no image is opened or stat'ed."""
+    """`find_bad` answered from verdicts screened elsewhere (rank 0's `ScreenCache.bad`: (path as the split
+    gives it, level) → reason); no image is opened or stat'ed."""
 
     def __init__(self, bad: dict[tuple[str, int], str]):
         self.bad = bad
@@ -181,7 +184,7 @@ class KnownVerdicts:
     def find_bad(self, paths: list[Path], decode: bool = True, jobs: int | None = None, desc: str = "",
                  progress: bool = False) -> list[tuple[int, str]]:
         level = _level(decode)
-        found = ((i, self.bad.get((_key(p), level))) for i, p in enumerate(paths))
+        found = ((i, self.bad.get((os.fspath(p), level))) for i, p in enumerate(paths))
         return [(i, r) for i, r in found if r is not None]
 
 

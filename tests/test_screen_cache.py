@@ -177,14 +177,30 @@ def test_load_of_a_missing_cache_is_empty_without_a_warning(tmp_path, caplog):
     assert cache.old == ({}, {}) and caplog.text == ""
 
 
+def test_a_folder_holding_only_the_screening_cache_takes_a_new_run(tmp_path):
+    """A run killed between screening and its first file leaves screened.json: no obstacle to a new start."""
+    from engine.distributed import DistInfo
+    from engine.errors import TrainingError
+    from engine.train import open_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CACHE_NAME).write_text("{}")
+    created, resuming, lock = open_run_dir(run, False, DistInfo())
+    lock.release()
+    assert (created, resuming) == (False, False)
+    (run / "notes.txt").write_text("someone else's file")
+    with pytest.raises(TrainingError, match="already holds files"):
+        open_run_dir(run, False, DistInfo())
+
+
 WORKER = """
 import json, os, sys
 from pathlib import Path
 import PIL.Image
 import pipelines.check as check
-import pipelines.screen_cache as sc
+import engine.data
 from engine.config import load_config
-from engine.data import load_data
 from engine.distributed import init_distributed, shutdown
 
 calls = []
@@ -195,10 +211,24 @@ def counted(real, what):
     return f
 check._open_header = counted(check._open_header, "open")
 check._decode = counted(check._decode, "decode")
-sc._stat = counted(sc._stat, "stat")
+screening = []
+real_stat = os.stat
+def stat(path, *a, **k):  # a stat of an image while screening (os.stat, pathlib's exists / is_file)
+    if screening and os.fspath(path).endswith(".jpg"):
+        calls.append("stat")
+    return real_stat(path, *a, **k)
+os.stat = stat
+real_screen = engine.data.screen_once
+def screen_once(*a, **k):
+    screening.append(1)
+    try:
+        return real_screen(*a, **k)
+    finally:
+        screening.clear()
+engine.data.screen_once = screen_once
 PIL.Image.open = counted(PIL.Image.open, "pil")
 dist = init_distributed("cpu")
-data = load_data(load_config(overrides=sys.argv[3:]), Path(sys.argv[2]), dist)
+data = engine.data.load_data(load_config(overrides=sys.argv[3:]), Path(sys.argv[2]), dist)
 out = {"calls": calls, "bad": data.bad_images, "sizes": [len(data.train), len(data.val), len(data.test)]}
 Path(sys.argv[1], f"rank{dist.rank}.json").write_text(json.dumps(out))
 shutdown()
@@ -225,8 +255,8 @@ def test_two_gloo_ranks_only_rank_0_opens_images(tmp_path):
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, f"torchrun exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["calls"].count("open") == 6 and r0["calls"].count("decode") == 3
-    assert r1["calls"] == []  # no image opened, decoded or stat'ed on rank 1
+    assert r0["calls"].count("open") == 6 and r0["calls"].count("decode") == 3 and "stat" in r0["calls"]
+    assert r1["calls"] == []  # no image opened, decoded or stat'ed by rank 1's screening
     assert r0["bad"] == r1["bad"] and len(r0["bad"]) == 2
     assert r0["sizes"] == r1["sizes"] == [5, 2, 2]
     assert (run / CACHE_NAME).is_file()
