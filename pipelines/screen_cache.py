@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,6 +46,27 @@ def _key(path: str | Path) -> str:
     """The cache key of an image: its absolute path (a relative one joined to the working folder)."""
     text = os.fspath(path)
     return text if os.path.isabs(text) else os.path.abspath(text)
+
+
+def _stat_all(keys: list[str]) -> list[tuple[int, int] | None]:
+    out: list[tuple[int, int] | None] = []
+    for key in keys:
+        try:
+            st = os.stat(key)
+            out.append((st.st_size, st.st_mtime_ns))
+        except OSError:  # missing (or no permission): checked, never remembered
+            out.append(None)
+    return out
+
+
+def _stats(keys: list[str], jobs: int | None) -> list[tuple[int, int] | None]:
+    """(size, mtime_ns) of every file, None where it cannot be stat'ed; in `jobs` threads, one slice each
+    (a network file system answers many stats at once)."""
+    n = max(1, jobs or min(8, os.cpu_count() or 1))
+    step = max(1, -(-len(keys) // n))
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return [st for part in pool.map(_stat_all, [keys[i:i + step] for i in range(0, len(keys), step)])
+                for st in part]
 
 
 def _level(decode: bool) -> int:
@@ -89,22 +111,16 @@ class ScreenCache:
         level = _level(decode)
         old, new = self.old[level], self.new[level]
         keys = [_key(p) for p in paths]
-        stats: list[tuple[int, int] | None] = []
+        stats = _stats(keys, jobs)
         reasons: list[str | None] = []
         todo: list[int] = []
-        for key in keys:
-            try:
-                st = os.stat(key)
-                stat = (st.st_size, st.st_mtime_ns)
-            except OSError:  # missing (or no permission): checked, never remembered
-                stat = None
+        for i, (key, stat) in enumerate(zip(keys, stats)):
             verdict = old.get(key)
             if verdict is not None and verdict[:2] == stat:
                 reasons.append(verdict[2])
             else:
                 reasons.append(None)
-                todo.append(len(stats))
-            stats.append(stat)
+                todo.append(i)
         for j, reason in find_bad_images([paths[i] for i in todo], decode, jobs, desc, progress) if todo else ():
             reasons[todo[j]] = reason
         self.checked += len(todo)
