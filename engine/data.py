@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import Config
-from engine.distributed import DistInfo
-from pipelines.check import read_exclusions, screen_splits
+from engine.distributed import DistInfo, broadcast_from_main
+from pipelines.check import read_exclusions
 from pipelines.digits_lt import build_digits_lt, default_cache_dir
 from pipelines.formats import build_cifar_lt, read_image_folder, read_inat
 from pipelines.loader import make_loader
 from pipelines.samplers import ShardSampler, build_sampler
+from pipelines.screen_cache import screen_once
 from pipelines.spec import LoaderSpec
 from pipelines.splits import DataError, SplitIndex, class_counts, image_path, parse_split, read_split
 
@@ -72,9 +73,13 @@ def _read_split_files(files: list[Path], root: Path, num_classes: int, outside: 
     return train, val, test
 
 
-def load_data(cfg: Config) -> Data:
+def load_data(cfg: Config, run_dir: Path | None = None, dist: DistInfo | None = None) -> Data:
     """Splits → indexes + class counts; every file and label is checked here, before training.
-    The images of data.exclude_file are dropped as the splits are read, before any check."""
+    The images of data.exclude_file are dropped as the splits are read, before any check.
+
+    `run_dir`: the run folder, where rank 0 remembers the image screening's verdicts (screened.json)
+    so that a restart checks only changed files. `dist`: under torch.distributed only rank 0 screens
+    the images; the other ranks receive its verdicts."""
     d = cfg.data
     cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
     notes: list[str] = []
@@ -103,9 +108,12 @@ def load_data(cfg: Config) -> Data:
             val, test = (read_image_folder(f, names, exclude=exclude)[0] for f in files[1:])
         if not d.test_split:
             notes.append("no data.test_split: the validation split is also the test split")
-    # every val/test image decodes and every train image opens (pipelines/check.py)
+    # every val/test image decodes and every train image opens (pipelines/check.py), on rank 0,
+    # remembering verdicts in the run folder (pipelines/screen_cache.py)
     builtin = d.format in ("digits_lt", "cifar10_lt", "cifar100_lt")  # images this engine wrote itself
-    (train, val, test), bad = screen_splits((train, val, test), d, builtin, cfg.run.progress)
+    dist = dist or DistInfo()
+    share = broadcast_from_main if dist.enabled else None
+    (train, val, test), bad = screen_once((train, val, test), d, builtin, cfg.run.progress, run_dir, dist.rank, share)
     counts = class_counts(train)  # raises on an empty class
     return Data(train, val, test, counts, train.num_classes, notes, bad)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,23 @@ def all_gather_objects(obj) -> list:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_from_main(obj, timeout_s: float = 4 * 3600):
+    """Rank 0's `obj` on every rank (`obj` as it is when not distributed).
+
+    It goes over a gloo group of its own with a long timeout: the other ranks may wait here while
+    rank 0 does a long job alone (screening a million images on a network file system), longer
+    than the default group's timeout (NCCL: 10 minutes)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    try:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=group)
+        return box[0]
+    finally:
+        dist.destroy_process_group(group)
 
 
 def broadcast_error(message: str | None) -> str | None:

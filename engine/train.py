@@ -61,6 +61,7 @@ from engine.preemption import Preempted, StopRequest, stop_on_signals
 from engine.runlock import LOCK_NAME, RunFolderBusy, RunLock
 from pipelines.check import write_bad_list
 from pipelines.progress import progress_bar
+from pipelines.screen_cache import CACHE_NAME as SCREEN_CACHE
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def open_run_dir(out_dir: Path, resume: bool | str, dist: DistInfo) -> tuple[boo
             created = not existed
             has_last = (out_dir / "last.pt").is_file()
             ours = (out_dir / "config.yaml").is_file()  # a run folder of ours (maybe killed before a checkpoint)
-            held = [p for p in out_dir.iterdir() if p.name != LOCK_NAME]
+            held = [p for p in out_dir.iterdir() if p.name not in (LOCK_NAME, SCREEN_CACHE)]  # a cache holds no run
             resuming = resume is True or (resume == "auto" and has_last)
             if resume is True and not has_last:
                 error = (f"--resume: {out_dir / 'last.pt'} does not exist; nothing to resume "
@@ -195,7 +196,7 @@ def _train(cfg: Config, out_dir: Path, resume: bool | str, dist: DistInfo, stop:
     # label is checked before anything is written into it.
     created, resuming, lock = open_run_dir(out_dir, resume, dist)
     try:
-        data = load_data(cfg)
+        data = load_data(cfg, out_dir, dist)
         layout = "channels_last" if speed.channels_last else "NCHW"
         train_loader, val_loader, test_loader = make_loaders(cfg, data, dist, device.type, layout)
         run = build_run(cfg, out_dir, dist, device, speed, data, len(train_loader))

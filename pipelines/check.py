@@ -307,6 +307,7 @@ def screen_splits(
     data_cfg,
     builtin: bool = False,
     progress: bool = True,
+    cache=None,
 ) -> tuple[tuple[SplitIndex, ...], list[tuple[str, str]]]:
     """Before training: check the images of the splits; return (splits, bad list).
 
@@ -318,6 +319,8 @@ def screen_splits(
     split and returned as (path, reason) — unless more than max_bad_images of a split is
     bad. `builtin`: images this engine wrote itself (digits_lt, cifar*_lt): verify_images
     "auto" skips their check. The images of `data.exclude_file` are not in `splits` (the readers drop them).
+    `cache`: an object whose `find_bad` stands in for `find_bad_images` (same arguments and
+    result), e.g. pipelines/screen_cache.py's remembered verdicts.
     """
     d = data_cfg
     verify = d.verify_images == "on" or (d.verify_images == "auto" and not builtin)
@@ -334,8 +337,9 @@ def screen_splits(
         bad: list[tuple[int, str]] = []
         if verify:
             name = "train" if k == 0 else ("val" if k == 1 else "test")
-            bad = find_bad_images(index.paths, decode=k > 0, jobs=jobs, progress=progress,
-                                  desc=f"{'opening' if k == 0 else 'decoding'} {name} images")
+            find_bad = cache.find_bad if cache is not None else find_bad_images
+            bad = find_bad(index.paths, decode=k > 0, jobs=jobs, progress=progress,
+                           desc=f"{'opening' if k == 0 else 'decoding'} {name} images")
         if bad:
             listed = "; ".join(f"{index.paths[i]} ({r})" for i, r in bad[:10])
             if d.on_bad_image == "fail":
