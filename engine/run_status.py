@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, EngineError
 from engine.io import write_json
 from engine.preemption import PREEMPTED_EXIT_CODE
 from engine.runlock import LOCK_NAME
@@ -36,7 +36,8 @@ RUN_FILES = (STATUS_NAME, "config.yaml", "last.pt", "train.log")  # any of these
 def one_line(exc: BaseException, limit: int = 500) -> str:
     """An exception as one line of at most `limit` characters (the `reason` of a failed status)."""
     text = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if not isinstance(exc, EngineError):  # the engine's own errors are already one clear sentence
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
