@@ -151,7 +151,9 @@ def test_status_without_a_status_file_or_with_a_broken_one(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- the cluster path, end to end
 
-WORKERS = 0  # the lead sets 2 once loader workers ignore SIGTERM (they share each rank's process group)
+# Loader workers share their rank's process group, which torchrun (and Slurm) signal: until they ignore SIGTERM a
+# worker dies on it and its rank fails. 2 once they do.
+WORKERS = 0
 COUNTS = (20, 12, 8)  # training images per class: 40 / global batch 4 = 10 steps an epoch
 
 
