@@ -9,11 +9,13 @@
     engine calibrate --checkpoint PATH --method {rs,tau_norm,logit_adjust,crt,lws} [--sweep A:B:S] [--epochs N]
     engine compare RUN... [--out DIR]
     engine study [--out docs/study] [--seeds 0,1,2] [--ratios 10,50,100] [--profiles exp,step] [key=value ...]
+    engine status RUN_DIR [--json]                      (exit 0 finished, 75 preempted, 1 failed/dead, 3 running)
 
 Each command parses its arguments and calls one function; what it prints is the command's output
 (progress and notes go through `logging`, set up once here). Every `EngineError` prints one clear
 line and exits with its `exit_code` (2: bad input — config, data, checkpoint; 1: training stopped);
-`engine train` exits 75 when a SIGTERM/SIGUSR1 stopped it with a checkpoint (requeue with --resume auto).
+`engine train` exits 75 when a SIGTERM/SIGUSR1 stopped it with a checkpoint (requeue with --resume auto);
+`engine status RUN_DIR` says the same from the run folder, whatever exit code a launcher made of it.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="folder for eval_<split>.json (default: the checkpoint's folder)")
     e.add_argument("overrides", nargs="*", help="dotted.key=value on the checkpoint's config that leave the model as "
                                                 "trained, e.g. data.root=/new/place eval.batch_size=512")
+
+    st = sub.add_parser("status", help="how a run stands (status.json): exit 0 finished, 75 preempted, 1 failed "
+                                       "or dead, 3 running")
+    st.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (engine train --out)")
+    st.add_argument("--json", action="store_true", help="print the status as JSON (with exit_code and summary)")
 
     _add_posthoc(sub)
     _add_experiments(sub)
@@ -239,6 +246,16 @@ def _cmd_train(args) -> tuple[list[str], int]:
     return [format_table({f"test ({cfg.method})": metrics}), f"run folder: {metrics['run_dir']}"], 0
 
 
+def _cmd_status(args) -> tuple[list[str], int]:
+    """One line (or --json) and the exit code of engine.run_status.describe."""
+    from engine.run_status import describe
+
+    code, line, status = describe(args.run_dir)
+    if args.json:
+        return [json.dumps({**(status or {}), "exit_code": code, "summary": line}, indent=2)], code
+    return [line], code
+
+
 def _cmd_eval(args) -> list[str]:
     from engine.experiments.checkpoints import evaluate_checkpoint, write_evaluation
 
@@ -369,7 +386,8 @@ def _cmd_data(args) -> tuple[list[str], int]:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "rescale": _cmd_rescale, "sweep": _cmd_sweep,
-            "calibrate": _cmd_calibrate, "compare": _cmd_compare, "data": _cmd_data, "study": _cmd_study}
+            "calibrate": _cmd_calibrate, "compare": _cmd_compare, "data": _cmd_data, "study": _cmd_study,
+            "status": _cmd_status}
 
 
 def main(argv: list[str] | None = None) -> int:

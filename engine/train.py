@@ -58,6 +58,7 @@ from engine.evaluate import ClassSums, class_sums_pass, evaluate_loader, scalars
 from engine.logs import log_to_file
 from engine.models import Classifier, build_model, convert_sync_bn
 from engine.preemption import Preempted, StopRequest, stop_on_signals
+from engine.run_status import STATUS_NAME, one_line, write_status
 from engine.runlock import LOCK_NAME, RunFolderBusy, RunLock
 from pipelines.check import write_bad_list
 from pipelines.progress import progress_bar
@@ -195,6 +196,7 @@ def _train(cfg: Config, out_dir: Path, resume: bool | str, dist: DistInfo, stop:
     # The run folder is locked first (a second writer fails at once); every split file, image path and
     # label is checked before anything is written into it.
     created, resuming, lock = open_run_dir(out_dir, resume, dist)
+    started = False  # training has started: from here on the run folder is kept, with its status
     try:
         data = load_data(cfg, out_dir, dist)
         layout = "channels_last" if speed.channels_last else "NCHW"
@@ -207,18 +209,36 @@ def _train(cfg: Config, out_dir: Path, resume: bool | str, dist: DistInfo, stop:
                 logger.info("lr %.6g = optim.lr %g × global batch %d / optim.lr_base_batch %d",
                             effective_lr(cfg.optim), cfg.optim.lr, cfg.optim.batch_size, cfg.optim.lr_base_batch)
             state = load_checkpoint(out_dir / "last.pt") if resuming else None
+            started = True
+            run_status(dist, out_dir, "running", resumed=resuming)
             history = train_epochs(run, train_loader, val_loader, state, stop)
-            return finish(run, history, test_loader, val_loader)
-    except BaseException:
-        # A run that fails before its first checkpoint leaves nothing behind: there is nothing to resume.
-        if lock is not None:
+            metrics = finish(run, history, test_loader, val_loader)
+            run_status(dist, out_dir, "finished", top1=metrics["top1"])
+            return metrics
+    except Preempted as exc:
+        run_status(dist, out_dir, "preempted", **getattr(exc, "where", {}))
+        all_gather_objects(None)  # no rank exits before rank 0 wrote last.pt and the status: see run_status
+        raise
+    except BaseException as exc:
+        # A run that fails before training starts leaves nothing behind; one that started keeps its folder.
+        if started or (out_dir / STATUS_NAME).exists():
+            with contextlib.suppress(EngineError):  # a full disk: the error to report is the one raised
+                run_status(dist, out_dir, "failed", reason=one_line(exc))
+        elif created:
             lock.release()
-        if created and not (out_dir / "last.pt").exists():
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def run_status(dist: DistInfo, out_dir: Path, state: str, **detail) -> None:
+    """Rank 0 records how the run stands in `<run>/status.json` (engine/run_status.py): `engine status` and
+    job scripts read it, since launchers turn a rank's exit code 75 into 1. After a preemption every rank
+    waits for that write: torchrun (and srun --kill-on-bad-exit) stop the other ranks as soon as one exits."""
+    if dist.is_main:
+        write_status(out_dir, state, **detail)
 
 
 def build_run(cfg: Config, out_dir: Path, dist: DistInfo, device: torch.device, speed: Speed, data: Data | None,
@@ -451,7 +471,10 @@ def _preempted(run: Run, stop: StopRequest, epoch: int, position: int) -> Preemp
     message = (f"stopped by {stop.name or 'a signal on another rank'} at {where}; checkpoint "
                f"{run.out_dir / 'last.pt'} written; continue with --resume auto (exit code {Preempted.exit_code})")
     logger.warning("%s", message)
-    return Preempted(message)
+    preempted = Preempted(message)
+    preempted.where = {"epoch": epoch + 1 if position else epoch, "step": position or run.steps_per_epoch,
+                       "steps": run.steps_per_epoch}  # the status' "step N of M of epoch E"
+    return preempted
 
 
 def epoch_record(run: Run, epoch: int, loss_mean: float, seen: int, elapsed: float, clock: tuple[float, int]) -> dict:

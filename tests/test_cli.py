@@ -184,12 +184,13 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, digits_
     assert load_checkpoint(out / "last.pt")["epoch"] == 1  # epoch 1's checkpoint, intact
     assert not (out / "metrics.json").exists()
 
-    # NaN before the first checkpoint: nothing is left behind.
+    # NaN before the first checkpoint: training had started, so the folder stays (status failed, no last.pt).
     calls.clear()
     monkeypatch.setattr(Head, "loss", lambda self, f, y: real_loss(self, f, y) * float("nan"))
     out2 = tmp_path / "nan2"
     assert main(["train", "--out", str(out2), *tiny(digits_cache)]) == 1
-    assert "loss is nan at epoch 1, step 0" in capsys.readouterr().err and not out2.exists()
+    assert "loss is nan at epoch 1, step 0" in capsys.readouterr().err and not (out2 / "last.pt").exists()
+    assert json.loads((out2 / "status.json").read_text())["state"] == "failed"
 
 
 @pytest.mark.slow

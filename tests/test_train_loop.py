@@ -104,7 +104,7 @@ def test_diverging_loss_stops_the_run(tmp_path, digits_cache, capsys):
     code = main(["train", "--out", str(out), *_tiny(digits_cache, "method=ce", "run.max_loss=1e-3", "epochs=1")])
     err = capsys.readouterr().err
     assert code == 1 and "diverging" in err and "run.max_loss=0.001" in err, err
-    assert not out.exists()  # stopped before its first checkpoint: nothing to keep
+    assert (out / "train.log").exists() and not (out / "last.pt").exists()  # training started: the folder stays
 
 
 # --------------------------------------------------------------------------- launch options
