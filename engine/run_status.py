@@ -8,7 +8,7 @@ checkpoint or crashed), so the run folder says how the run ended. States:
     failed     stopped by an error: reason (one line)
     finished   trained and evaluated
 
-Every write is atomic (engine.io) and carries the time (UTC), pid and host. A `running` status whose
+Every write is atomic (common.io) and carries the time (UTC), pid and host. A `running` status whose
 process is gone (no one holds the run folder's lock, engine/runlock.py) is a run that died without a
 word (SIGKILL, out of memory, node lost).
 """
@@ -22,8 +22,8 @@ import socket
 import time
 from pathlib import Path
 
-from engine.errors import ConfigError, EngineError
-from engine.io import write_json
+from common.errors import ConfigError, EngineError
+from common.io import write_json
 from engine.preemption import PREEMPTED_EXIT_CODE
 from engine.runlock import LOCK_NAME
 

@@ -151,9 +151,9 @@ def test_status_without_a_status_file_or_with_a_broken_one(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- the cluster path, end to end
 
-# Loader workers share their rank's process group, which torchrun (and Slurm) signal: until they ignore SIGTERM a
-# worker dies on it and its rank fails. 2 once they do.
-WORKERS = 0
+# Loader workers share their rank's process group, which torchrun (and Slurm) signal: they ignore the stop
+# signals (pipelines/workers.py) and leave them to their rank.
+WORKERS = 2
 COUNTS = (20, 12, 8)  # training images per class: 40 / global batch 4 = 10 steps an epoch
 
 

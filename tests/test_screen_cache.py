@@ -179,8 +179,8 @@ def test_load_of_a_missing_cache_is_empty_without_a_warning(tmp_path, caplog):
 
 def test_a_folder_holding_only_the_screening_cache_takes_a_new_run(tmp_path):
     """A run killed between screening and its first file leaves screened.json: no obstacle to a new start."""
+    from common.errors import TrainingError
     from engine.distributed import DistInfo
-    from engine.errors import TrainingError
     from engine.train import open_run_dir
 
     run = tmp_path / "run"
