@@ -91,12 +91,14 @@ class RunFolder:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[RunFolder]:
-        """The run's life in this folder: started on entry, finished on a normal exit, failed or preempted
-        (`engine.preemption.Preempted`) on an exception. The lock is released in every case."""
+        """The run's life in this folder, the one place where it starts (entry), finishes (a normal exit),
+        and fails or is preempted (an exception; `engine.preemption.Preempted` after its checkpoint).
+        The lock is released in every case."""
         try:
             yield self
         except BaseException:
-            # A run that fails before its first checkpoint leaves nothing behind: there is nothing to resume.
+            # Failed or preempted. A run that stops before its first checkpoint leaves nothing behind:
+            # there is nothing to resume.
             self.release()
             self.remove_if_empty()
             raise

@@ -181,11 +181,12 @@ def train_epochs(trainer: Trainer, train_loader, val_loader, saved: dict | None 
             state.position += 1
             if state.position == steps:
                 continue  # the last batch: the end of the epoch reads, evaluates and checkpoints below
+            # Stop flag: a single process checks its host flag after every step; DDP ranks vote in the loss read.
             if state.position % log_every == 0 or (stop and not dist.enabled):
-                _, loss, stopping = meter.read(epoch, bool(stop))  # sync point: the loss read (+ DDP stop vote)
+                _, loss, stopping = meter.read(epoch, bool(stop))  # sync point: the loss read
                 _show_loss(bar, loss, epoch, step, len(y) * dist.world_size, clock)
                 if stopping:
-                    checkpoint(trainer, meter, train_loader)  # sync point: the checkpoint
+                    checkpoint(trainer, meter, train_loader)  # sync point: the checkpoint (RNG, loader state)
                     raise preempted(stop, epoch, state.position, steps, last_pt)
             if max_steps and step + 1 >= max_steps:
                 checkpoint(trainer, meter, train_loader)

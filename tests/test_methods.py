@@ -48,7 +48,7 @@ def test_every_method_takes_a_training_step(method, tmp_path):
         assert head.bias.abs().sum() > 0  # the trained bias got a gradient step
     if spec.wvn:
         torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(10))
-    assert run.scheduler.last_epoch == 1  # one optimizer step, one schedule step
+    assert run.state.scheduler.last_epoch == 1  # one optimizer step, one schedule step
 
 
 def test_wvn_in_loop_rescale_after_a_step(tmp_path):
