@@ -2,7 +2,7 @@
 
 ResNeXt-50 32x4d and ResNeXt-152 32x4d with the EO+UC head (1000 classes), each over
 eager / torch.compile × NCHW / channels-last × fp32 / bf16 autocast, batch 256 at 224 px on CUDA.
-The step is `engine.train.train_step` on a `Run` built the way `engine train` builds it (SGD fused on
+The step is `engine.train.train_step` on a `Trainer` built the way `engine train` builds it (SGD fused on
 CUDA, cosine schedule, loss all-reduce check, backward, step, Wen center update), so the figure is the
 engine's step, minus only the data loader.
 
@@ -39,7 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from engine.config import Config
 from engine.device import resolve_speed
 from engine.distributed import DistInfo
-from engine.train import Run, build_run, train_step
+from engine.train import train_step
+from engine.trainer import Trainer, build_trainer
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -81,7 +82,7 @@ def _flops_per_image(model: torch.nn.Module, arch: str) -> int:
     return _FLOPS[arch]
 
 
-def _make_run(arch: str, mode: str, layout: str, dtype: str, tmp: Path) -> Run:
+def _make_run(arch: str, mode: str, layout: str, dtype: str, tmp: Path) -> Trainer:
     cfg = Config()
     cfg.method, cfg.model.arch, cfg.epochs = "eo_uc", arch, 90
     cfg.optim.batch_size, cfg.optim.lr = BATCH, 0.2
@@ -91,8 +92,8 @@ def _make_run(arch: str, mode: str, layout: str, dtype: str, tmp: Path) -> Run:
     cfg.run.compile = "on" if mode == "compiled" else "off"
     torch.manual_seed(0)
     # The training loop's own builder: model + optimizer + schedule (1000 steps per epoch), 100 images per class.
-    return build_run(cfg, tmp, DistInfo(), DEVICE, resolve_speed(cfg, DEVICE), None, 1000,
-                     class_counts=np.full(NUM_CLASSES, 100))
+    return build_trainer(cfg, tmp, DistInfo(), DEVICE, resolve_speed(cfg, DEVICE), None, 1000,
+                         class_counts=np.full(NUM_CLASSES, 100))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -8,7 +8,7 @@ then continues from that checkpoint.
 
 Under DDP every rank receives the signal from the launcher, but not at the same step (or only some
 ranks receive it): the flag travels in the all-reduce the loop already makes every `run.log_every`
-steps to read the loss (engine.train.LossMeter.read: five float64 numbers, no extra collective), so all
+steps to read the loss (engine.meter.LossMeter.read: five float64 numbers, no extra collective), so all
 ranks stop at the same step boundary, at most `run.log_every` steps after the signal. A single process
 checks the flag after every step (a host bool: free).
 """
@@ -16,11 +16,15 @@ checks the flag after every step (a host bool: free).
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure; try again later"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+logger = logging.getLogger(__name__)
 
 
 class StopRequest:
@@ -44,6 +48,21 @@ class Preempted(Exception):
     """The run stopped on a signal after writing its checkpoint; the CLI exits with PREEMPTED_EXIT_CODE."""
 
     exit_code = PREEMPTED_EXIT_CODE
+
+    def __init__(self, message: str, where: dict | None = None) -> None:
+        super().__init__(message)
+        self.where = where or {}  # {"epoch", "step", "steps"}: where the run stopped, for its status file
+
+
+def preempted(stop: StopRequest, epoch: int, position: int, steps_per_epoch: int, checkpoint: Path) -> Preempted:
+    """The `Preempted` to raise once `checkpoint` is written at step `position` of 0-based epoch `epoch`
+    (position 0: the end of the epoch before it); the message is logged as a warning too."""
+    where = f"epoch {epoch + 1}, step {position} of {steps_per_epoch}" if position else f"the end of epoch {epoch}"
+    message = (f"stopped by {stop.name or 'a signal on another rank'} at {where}; checkpoint {checkpoint} "
+               f"written; continue with --resume auto (exit code {Preempted.exit_code})")
+    logger.warning("%s", message)
+    return Preempted(message, {"epoch": epoch + 1 if position else epoch, "step": position or steps_per_epoch,
+                               "steps": steps_per_epoch})
 
 
 @contextlib.contextmanager

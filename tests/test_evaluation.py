@@ -119,7 +119,7 @@ def test_two_gloo_ranks_reduce_to_the_single_process_report():
 
 
 def test_collect_class_sums_hook_sums_the_last_epoch_only():
-    from engine.train import collect_class_sums
+    from engine.diagnostics import collect_class_sums
 
     cfg = load_config(overrides=["epochs=3"])
     run = SimpleNamespace(cfg=cfg, counts=torch.ones(4), device=torch.device("cpu"),
@@ -150,9 +150,10 @@ def test_diagnostics_config_values():
 @pytest.fixture(scope="module")
 def end_of_run(tmp_path_factory, digits_cache):
     """A 2-epoch run with eval.every=1, recording every evaluation and training-split pass."""
-    import engine.train as T
+    import engine.diagnostics as D
+    import engine.eval_schedule as E
 
-    calls, real_eval, real_loader = [], T.evaluate, T.train_features_loader
+    calls, real_eval, real_loader = [], E.evaluate, D.train_features_loader
 
     def evaluate(run, loader, split="val"):
         calls.append(split)
@@ -163,8 +164,8 @@ def end_of_run(tmp_path_factory, digits_cache):
         return real_loader(*args)
 
     mp_ = pytest.MonkeyPatch()
-    mp_.setattr(T, "evaluate", evaluate)
-    mp_.setattr(T, "train_features_loader", train_features_loader)
+    mp_.setattr(E, "evaluate", evaluate)
+    mp_.setattr(D, "train_features_loader", train_features_loader)
     out = tmp_path_factory.mktemp("eval") / "run"
     try:
         assert main(["train", "--out", str(out), *tiny(digits_cache), "method=eo_uc", "run.progress=true"]) == 0

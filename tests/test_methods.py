@@ -1,4 +1,4 @@
-"""Every method of the registry takes one real training step (the engine's `build_run` + `train_step`):
+"""Every method of the registry takes one real training step (the engine's `build_trainer` + `train_step`):
 finite loss, the classifier moves, and the method's after-step work happens (centers, WVN, in-loop RS).
 One step each proves what a one-epoch run per method proved, in a fraction of the time."""
 
@@ -12,7 +12,8 @@ from engine.config import Config
 from engine.device import resolve_speed
 from engine.distributed import DistInfo
 from engine.heads import METHODS, rescale_factors
-from engine.train import build_run, train_step
+from engine.train import train_step
+from engine.trainer import build_trainer
 
 COUNTS = np.array([30, 23, 17, 13, 10, 8, 6, 5, 3, 3])
 CPU = torch.device("cpu")
@@ -25,7 +26,7 @@ def _one_step(method: str, tmp_path, **rescale):
     if rescale:
         cfg.rescale.in_loop, cfg.rescale.gamma = True, rescale["gamma"]
     torch.manual_seed(0)
-    run = build_run(cfg, tmp_path, DistInfo(), CPU, resolve_speed(cfg, CPU), None, 4, class_counts=COUNTS)
+    run = build_trainer(cfg, tmp_path, DistInfo(), CPU, resolve_speed(cfg, CPU), None, 4, class_counts=COUNTS)
     head = run.model.head
     before = {"weight": head.weight.detach().clone(), "stem": run.model.backbone.stem[0].weight.detach().clone()}
     x, y = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4, 5, 8, 9])
@@ -47,7 +48,7 @@ def test_every_method_takes_a_training_step(method, tmp_path):
         assert head.bias.abs().sum() > 0  # the trained bias got a gradient step
     if spec.wvn:
         torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(10))
-    assert run.scheduler.last_epoch == 1  # one optimizer step, one schedule step
+    assert run.state.scheduler.last_epoch == 1  # one optimizer step, one schedule step
 
 
 def test_wvn_in_loop_rescale_after_a_step(tmp_path):

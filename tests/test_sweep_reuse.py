@@ -60,9 +60,9 @@ class _Killed(BaseException):
 def _kill_after_epoch(monkeypatch, epoch: int):
     real = train_mod.checkpoint
 
-    def checkpoint_then_die(run, ep, *a, **k):
-        real(run, ep, *a, **k)
-        if ep == epoch:
+    def checkpoint_then_die(trainer, *a, **k):
+        real(trainer, *a, **k)
+        if trainer.state.epoch == epoch:
             raise _Killed
 
     monkeypatch.setattr(train_mod, "checkpoint", checkpoint_then_die)

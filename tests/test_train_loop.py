@@ -13,6 +13,7 @@ import torch
 import yaml
 from helpers import tiny, write_jpeg
 
+import engine.eval_schedule as eval_schedule
 import engine.train as train_mod
 from engine.checkpoint import nonfinite_tensors
 from engine.cli import main
@@ -58,7 +59,7 @@ def test_loss_is_read_to_the_host_once_per_log_every_steps(tmp_path, digits_cach
     monkeypatch.setattr(torch.Tensor, "item", counting(real_item))
     monkeypatch.setattr(torch.Tensor, "tolist", counting(real_tolist))
     monkeypatch.setattr(train_mod, "train_epochs", scoped(train_mod.train_epochs, True))
-    monkeypatch.setattr(train_mod, "evaluate", scoped(train_mod.evaluate, False))  # end-of-epoch val: not the step
+    monkeypatch.setattr(eval_schedule, "evaluate", scoped(eval_schedule.evaluate, False))  # end-of-epoch val: not the step
     steps_seen = []
     real_step = train_mod.train_step
     monkeypatch.setattr(train_mod, "train_step", lambda run, x, y: steps_seen.append(1) or real_step(run, x, y))

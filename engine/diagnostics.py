@@ -1,0 +1,70 @@
+"""Per-class diagnostics of a trained run (EO Fig. 1/3, WVN Fig. 2): offsets, bias and weight norms.
+
+The class means of the training features come from the last training epoch (`collect_class_sums`, the
+step's hook: no extra pass) or from a pass over the training split after training (eval.diagnostics).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.data import train_features_loader
+from engine.evaluate import ClassSums, class_sums_pass
+
+if TYPE_CHECKING:
+    from engine.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def collect_class_sums(trainer: Trainer, epoch: int, features: torch.Tensor, labels: torch.Tensor) -> None:
+    """Diagnostics hook: with eval.diagnostics=epoch, add one (micro-)batch's training features to the
+    running per-class sums of the last epoch (on the device, no sync). A no-op otherwise."""
+    if trainer.cfg.eval.diagnostics != "epoch" or epoch != trainer.cfg.epochs - 1:
+        return
+    if trainer.epoch_class_sums is None:
+        trainer.epoch_class_sums = ClassSums(len(trainer.counts), features.shape[1], trainer.device)
+    trainer.epoch_class_sums.add(features, labels)
+
+
+DIAGNOSTIC_SOURCES = {
+    "epoch": "last training epoch: features of augmented training images, taken during the steps (the model "
+             "moved during the epoch)",
+    "pass": "a pass over the training split after training: un-augmented images (eval transforms), final model",
+}
+
+
+@torch.no_grad()
+def diagnostics(trainer: Trainer) -> dict:
+    """Per-class offsets and norms (EO Fig. 1/3, WVN Fig. 2): estimated õ_k = ½c_k·w_k,
+    empirical ½μ̃_k·w_k from the training features' class means, trained bias, ‖w_k‖.
+
+    μ̃_k comes from the last epoch's features (eval.diagnostics=epoch, no extra pass) or from a
+    full pass over the training split (pass). An epoch run that summed nothing (resumed after its
+    last epoch) falls back to the pass."""
+    import kernels
+
+    mode, sums = trainer.cfg.eval.diagnostics, trainer.epoch_class_sums
+    if mode == "epoch" and sums is None:
+        logger.info("diagnostics: no training step of the last epoch ran in this process; passing over the "
+                    "training split instead")
+        mode = "pass"
+    if mode == "pass":
+        loader = train_features_loader(trainer.cfg, trainer.data, trainer.dist)
+        sums = class_sums_pass(trainer.model, loader, trainer.device, trainer.data.num_classes, trainer.autocast,
+                               trainer.progress("diagnostics: train pass"))
+    means = sums.means().cpu()
+    head = trainer.model.head
+    w = head.weight.detach().float().cpu()
+    return {
+        "mode": mode,
+        "source": DIAGNOSTIC_SOURCES[mode],
+        "images": int(sums.counts.sum().item()),
+        "estimated_offset": kernels.estimated_offset(w, head.centers.float().cpu()).tolist(),
+        "empirical_offset": kernels.empirical_offset(w, means).tolist(),
+        "bias": head.bias.detach().float().cpu().tolist() if head.bias is not None else None,
+        "weight_norm": w.norm(dim=1).tolist(),
+    }
