@@ -5,7 +5,7 @@ Single process, or one process per GPU under torchrun (DDP; gloo on CPU). Only r
 writes files, and holds the run folder's lock (engine/run_folder.py) for the whole run. Read
 `train` top to bottom; `train_step` is one optimizer step, `train_epochs` the loop. Every other
 job is one call away: the run's parts (engine/trainer.py), what a checkpoint holds and the
-checkpoint policy (engine/state.py), the loss meter (engine/meter.py), the run folder
+checkpoint policy (engine/checkpoint_policy.py), the loss meter (engine/meter.py), the run folder
 (engine/run_folder.py), evaluation (engine/eval_schedule.py), preemption (engine/preemption.py).
 
 Host syncs: the step itself never reads a value back to the host. The loss stays on the
@@ -30,6 +30,7 @@ from common.errors import ConfigError
 from common.io import check_folder, write_json
 from engine import eval_schedule, report
 from engine.checkpoint import load_checkpoint
+from engine.checkpoint_policy import checkpoint, epoch_batches, keep_epoch_checkpoints, restore
 from engine.config import Config, effective_lr
 from engine.data import load_data, make_loaders
 from engine.device import apply_speed, resolve_device, resolve_speed
@@ -39,7 +40,6 @@ from engine.logs import log_to_file
 from engine.meter import LossMeter, epoch_record
 from engine.preemption import StopRequest, preempted, stop_on_signals
 from engine.run_folder import EpochLog, RunFolder, default_run_dir, record_bad_images, start_log
-from engine.state import checkpoint, epoch_batches, keep_epoch_checkpoints, restore
 from engine.trainer import Trainer, build_trainer
 from pipelines.progress import progress_bar
 

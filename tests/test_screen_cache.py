@@ -181,17 +181,17 @@ def test_a_folder_holding_only_the_screening_cache_takes_a_new_run(tmp_path):
     """A run killed between screening and its first file leaves screened.json: no obstacle to a new start."""
     from common.errors import TrainingError
     from engine.distributed import DistInfo
-    from engine.train import open_run_dir
+    from engine.run_folder import RunFolder
 
     run = tmp_path / "run"
     run.mkdir()
     (run / CACHE_NAME).write_text("{}")
-    created, resuming, lock = open_run_dir(run, False, DistInfo())
-    lock.release()
-    assert (created, resuming) == (False, False)
+    folder = RunFolder.open(run, False, DistInfo())
+    folder.release()
+    assert (folder.created, folder.resuming) == (False, False)
     (run / "notes.txt").write_text("someone else's file")
     with pytest.raises(TrainingError, match="already holds files"):
-        open_run_dir(run, False, DistInfo())
+        RunFolder.open(run, False, DistInfo())
 
 
 WORKER = """
