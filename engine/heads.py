@@ -58,7 +58,7 @@ class Head(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init
         if method.bias:
-            self.bias = nn.Parameter(torch.zeros(num_classes))
+            self.bias = nn.Parameter(initial_bias(method.bias_init, num_classes))
         else:
             self.register_parameter("bias", None)
         # Centers start at the origin (õ = 0); Wen's update pulls each to its class mean.
@@ -168,6 +168,17 @@ class Head(nn.Module):
         return kernels.estimated_offset(self.weight, self.centers)
 
 
+def initial_bias(kind: str, num_classes: int) -> Tensor:
+    """The classifier bias at initialization (`Method.bias_init`): zeros, or the sigmoid prior
+    b_k = −log((1 − π)/π) for every class, so that σ(b_k) = π at the start of training."""
+    priors = {"zero": None, "uniform_prior": 1.0 / num_classes, "rare_prior": losses.RARE_PRIOR}
+    if kind not in priors:
+        raise ValueError(f"unknown bias_init {kind!r}; expected one of {', '.join(priors)}")
+    if priors[kind] is None:
+        return torch.zeros(num_classes)
+    return torch.full((num_classes,), losses.sigmoid_prior_bias(priors[kind]))
+
+
 def _cosine(features: Tensor, weight: Tensor) -> Tensor:
     return F.normalize(features.float(), dim=1) @ F.normalize(weight.float(), dim=1).t()
 
@@ -197,7 +208,9 @@ def _logit_adjusted_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor
 
 
 def _linear(head: Head, features: Tensor) -> Tensor:
-    return features.float() @ head.weight.float().t()
+    """w·f (+ b): the logits of the baseline losses, in float32."""
+    z = features.float() @ head.weight.float().t()
+    return z if head.bias is None else z + head.bias.float()
 
 
 def _focal_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:

@@ -13,8 +13,8 @@ compute in the logits' dtype (float64 in the tests). n_j is the training count o
   (1 − p_t)^γ = exp(−γ·y·z − γ·log(1 + e^{−z})), each sample's weight w_{y_i} broadcast over its
   K terms, summed and divided by Σ_{ik} y_{ik} = B. `sigmoid_focal_loss` below.
   `cb_softmax_focal` keeps the softmax form w_{y_i}·focal (divided by B; not a form Cui et al.
-  report). Cui's model also has a last-layer bias initialized to −log(K − 1) (prior π = 1/K) for
-  the sigmoid losses; this head has no bias for `cb_focal` (logits w·f, as every baseline here).
+  report). As in Cui's model, `cb_focal`'s logits carry a trained last-layer bias initialized to
+  −log(K − 1) (`sigmoid_prior_bias` at π = 1/K), so every σ(z_ik) starts at 1/K.
 * LDAM (Cao et al. 2019): logits s·cos(f, w_k) (normalized features and weights),
   margin m_j = C · n_j^{−1/4} / max_k n_k^{−1/4} (largest margin C) subtracted from the
   target logit before the scale: ℓ_i = CE(s·(cos_i − m_{y_i}·e_{y_i}), y_i).
@@ -34,10 +34,14 @@ al. (`ldam_drw`) divide it by Σ_i w_{y_i}.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+RARE_PRIOR = 0.01  # Lin et al.'s π of the sigmoid focal loss's bias initialization
 
 
 def _counts(class_counts: Tensor | np.ndarray | list, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -45,6 +49,13 @@ def _counts(class_counts: Tensor | np.ndarray | list, dtype: torch.dtype = torch
     if counts.ndim != 1 or (counts <= 0).any():
         raise ValueError(f"class counts must be a 1-D list of positive training counts, got {counts.tolist()}")
     return counts
+
+
+def sigmoid_prior_bias(prior: float) -> float:
+    """b = −log((1 − π)/π): the logit bias at which σ(b) = π (Lin et al.'s prior initialization)."""
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"a sigmoid prior π must be in (0, 1), got {prior}")
+    return -math.log((1.0 - prior) / prior)
 
 
 def log_prior(class_counts: Tensor | np.ndarray | list) -> Tensor:

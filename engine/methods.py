@@ -42,6 +42,9 @@ class Method:
     name: str
     # logit transform
     bias: bool = False  # trained per-class bias added to the logits
+    # its initial value: "zero", or a sigmoid prior b_k = −log((1 − π)/π): "uniform_prior" π = 1/K
+    # (b = −log(K − 1), Cui et al.'s code for their sigmoid losses), "rare_prior" π = 0.01 (Lin et al.)
+    bias_init: str = "zero"
     offset: bool = False  # estimated offset õ_k = ½c_k·w_k subtracted from the logits
     cosine: bool = False  # logits s·cos(f, w) (LDAM's normalized classifier)
     # loss: a key of engine.heads.LOSSES ("offset" = kernels.offset_head_loss with the flags below)
@@ -63,7 +66,8 @@ _ALL = (
     Method("wvn", wvn=True, paper="WVN, Algorithm 1"),
     Method("focal", loss="focal", paper="Lin et al. 2017"),
     Method("cb_ce", loss="cb_ce", paper="Cui et al. 2019"),
-    Method("cb_focal", loss="cb_focal", paper="Cui et al. 2019 (their sigmoid form)"),
+    Method("cb_focal", loss="cb_focal", bias=True, bias_init="uniform_prior",
+           paper="Cui et al. 2019 (their sigmoid form)"),
     Method("cb_softmax_focal", loss="cb_softmax_focal", paper="softmax variant of Cui et al.'s CB focal"),
     Method("ldam_drw", loss="ldam_drw", cosine=True, paper="Cao et al. 2019"),
     Method("balanced_softmax", loss="logit_adjusted", prior_tau=1.0, paper="Ren et al. 2020"),
@@ -82,10 +86,14 @@ LOSS_TEXT = {
 }
 
 
+# The initial bias of the sigmoid methods, for the method table.
+BIAS_INIT_TEXT = {"zero": "", "uniform_prior": ", b₀ = −log(K − 1)", "rare_prior": ", b₀ = −log(99)"}
+
+
 def logits_text(m: Method) -> str:
     if m.cosine:
         return "`s·cos(f, w)`"
-    return "`w·f" + (" + b" if m.bias else "") + (" − õ" if m.offset else "") + "`"
+    return "`w·f" + (" + b" if m.bias else "") + (" − õ" if m.offset else "") + "`" + BIAS_INIT_TEXT[m.bias_init]
 
 
 def loss_text(m: Method) -> str:
