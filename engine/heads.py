@@ -226,6 +226,11 @@ def _cb_focal_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
     return losses.sigmoid_focal_loss(_linear(head, features), labels, head.focal_gamma, head.class_weight)
 
 
+def _sigmoid_focal_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
+    """Lin et al.'s α-balanced sigmoid focal loss (α = 0.25) on w·f + b, b initialized to the prior π = 0.01."""
+    return losses.sigmoid_focal_loss(_linear(head, features), labels, head.focal_gamma, alpha=losses.FOCAL_ALPHA)
+
+
 def _cb_softmax_focal_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
     """Class-balanced weights × softmax focal loss, / B (a softmax variant; not Cui et al.'s definition)."""
     return losses.focal_loss(_linear(head, features), labels, head.focal_gamma, head.class_weight)
@@ -241,6 +246,7 @@ LOSSES: dict[str, Callable[[Head, Tensor, Tensor], Tensor]] = {
     "offset": _offset_loss,
     "logit_adjusted": _logit_adjusted_loss,
     "focal": _focal_loss,
+    "sigmoid_focal": _sigmoid_focal_loss,
     "cb_ce": _cb_ce_loss,
     "cb_focal": _cb_focal_loss,
     "cb_softmax_focal": _cb_softmax_focal_loss,

@@ -27,7 +27,7 @@ class LossConfig:
     center_alpha: float = 0.5  # α of Wen et al.'s center update
     label_smoothing: float = 0.0
     # Baseline losses (engine/losses.py); each is read only by its own method.
-    focal_gamma: float = 2.0  # focal, cb_focal, cb_softmax_focal: (1 − p_t)^γ (Lin et al.)
+    focal_gamma: float = 2.0  # focal, sigmoid_focal, cb_focal, cb_softmax_focal: (1 − p_t)^γ (Lin et al.)
     cb_beta: float = 0.9999  # cb_*, ldam_drw's DRW weights: effective-number β (Cui et al.)
     ldam_max_margin: float = 0.5  # ldam_drw: margin C of the rarest class (Cao et al.)
     ldam_scale: float = 30.0  # ldam_drw: s of the normalized logits
@@ -64,7 +64,8 @@ _ALL = (
     Method("uc_only", center=True, uniform=True, paper='EO "UC only"'),
     Method("eo_uc", offset=True, center=True, uniform=True, paper='EO "Ours" (default)'),
     Method("wvn", wvn=True, paper="WVN, Algorithm 1"),
-    Method("focal", loss="focal", paper="Lin et al. 2017"),
+    Method("focal", loss="focal", paper="Cao et al. 2019 (LDAM-DRW code's softmax focal)"),
+    Method("sigmoid_focal", loss="sigmoid_focal", bias=True, bias_init="rare_prior", paper="Lin et al. 2017"),
     Method("cb_ce", loss="cb_ce", paper="Cui et al. 2019"),
     Method("cb_focal", loss="cb_focal", bias=True, bias_init="uniform_prior",
            paper="Cui et al. 2019 (their sigmoid form)"),
@@ -77,7 +78,8 @@ METHODS: dict[str, Method] = {m.name: m for m in _ALL}
 
 # The loss column of the method table for the losses that are not the offset head's.
 LOSS_TEXT = {
-    "focal": "focal, γ = `loss.focal_gamma`",
+    "focal": "softmax focal, γ = `loss.focal_gamma`",
+    "sigmoid_focal": "α-balanced sigmoid (one-vs-all) focal, α = 0.25, γ = `loss.focal_gamma`, Σ/B",
     "cb_ce": "class-balanced CE, β = `loss.cb_beta`, Σ/B",
     "cb_focal": "class-balanced sigmoid (one-vs-all) focal, Σ/B",
     "cb_softmax_focal": "class-balanced softmax focal, Σ/B",
