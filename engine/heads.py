@@ -88,17 +88,18 @@ class Head(nn.Module):
         """Called by the training loop at the start of every epoch (0-based); DRW switches on it."""
         self.epoch = int(epoch)
 
-    def logits(self, features: Tensor, weight: Tensor | None = None) -> Tensor:
+    def logits(self, features: Tensor, weight: Tensor | None = None, use_bias: bool = True) -> Tensor:
         """Logits used for prediction: w·f − õ (+ b); s·cos(f, w) for a cosine head.
 
-        `weight` replaces the head's classifier (post-hoc RS / τ-norm); the head's tensors follow
-        `features` to its device, so evaluation can score features collected on the CPU."""
+        `weight` replaces the head's classifier (post-hoc RS / τ-norm), `use_bias=False` leaves the
+        trained bias out (τ-norm); the head's tensors follow `features` to its device, so evaluation
+        can score features collected on the CPU."""
         w = self.weight if weight is None else weight
         if features.device != w.device:
             w = w.to(features.device)
         if self.spec.cosine:
             return self.cosine_scale * _cosine(features, w)
-        centers, bias = self.centers.to(features.device), self.bias
+        centers, bias = self.centers.to(features.device), self.bias if use_bias else None
         if bias is not None:
             bias = bias.to(features.device)
         return kernels.head_logits(features, w, centers, bias, use_offset=self.spec.offset)
