@@ -52,6 +52,7 @@ class Head(nn.Module):
         self.center_alpha = loss.center_alpha
         self.label_smoothing = loss.label_smoothing
         self.focal_gamma, self.drw_epoch, self.cosine_scale = loss.focal_gamma, loss.drw_epoch, loss.ldam_scale
+        self.wvn_placement = loss.wvn_placement
         self.epoch = 0
         self._step_stats: tuple[Tensor, Tensor] | None = None  # center methods: this step's class sums, counts
 
@@ -130,6 +131,19 @@ class Head(nn.Module):
             self._step_stats = (self._step_stats[0] + sums, self._step_stats[1] + counts)
 
     @torch.no_grad()
+    def before_step(self, class_counts: Tensor | None, gamma: float = 0.0) -> None:
+        """WVN with `loss.wvn_placement=before_step`: unit rows (+ in-loop RS) after the backward pass and
+        before the optimizer update, as the WVN authors' released code does in a backward hook; the next
+        forward then sees rows of norm 1 + O(lr). Nothing for any other method or placement."""
+        if self.spec.wvn and self.wvn_placement == "before_step":
+            self._normalize_and_rescale(class_counts, gamma)
+
+    def _normalize_and_rescale(self, class_counts: Tensor | None, gamma: float) -> None:
+        self.normalize_weights()  # Algorithm 1, line 8
+        if gamma:
+            self.rescale(class_counts, gamma)  # Algorithm 1, line 9
+
+    @torch.no_grad()
     def after_step(
         self, features: Tensor, labels: Tensor, class_counts: Tensor | None, gamma: float = 0.0, reduce=None,
         exchange=None,
@@ -149,10 +163,8 @@ class Head(nn.Module):
                 if reduce is not None:
                     reduce(sums, counts)
             kernels.wen_center_update(self.centers, sums, counts, self.center_alpha)
-        if self.spec.wvn:
-            self.normalize_weights()  # Algorithm 1, line 8
-            if gamma:
-                self.rescale(class_counts, gamma)  # Algorithm 1, line 9
+        if self.spec.wvn and self.wvn_placement == "after_step":
+            self._normalize_and_rescale(class_counts, gamma)
 
     @torch.no_grad()
     def normalize_weights(self) -> None:

@@ -17,6 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.config_rules import key
+
+# When WVN normalizes the classifier rows (loss.wvn_placement): after the optimizer update (the WVN
+# paper's Algorithm 1, line 8) or before it (the authors' released code, a backward hook).
+WVN_PLACEMENTS = ("after_step", "before_step")
+
 
 @dataclass
 class LossConfig:
@@ -33,6 +39,8 @@ class LossConfig:
     ldam_scale: float = 30.0  # ldam_drw: s of the normalized logits
     drw_epoch: int = 0  # ldam_drw: 0-based epoch re-weighting starts (0 = ⌊0.8·epochs⌋, Cao's 160 of 200)
     logit_adjust_tau: float = 1.0  # logit_adjusted: τ of z + τ·log π (balanced_softmax: τ = 1)
+    wvn_placement: str = key("after_step", choices=WVN_PLACEMENTS,
+                             help="wvn: unit rows after the update (Algorithm 1) or before it (authors' code)")
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,8 @@ def loss_text(m: Method) -> str:
 
 def after_step_text(m: Method) -> str:
     steps = (["Wen center update"] if m.center else []) + (
-        ["`‖w_k‖ = 1` (+ RS if `rescale.in_loop=true`)"] if m.wvn else [])
+        ["`‖w_k‖ = 1` (+ RS if `rescale.in_loop=true`), after or before the update: `loss.wvn_placement`"]
+        if m.wvn else [])
     return ", ".join(steps) or "–"
 
 
