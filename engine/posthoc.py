@@ -53,7 +53,7 @@ from pipelines.samplers import ClassAwareSampler
 
 SWEEPS = ("rs", "tau_norm", "logit_adjust")
 RETRAIN = ("crt", "lws")
-METHODS = SWEEPS + RETRAIN
+CALIBRATIONS = SWEEPS + RETRAIN  # the calibration methods (engine.methods.METHODS are the training methods)
 # The one default search space per sweep (START, STOP, STEP inclusive): engine calibrate, rescale, study.
 DEFAULT_GRIDS = {"rs": (0.0, 1.0, 0.05), "tau_norm": (0.0, 2.0, 0.1), "logit_adjust": (0.0, 2.0, 0.1)}
 PARAM_NAME = {"rs": "gamma", "tau_norm": "tau", "logit_adjust": "tau", "crt": "epoch", "lws": "epoch"}
@@ -213,8 +213,8 @@ def calibrate(run: LoadedRun, method: str, values: list[float] | None = None, ep
 
     `feats` (from `split_features`) lets several methods share one pass of the backbone; `rs_count`
     (observed | profile; default cfg.rescale.counts) is the n_k of `rs` (see `rs_counts`)."""
-    if method not in METHODS:
-        raise CalibrationError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    if method not in CALIBRATIONS:
+        raise CalibrationError(f"unknown calibration method {method!r}; expected one of {', '.join(CALIBRATIONS)}")
     if rs_count is not None and method != "rs":
         raise CalibrationError(f"RS counts ({rs_count}) go with method rs, got method {method}")
     if method in ("rs", "tau_norm", "lws", "crt") and run.state.get("rescaled_gamma") is not None:
