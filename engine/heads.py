@@ -3,7 +3,8 @@
 `Head(in_features, num_classes, METHODS[cfg.method], cfg.loss, class_counts)`: the method
 (engine/methods.py) picks the logit transform (w·f, + b, − õ, or s·cos(f, w)), the loss (a
 function of LOSSES below; the baselines' math is in engine/losses.py and needs the training
-class counts) and the after-step work (Wen center update, WVN). The method table is
+class counts) and the step work: Wen center update after the optimizer step, WVN after it or
+before it (`loss.wvn_placement`: `after_step` / `before_step`). The method table is
 `engine.methods.method_table()`, copied into README.md.
 
 õ_k = ½ c_k·w_k (estimated offset). `eo` is the paper's "Ours w/o UC" and `uc_only`
