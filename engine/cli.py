@@ -33,8 +33,7 @@ from common.io import check_folder
 from engine.config import DEFAULT_PRESET, RS_COUNTS, available_presets, load_config
 from engine.experiments.study_design import PRESETS as STUDY_PRESETS
 from engine.logs import launch_rank, setup_logging
-from engine.posthoc import METHODS as CALIBRATIONS
-from engine.posthoc import SWEEPS, inclusive_range
+from engine.posthoc import CALIBRATIONS, SWEEPS, inclusive_range
 
 
 class _Parser(argparse.ArgumentParser):

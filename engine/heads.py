@@ -3,7 +3,8 @@
 `Head(in_features, num_classes, METHODS[cfg.method], cfg.loss, class_counts)`: the method
 (engine/methods.py) picks the logit transform (w·f, + b, − õ, or s·cos(f, w)), the loss (a
 function of LOSSES below; the baselines' math is in engine/losses.py and needs the training
-class counts) and the after-step work (Wen center update, WVN). The method table is
+class counts) and the step work: Wen center update after the optimizer step, WVN after it or
+before it (`loss.wvn_placement`: `after_step` / `before_step`). The method table is
 `engine.methods.method_table()`, copied into README.md.
 
 õ_k = ½ c_k·w_k (estimated offset). `eo` is the paper's "Ours w/o UC" and `uc_only`
@@ -52,13 +53,14 @@ class Head(nn.Module):
         self.center_alpha = loss.center_alpha
         self.label_smoothing = loss.label_smoothing
         self.focal_gamma, self.drw_epoch, self.cosine_scale = loss.focal_gamma, loss.drw_epoch, loss.ldam_scale
+        self.wvn_placement = loss.wvn_placement
         self.epoch = 0
         self._step_stats: tuple[Tensor, Tensor] | None = None  # center methods: this step's class sums, counts
 
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init
         if method.bias:
-            self.bias = nn.Parameter(torch.zeros(num_classes))
+            self.bias = nn.Parameter(initial_bias(method.bias_init, num_classes))
         else:
             self.register_parameter("bias", None)
         # Centers start at the origin (õ = 0); Wen's update pulls each to its class mean.
@@ -88,17 +90,18 @@ class Head(nn.Module):
         """Called by the training loop at the start of every epoch (0-based); DRW switches on it."""
         self.epoch = int(epoch)
 
-    def logits(self, features: Tensor, weight: Tensor | None = None) -> Tensor:
+    def logits(self, features: Tensor, weight: Tensor | None = None, use_bias: bool = True) -> Tensor:
         """Logits used for prediction: w·f − õ (+ b); s·cos(f, w) for a cosine head.
 
-        `weight` replaces the head's classifier (post-hoc RS / τ-norm); the head's tensors follow
-        `features` to its device, so evaluation can score features collected on the CPU."""
+        `weight` replaces the head's classifier (post-hoc RS / τ-norm), `use_bias=False` leaves the
+        trained bias out (τ-norm); the head's tensors follow `features` to its device, so evaluation
+        can score features collected on the CPU."""
         w = self.weight if weight is None else weight
         if features.device != w.device:
             w = w.to(features.device)
         if self.spec.cosine:
             return self.cosine_scale * _cosine(features, w)
-        centers, bias = self.centers.to(features.device), self.bias
+        centers, bias = self.centers.to(features.device), self.bias if use_bias else None
         if bias is not None:
             bias = bias.to(features.device)
         return kernels.head_logits(features, w, centers, bias, use_offset=self.spec.offset)
@@ -129,6 +132,19 @@ class Head(nn.Module):
             self._step_stats = (self._step_stats[0] + sums, self._step_stats[1] + counts)
 
     @torch.no_grad()
+    def before_step(self, class_counts: Tensor | None, gamma: float = 0.0) -> None:
+        """WVN with `loss.wvn_placement=before_step`: unit rows (+ in-loop RS) after the backward pass and
+        before the optimizer update, as the WVN authors' released code does in a backward hook; the next
+        forward then sees rows of norm 1 + O(lr). Nothing for any other method or placement."""
+        if self.spec.wvn and self.wvn_placement == "before_step":
+            self._normalize_and_rescale(class_counts, gamma)
+
+    def _normalize_and_rescale(self, class_counts: Tensor | None, gamma: float) -> None:
+        self.normalize_weights()  # Algorithm 1, line 8
+        if gamma:
+            self.rescale(class_counts, gamma)  # Algorithm 1, line 9
+
+    @torch.no_grad()
     def after_step(
         self, features: Tensor, labels: Tensor, class_counts: Tensor | None, gamma: float = 0.0, reduce=None,
         exchange=None,
@@ -148,10 +164,8 @@ class Head(nn.Module):
                 if reduce is not None:
                     reduce(sums, counts)
             kernels.wen_center_update(self.centers, sums, counts, self.center_alpha)
-        if self.spec.wvn:
-            self.normalize_weights()  # Algorithm 1, line 8
-            if gamma:
-                self.rescale(class_counts, gamma)  # Algorithm 1, line 9
+        if self.spec.wvn and self.wvn_placement == "after_step":
+            self._normalize_and_rescale(class_counts, gamma)
 
     @torch.no_grad()
     def normalize_weights(self) -> None:
@@ -166,6 +180,17 @@ class Head(nn.Module):
     @torch.no_grad()
     def estimated_offset(self) -> Tensor:
         return kernels.estimated_offset(self.weight, self.centers)
+
+
+def initial_bias(kind: str, num_classes: int) -> Tensor:
+    """The classifier bias at initialization (`Method.bias_init`): zeros, or the sigmoid prior
+    b_k = −log((1 − π)/π) for every class, so that σ(b_k) = π at the start of training."""
+    priors = {"zero": None, "uniform_prior": 1.0 / num_classes, "rare_prior": losses.RARE_PRIOR}
+    if kind not in priors:
+        raise ValueError(f"unknown bias_init {kind!r}; expected one of {', '.join(priors)}")
+    if priors[kind] is None:
+        return torch.zeros(num_classes)
+    return torch.full((num_classes,), losses.sigmoid_prior_bias(priors[kind]))
 
 
 def _cosine(features: Tensor, weight: Tensor) -> Tensor:
@@ -197,7 +222,9 @@ def _logit_adjusted_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor
 
 
 def _linear(head: Head, features: Tensor) -> Tensor:
-    return features.float() @ head.weight.float().t()
+    """w·f (+ b): the logits of the baseline losses, in float32."""
+    z = features.float() @ head.weight.float().t()
+    return z if head.bias is None else z + head.bias.float()
 
 
 def _focal_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
@@ -211,6 +238,11 @@ def _cb_ce_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
 def _cb_focal_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
     """Cui et al.'s class-balanced focal loss: per-class sigmoids (one-vs-all), as their paper and code."""
     return losses.sigmoid_focal_loss(_linear(head, features), labels, head.focal_gamma, head.class_weight)
+
+
+def _sigmoid_focal_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
+    """Lin et al.'s α-balanced sigmoid focal loss (α = 0.25) on w·f + b, b initialized to the prior π = 0.01."""
+    return losses.sigmoid_focal_loss(_linear(head, features), labels, head.focal_gamma, alpha=losses.FOCAL_ALPHA)
 
 
 def _cb_softmax_focal_loss(head: Head, features: Tensor, labels: Tensor) -> Tensor:
@@ -228,6 +260,7 @@ LOSSES: dict[str, Callable[[Head, Tensor, Tensor], Tensor]] = {
     "offset": _offset_loss,
     "logit_adjusted": _logit_adjusted_loss,
     "focal": _focal_loss,
+    "sigmoid_focal": _sigmoid_focal_loss,
     "cb_ce": _cb_ce_loss,
     "cb_focal": _cb_focal_loss,
     "cb_softmax_focal": _cb_softmax_focal_loss,

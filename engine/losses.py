@@ -3,7 +3,12 @@
 All functions take logits (B, K) and int64 labels (B,) and return a batch mean; they
 compute in the logits' dtype (float64 in the tests). n_j is the training count of class j.
 
-* focal (Lin et al. 2017): ℓ_i = −(1 − p_{i,y})^γ · log p_{i,y}, p = softmax(z) (softmax form).
+* `focal`: the softmax focal loss of Cao et al.'s LDAM-DRW code (their `FocalLoss` baseline):
+  ℓ_i = −(1 − p_{i,y})^γ · log p_{i,y}, p = softmax(z), batch mean.
+* `sigmoid_focal` (Lin et al. 2017, RetinaNet): per-class sigmoids, α-balanced,
+  ℓ_ik = −α_t·(1 − p_t)^γ·log p_t with α_t = α (= `FOCAL_ALPHA`, 0.25) for the label class and
+  1 − α for the others, summed over classes and divided by the number of positives (B); the
+  classifier bias starts at −log((1 − π)/π), π = 0.01 (`RARE_PRIOR`).
 * class-balanced (Cui et al. 2019): w_j = (1 − β) / (1 − β^{n_j}) (inverse effective number
   of samples), normalized so Σ_j w_j = K (their code: `weights / np.sum(weights) * K`);
   `cb_ce` ℓ_i = w_{y_i}·CE, batch loss Σ_i w_{y_i} ℓ_i / B (Cui's softmax branch).
@@ -13,8 +18,8 @@ compute in the logits' dtype (float64 in the tests). n_j is the training count o
   (1 − p_t)^γ = exp(−γ·y·z − γ·log(1 + e^{−z})), each sample's weight w_{y_i} broadcast over its
   K terms, summed and divided by Σ_{ik} y_{ik} = B. `sigmoid_focal_loss` below.
   `cb_softmax_focal` keeps the softmax form w_{y_i}·focal (divided by B; not a form Cui et al.
-  report). Cui's model also has a last-layer bias initialized to −log(K − 1) (prior π = 1/K) for
-  the sigmoid losses; this head has no bias for `cb_focal` (logits w·f, as every baseline here).
+  report). As in Cui's model, `cb_focal`'s logits carry a trained last-layer bias initialized to
+  −log(K − 1) (`sigmoid_prior_bias` at π = 1/K), so every σ(z_ik) starts at 1/K.
 * LDAM (Cao et al. 2019): logits s·cos(f, w_k) (normalized features and weights),
   margin m_j = C · n_j^{−1/4} / max_k n_k^{−1/4} (largest margin C) subtracted from the
   target logit before the scale: ℓ_i = CE(s·(cos_i − m_{y_i}·e_{y_i}), y_i).
@@ -34,10 +39,15 @@ al. (`ldam_drw`) divide it by Σ_i w_{y_i}.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+RARE_PRIOR = 0.01  # Lin et al.'s π of the sigmoid focal loss's bias initialization
+FOCAL_ALPHA = 0.25  # Lin et al.'s α of the sigmoid focal loss (the label class; 1 − α for the others)
 
 
 def _counts(class_counts: Tensor | np.ndarray | list, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -45,6 +55,13 @@ def _counts(class_counts: Tensor | np.ndarray | list, dtype: torch.dtype = torch
     if counts.ndim != 1 or (counts <= 0).any():
         raise ValueError(f"class counts must be a 1-D list of positive training counts, got {counts.tolist()}")
     return counts
+
+
+def sigmoid_prior_bias(prior: float) -> float:
+    """b = −log((1 − π)/π): the logit bias at which σ(b) = π (Lin et al.'s prior initialization)."""
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"a sigmoid prior π must be in (0, 1), got {prior}")
+    return -math.log((1.0 - prior) / prior)
 
 
 def log_prior(class_counts: Tensor | np.ndarray | list) -> Tensor:
@@ -97,8 +114,12 @@ def weighted_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor | None
     return _weighted_mean(F.cross_entropy(logits, labels, reduction="none"), labels, weight)
 
 
-def sigmoid_focal_loss(logits: Tensor, labels: Tensor, gamma: float, weight: Tensor | None = None) -> Tensor:
-    """Cui et al.'s (class-balanced) sigmoid focal loss: Σ_{i,k} w_{y_i}·(1 − p_{t,ik})^γ·BCE(z_ik, y_ik) / B.
+def sigmoid_focal_loss(logits: Tensor, labels: Tensor, gamma: float, weight: Tensor | None = None,
+                       alpha: float | None = None) -> Tensor:
+    """Sigmoid focal loss: Σ_{i,k} w_{y_i}·α_t·(1 − p_{t,ik})^γ·BCE(z_ik, y_ik) / B.
+
+    Cui et al.'s class-balanced form takes `weight` and no α; Lin et al.'s α-balanced form takes
+    `alpha` (α_t = α where y = 1, 1 − α where y = 0) and no weight.
 
     y = one-hot(labels); p_t = σ(z) where y = 1, 1 − σ(z) where y = 0. Both factors in
     log-sigmoid form, stable for any z:
@@ -110,6 +131,10 @@ def sigmoid_focal_loss(logits: Tensor, labels: Tensor, gamma: float, weight: Ten
     onehot = F.one_hot(labels, logits.shape[1]).to(logits)
     bce = F.softplus(logits) - onehot * logits
     per_term = bce if gamma == 0 else torch.exp(-gamma * (onehot * logits + F.softplus(-logits))) * bce
+    if alpha is not None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"focal α must be in [0, 1], got {alpha}")
+        per_term = per_term * (alpha * onehot + (1.0 - alpha) * (1.0 - onehot))
     if weight is not None:
         per_term = per_term * weight.to(logits)[labels][:, None]
     return per_term.sum() / onehot.sum()

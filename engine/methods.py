@@ -17,6 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.config_rules import key
+
+# When WVN normalizes the classifier rows (loss.wvn_placement): after the optimizer update (the WVN
+# paper's Algorithm 1, line 8) or before it (the authors' released code, a backward hook).
+WVN_PLACEMENTS = ("after_step", "before_step")
+
 
 @dataclass
 class LossConfig:
@@ -27,12 +33,14 @@ class LossConfig:
     center_alpha: float = 0.5  # α of Wen et al.'s center update
     label_smoothing: float = 0.0
     # Baseline losses (engine/losses.py); each is read only by its own method.
-    focal_gamma: float = 2.0  # focal, cb_focal, cb_softmax_focal: (1 − p_t)^γ (Lin et al.)
+    focal_gamma: float = 2.0  # focal, sigmoid_focal, cb_focal, cb_softmax_focal: (1 − p_t)^γ (Lin et al.)
     cb_beta: float = 0.9999  # cb_*, ldam_drw's DRW weights: effective-number β (Cui et al.)
     ldam_max_margin: float = 0.5  # ldam_drw: margin C of the rarest class (Cao et al.)
     ldam_scale: float = 30.0  # ldam_drw: s of the normalized logits
     drw_epoch: int = 0  # ldam_drw: 0-based epoch re-weighting starts (0 = ⌊0.8·epochs⌋, Cao's 160 of 200)
     logit_adjust_tau: float = 1.0  # logit_adjusted: τ of z + τ·log π (balanced_softmax: τ = 1)
+    wvn_placement: str = key("after_step", choices=WVN_PLACEMENTS,
+                             help="wvn: unit rows after the update (Algorithm 1) or before it (authors' code)")
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,9 @@ class Method:
     name: str
     # logit transform
     bias: bool = False  # trained per-class bias added to the logits
+    # its initial value: "zero", or a sigmoid prior b_k = −log((1 − π)/π): "uniform_prior" π = 1/K
+    # (b = −log(K − 1), Cui et al.'s code for their sigmoid losses), "rare_prior" π = 0.01 (Lin et al.)
+    bias_init: str = "zero"
     offset: bool = False  # estimated offset õ_k = ½c_k·w_k subtracted from the logits
     cosine: bool = False  # logits s·cos(f, w) (LDAM's normalized classifier)
     # loss: a key of engine.heads.LOSSES ("offset" = kernels.offset_head_loss with the flags below)
@@ -60,12 +71,15 @@ _ALL = (
     Method("eo", offset=True, center=True, paper='EO "Ours w/o UC"'),
     Method("uc_only", center=True, uniform=True, paper='EO "UC only"'),
     Method("eo_uc", offset=True, center=True, uniform=True, paper='EO "Ours" (default)'),
-    Method("wvn", wvn=True, paper="WVN, Algorithm 1"),
-    Method("focal", loss="focal", paper="Lin et al. 2017"),
+    Method("wvn", wvn=True, paper="Kim & Kim 2020 (WVN), Algorithm 1"),
+    Method("focal", loss="focal", paper="Cao et al. 2019 (LDAM-DRW code's softmax focal)"),
+    Method("sigmoid_focal", loss="sigmoid_focal", bias=True, bias_init="rare_prior", paper="Lin et al. 2017"),
     Method("cb_ce", loss="cb_ce", paper="Cui et al. 2019"),
-    Method("cb_focal", loss="cb_focal", paper="Cui et al. 2019 (their sigmoid form)"),
-    Method("cb_softmax_focal", loss="cb_softmax_focal", paper="softmax variant of Cui et al.'s CB focal"),
-    Method("ldam_drw", loss="ldam_drw", cosine=True, paper="Cao et al. 2019"),
+    Method("cb_focal", loss="cb_focal", bias=True, bias_init="uniform_prior",
+           paper="Cui et al. 2019 (their sigmoid form)"),
+    Method("cb_softmax_focal", loss="cb_softmax_focal",
+           paper="Cui et al. 2019's weights × Cao et al.'s softmax focal (a combination neither reports)"),
+    Method("ldam_drw", loss="ldam_drw", cosine=True, paper="Cao et al. 2019 (LDAM + DRW, Algorithm 1)"),
     Method("balanced_softmax", loss="logit_adjusted", prior_tau=1.0, paper="Ren et al. 2020"),
     Method("logit_adjusted", loss="logit_adjusted", paper="Menon et al. 2021"),
 )
@@ -73,7 +87,8 @@ METHODS: dict[str, Method] = {m.name: m for m in _ALL}
 
 # The loss column of the method table for the losses that are not the offset head's.
 LOSS_TEXT = {
-    "focal": "focal, γ = `loss.focal_gamma`",
+    "focal": "softmax focal, γ = `loss.focal_gamma`",
+    "sigmoid_focal": "α-balanced sigmoid (one-vs-all) focal, α = 0.25, γ = `loss.focal_gamma`, Σ/B",
     "cb_ce": "class-balanced CE, β = `loss.cb_beta`, Σ/B",
     "cb_focal": "class-balanced sigmoid (one-vs-all) focal, Σ/B",
     "cb_softmax_focal": "class-balanced softmax focal, Σ/B",
@@ -82,10 +97,14 @@ LOSS_TEXT = {
 }
 
 
+# The initial bias of the sigmoid methods, for the method table.
+BIAS_INIT_TEXT = {"zero": "", "uniform_prior": ", b₀ = −log(K − 1)", "rare_prior": ", b₀ = −log(99)"}
+
+
 def logits_text(m: Method) -> str:
     if m.cosine:
         return "`s·cos(f, w)`"
-    return "`w·f" + (" + b" if m.bias else "") + (" − õ" if m.offset else "") + "`"
+    return "`w·f" + (" + b" if m.bias else "") + (" − õ" if m.offset else "") + "`" + BIAS_INIT_TEXT[m.bias_init]
 
 
 def loss_text(m: Method) -> str:
@@ -99,7 +118,8 @@ def loss_text(m: Method) -> str:
 
 def after_step_text(m: Method) -> str:
     steps = (["Wen center update"] if m.center else []) + (
-        ["`‖w_k‖ = 1` (+ RS if `rescale.in_loop=true`)"] if m.wvn else [])
+        ["`‖w_k‖ = 1` (+ RS if `rescale.in_loop=true`), after or before the update: `loss.wvn_placement`"]
+        if m.wvn else [])
     return ", ".join(steps) or "–"
 
 

@@ -11,11 +11,12 @@ Sweeps of one parameter (the value with the best val top-1 is chosen; ties: the 
 * ``rs``           WVN paper Eq. 7: w_k ← (n_1/n_k)^γ · w_k (`engine rescale` is this method); n_k the
                    observed training counts, or with `rescale.counts=profile` / `--counts profile` the
                    un-rounded profile n_max·IF^(−k/(C−1)) of the official AdjustBnd4Imbalance code.
-* ``tau_norm``     Kang et al. 2020: w_k ← w_k / ‖w_k‖^τ.
+* ``tau_norm``     Kang et al. 2020: w_k ← w_k / ‖w_k‖^τ, logits w̃·f without the trained bias b (their
+                   τ-normalized classifier has none), so on a head with a bias even τ = 0 drops b.
 * ``logit_adjust`` Menon et al. 2021 (post-hoc): z_k ← z_k − τ · log π_k, π_k = n_k / Σ n.
 
-With a bias or an estimated offset in the head, the re-scaled w also enters õ_k = ½c_k·w_k
-(as RS does); on a cosine head (`ldam_drw`) the row norms cancel, so tau_norm is a no-op there.
+With an estimated offset in the head, the re-scaled w also enters õ_k = ½c_k·w_k (RS and tau_norm);
+on a cosine head (`ldam_drw`) the row norms cancel, so tau_norm is a no-op there.
 
 Second-stage classifier re-training (Kang et al. 2020), frozen backbone, class-aware sampling:
 
@@ -52,7 +53,7 @@ from pipelines.samplers import ClassAwareSampler
 
 SWEEPS = ("rs", "tau_norm", "logit_adjust")
 RETRAIN = ("crt", "lws")
-METHODS = SWEEPS + RETRAIN
+CALIBRATIONS = SWEEPS + RETRAIN  # the calibration methods (engine.methods.METHODS are the training methods)
 # The one default search space per sweep (START, STOP, STEP inclusive): engine calibrate, rescale, study.
 DEFAULT_GRIDS = {"rs": (0.0, 1.0, 0.05), "tau_norm": (0.0, 2.0, 0.1), "logit_adjust": (0.0, 2.0, 0.1)}
 PARAM_NAME = {"rs": "gamma", "tau_norm": "tau", "logit_adjust": "tau", "crt": "epoch", "lws": "epoch"}
@@ -113,7 +114,7 @@ def calibrated_logits(method: str, head: Head, features: Tensor, value: float, c
     if method == "rs":
         return head.logits(features, rs_weight(w, class_counts, value))
     if method == "tau_norm":
-        return head.logits(features, tau_norm_weight(w, value))
+        return head.logits(features, tau_norm_weight(w, value), use_bias=False)
     if method == "logit_adjust":
         return logit_adjust(head.logits(features), class_counts, value)
     raise CalibrationError(f"unknown sweep method {method!r}; expected one of {', '.join(SWEEPS)}")
@@ -212,8 +213,8 @@ def calibrate(run: LoadedRun, method: str, values: list[float] | None = None, ep
 
     `feats` (from `split_features`) lets several methods share one pass of the backbone; `rs_count`
     (observed | profile; default cfg.rescale.counts) is the n_k of `rs` (see `rs_counts`)."""
-    if method not in METHODS:
-        raise CalibrationError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    if method not in CALIBRATIONS:
+        raise CalibrationError(f"unknown calibration method {method!r}; expected one of {', '.join(CALIBRATIONS)}")
     if rs_count is not None and method != "rs":
         raise CalibrationError(f"RS counts ({rs_count}) go with method rs, got method {method}")
     if method in ("rs", "tau_norm", "lws", "crt") and run.state.get("rescaled_gamma") is not None:

@@ -140,6 +140,7 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
         features.append(feats.detach())
         collect_class_sums(trainer, trainer.model.head.epoch, feats, yb)  # eval.diagnostics=epoch: last epoch only
         labels.append(yb)
+    trainer.model.head.before_step(trainer.counts, cfg.rescale.gamma if cfg.rescale.in_loop else 0.0)  # WVN placement
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()

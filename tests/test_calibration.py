@@ -41,6 +41,22 @@ def test_formulas_against_direct_float64():
         assert adj[i].tolist() == pytest.approx([z[i, k].item() - 1.5 * math.log(COUNTS[k] / 77) for k in range(4)])
 
 
+def test_tau_norm_drops_the_classifier_bias():
+    """Kang et al.'s τ-normalized classifier is w̃·f with w̃_k = w_k/‖w_k‖^τ and no bias term."""
+    from engine.heads import Head
+
+    torch.manual_seed(0)
+    head = Head(3, 4, "ce_bias")
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([5.0, -1.0, 2.0, 0.5]))
+    f, w = torch.randn(6, 3), head.weight.detach()
+    for tau in (0.0, 0.6, 1.0):
+        got = C.calibrated_logits("tau_norm", head, f, tau, COUNTS)
+        torch.testing.assert_close(got, f @ (w / w.norm(dim=1, keepdim=True) ** tau).t())
+    # RS keeps it: the bias is part of the trained classifier there.
+    torch.testing.assert_close(C.calibrated_logits("rs", head, f, 0.0, COUNTS), f @ w.t() + head.bias.detach())
+
+
 def test_class_aware_batches_balance_the_classes():
     labels = torch.as_tensor(np.repeat(np.arange(4), COUNTS))
     idx = torch.cat(C.class_aware_batches(labels, 4, 16, seed=0, epoch=0))
@@ -62,8 +78,8 @@ def test_sweeps_match_the_direct_formula_and_choose_on_val(loaded, method, value
     for row, v in zip(res["rows"], values):
         for split in ("val", "test"):
             f = feats[split].features.double()
-            if method == "tau_norm":
-                z = f @ (w / w.norm(dim=1, keepdim=True) ** v).t() + b
+            if method == "tau_norm":  # Kang et al.'s τ-normalized classifier has no bias
+                z = f @ (w / w.norm(dim=1, keepdim=True) ** v).t()
             elif method == "rs":
                 z = f @ (w * torch.as_tensor((data.class_counts.max() / data.class_counts) ** v)[:, None]).t() + b
             else:
@@ -72,7 +88,8 @@ def test_sweeps_match_the_direct_formula_and_choose_on_val(loaded, method, value
             assert row[split]["top1"] == pytest.approx(direct["top1"]), (method, v, split)
     best = max(res["rows"], key=lambda r: (r["val"]["top1"], -r[C.PARAM_NAME[method]]))
     assert res["chosen"] == best[C.PARAM_NAME[method]] and res["test"]["top1"] == best["test"]["top1"]
-    assert res["rows"][0]["test"]["top1"] == pytest.approx(res["before"]["test"]["top1"])  # 0 = unchanged
+    if method != "tau_norm":  # τ-norm drops the bias even at τ = 0
+        assert res["rows"][0]["test"]["top1"] == pytest.approx(res["before"]["test"]["top1"])  # 0 = unchanged
 
 
 @pytest.mark.slow

@@ -124,3 +124,46 @@ def test_wen_update_takes_the_loss_pass_statistics(monkeypatch):
     head.eval()  # evaluation never leaves statistics behind
     head.loss(f, y)
     assert head._step_stats is None
+
+
+def _wvn_step(placement: str):
+    """One SGD step of a tiny WVN head whose rows start off unit norm; returns (row norms the update
+    started from, row norms after the step)."""
+    head = _head("wvn", wvn_placement=placement)
+    with torch.no_grad():
+        head.weight.mul_(torch.tensor([3.0, 0.2, 1.5, 7.0])[:, None])
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    f, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    head.loss(f, y).backward()
+    head.before_step(COUNTS)
+    at_update = head.weight.norm(dim=1).detach().clone()
+    opt.step()
+    head.after_step(f, y, COUNTS)
+    return at_update, head.weight.norm(dim=1).detach()
+
+
+def test_wvn_after_step_placement_is_algorithm_1():
+    """Algorithm 1: update, then normalize: the rows are unit norm after the step, not before the update."""
+    at_update, after = _wvn_step("after_step")
+    assert not torch.allclose(at_update, torch.ones(4))
+    torch.testing.assert_close(after, torch.ones(4))
+
+
+def test_wvn_before_step_placement_is_the_authors_code():
+    """The authors' code normalizes in the backward pass: unit rows when the update starts, rows of norm
+    1 + O(lr) after it (what the next forward sees)."""
+    at_update, after = _wvn_step("before_step")
+    torch.testing.assert_close(at_update, torch.ones(4))
+    assert not torch.allclose(after, torch.ones(4), atol=1e-4)
+    assert (after - 1).abs().max() < 1.0  # one step of lr 0.5 away from unit norm
+
+
+def test_wvn_before_step_with_in_loop_rescale():
+    head = _head("wvn", wvn_placement="before_step")
+    with torch.no_grad():
+        head.weight.mul_(5.0)
+    head.before_step(COUNTS, gamma=0.4)
+    torch.testing.assert_close(head.weight.norm(dim=1), rescale_factors(COUNTS, 0.4).float())
+    w = head.weight.detach().clone()
+    head.after_step(torch.randn(2, 6), torch.tensor([0, 3]), COUNTS, gamma=0.4)
+    torch.testing.assert_close(head.weight, w)  # the after-step leaves the rows alone

@@ -119,6 +119,8 @@ def test_head_serves_focal_and_cb(method):
     f, y = torch.randn(8, 5, generator=g), torch.randint(0, K, (8,), generator=g)
     head = Head(5, K, METHODS[method], LossConfig(focal_gamma=1.5, cb_beta=0.99), np.array(COUNTS))
     z = f @ head.weight.t()
+    if method == "cb_focal":  # Cui et al.'s trained bias, initialized to −log(K − 1)
+        z = z + head.bias
     w = losses.class_balanced_weights(COUNTS, 0.99) if method.startswith("cb_") else None
     if method == "cb_ce":
         expected = losses.weighted_cross_entropy(z, y, w)
@@ -127,7 +129,7 @@ def test_head_serves_focal_and_cb(method):
     else:  # focal, cb_softmax_focal
         expected = losses.focal_loss(z, y, 1.5, w)
     torch.testing.assert_close(head.loss(f, y), expected.float())
-    torch.testing.assert_close(head(f), z)  # prediction logits stay w·f
+    torch.testing.assert_close(head(f), z)  # prediction logits: w·f (+ b)
     head.loss(f, y).backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 

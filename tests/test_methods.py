@@ -19,16 +19,20 @@ COUNTS = np.array([30, 23, 17, 13, 10, 8, 6, 5, 3, 3])
 CPU = torch.device("cpu")
 
 
-def _one_step(method: str, tmp_path, **rescale):
+def _one_step(method: str, tmp_path, wvn_placement: str = "after_step", **rescale):
     cfg = Config()
     cfg.method, cfg.model.arch, cfg.epochs, cfg.optim.batch_size = method, "resnet8_cifar", 2, 8
-    cfg.run.device = "cpu"
+    cfg.run.device, cfg.loss.wvn_placement = "cpu", wvn_placement
     if rescale:
         cfg.rescale.in_loop, cfg.rescale.gamma = True, rescale["gamma"]
     torch.manual_seed(0)
     run = build_trainer(cfg, tmp_path, DistInfo(), CPU, resolve_speed(cfg, CPU), None, 4, class_counts=COUNTS)
     head = run.model.head
+    with torch.no_grad():
+        head.weight.mul_(torch.linspace(0.5, 2.0, len(COUNTS))[:, None])  # rows off unit norm before the step
     before = {"weight": head.weight.detach().clone(), "stem": run.model.backbone.stem[0].weight.detach().clone()}
+    # The classifier's row norms when the optimizer update starts.
+    run.state.optimizer.register_step_pre_hook(lambda *_: before.update(at_update=head.weight.norm(dim=1).clone()))
     x, y = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4, 5, 8, 9])
     loss = train_step(run, x, y)
     return run, head, before, loss
@@ -55,3 +59,13 @@ def test_wvn_in_loop_rescale_after_a_step(tmp_path):
     """Algorithm 1 in the loop: after a step ‖w_i‖ = (n_1/n_i)^γ."""
     _, head, _, _ = _one_step("wvn", tmp_path, gamma=0.3)
     torch.testing.assert_close(head.weight.norm(dim=1).double(), rescale_factors(COUNTS, 0.3), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("placement", ["after_step", "before_step"])
+def test_wvn_placement_in_the_training_step(placement, tmp_path):
+    """after_step (Algorithm 1): unit rows after the update; before_step (the authors' code): unit rows when
+    the update starts, 1 + O(lr) after it."""
+    _, head, before, _ = _one_step("wvn", tmp_path, wvn_placement=placement)
+    unit_at_update = torch.allclose(before["at_update"], torch.ones(10))
+    unit_after = torch.allclose(head.weight.norm(dim=1), torch.ones(10))
+    assert (unit_at_update, unit_after) == ((False, True) if placement == "after_step" else (True, False))

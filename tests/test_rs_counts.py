@@ -106,3 +106,17 @@ def test_engine_rescale_and_calibrate_with_profile_counts(trained, tmp_path, cap
     capsys.readouterr()
     assert main(["calibrate", "--checkpoint", ckpt, "--method", "tau_norm", "--counts", "profile"]) == 2
     assert "--counts goes with --method rs, got --method tau_norm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset,ratio", [("cifar10-lt-resnet32", 100.0), ("cifar100-lt-resnet32", 100.0)])
+def test_cifar_presets_rescale_post_hoc_as_the_authors_numbers(preset, ratio):
+    """The authors' CIFAR WVN+RS numbers train WVN and re-scale once afterwards (γ chosen then), with the
+    profile counts; Algorithm 1's in-loop RS stays one override away."""
+    cfg = load_config(preset, overrides=["data.root=/data/cifar"])
+    assert cfg.method == "wvn" and not cfg.rescale.in_loop and cfg.rescale.counts == "profile"
+    assert cfg.data.imbalance_ratio == ratio
+    in_loop = load_config(preset, overrides=["data.root=/data/cifar", "rescale.in_loop=true", "rescale.gamma=0.3",
+                                             "rescale.counts=observed"])
+    assert in_loop.rescale.in_loop and in_loop.rescale.gamma == 0.3
+    with pytest.raises(ConfigError, match="rescale.in_loop=false"):  # profile counts are post-hoc only
+        load_config(preset, overrides=["data.root=/data/cifar", "rescale.in_loop=true"])

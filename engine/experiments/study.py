@@ -136,7 +136,7 @@ def _slim(report: dict) -> dict:
     return {g: report.get(g) for g in GROUPS}
 
 
-def posthoc(run_dir: Path, methods: list[str], seed: int) -> dict:
+def calibrate_checkpoint(run_dir: Path, methods: list[str], seed: int) -> dict:
     """engine.posthoc's sweeps / cRT on one checkpoint, features collected once; cached in the run folder."""
     params = {"methods": methods, "grids": {m: default_values(m) for m in methods if m in SWEEPS},
               "crt": CRT if "crt" in methods else None, "seed": seed}
@@ -219,8 +219,8 @@ def collect_setting(out: Path, setting: str, seeds: list[int]) -> dict:
                                           for s, r in runs[m].items()]} for m in TRAINED}
     post = {}
     for s in seeds:
-        post[("ce", s)] = posthoc(run_dir_of(out, (setting, "ce", s)), ["rs", "tau_norm", "logit_adjust", "crt"], s)
-        post[("wvn", s)] = posthoc(run_dir_of(out, (setting, "wvn", s)), ["rs"], s)
+        post[("ce", s)] = calibrate_checkpoint(run_dir_of(out, (setting, "ce", s)), ["rs", "tau_norm", "logit_adjust", "crt"], s)
+        post[("wvn", s)] = calibrate_checkpoint(run_dir_of(out, (setting, "wvn", s)), ["rs"], s)
     for key, (base, method) in POSTHOC.items():
         per_seed = [{"seed": s, "test": _slim(r["test"]), "val": _slim(r["val"]), "chosen": {r["parameter"]: r["chosen"]}}
                     for s in seeds for r in [post[(base, s)]["results"][method]]]
