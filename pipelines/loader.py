@@ -23,7 +23,7 @@ from torchvision import transforms as T
 
 from pipelines.spec import LAYOUTS, LoaderSpec
 from pipelines.splits import DataError, SameClassOrder, SplitIndex
-from pipelines.workers import ignore_stop_signals
+from pipelines.workers import ignore_stop_signals, track_workers
 
 BadImage = tuple[str, str]  # (path, reason)
 
@@ -152,14 +152,23 @@ class ImageLoader:
 
     def __iter__(self):
         self._returned = getattr(self.sampler, "position", 0)
-        for batch in self.loader:
-            if self.on_bad_image == "skip":
-                images, labels, bad = batch
-                if bad:
-                    self._record(bad)
-                batch = (images, labels)
-            self._returned += len(batch[1])
-            yield batch
+        batches = iter(self.loader)
+        track_workers(getattr(batches, "_workers", ()))
+        try:
+            for batch in batches:
+                if self.on_bad_image == "skip":
+                    images, labels, bad = batch
+                    if bad:
+                        self._record(bad)
+                    batch = (images, labels)
+                self._returned += len(batch[1])
+                yield batch
+        except BaseException:  # a failed or abandoned epoch shuts its workers down (pipelines/workers.py)
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+                self.loader._iterator = None  # persistent workers: the next epoch starts new ones
+            raise
 
     def state_dict(self) -> dict[str, int]:
         """{"epoch", "position": samples of this rank's epoch returned so far} (DaliLoader's keys, minus "dali")."""
