@@ -2,8 +2,9 @@
 
 The state is the model, optimizer, schedule and gradient scaler, the loop's position (epoch, optimizer
 steps done in it), the epoch's loss totals, the log history, the bad images met, each rank's RNG
-and loader state, and the last epoch's per-class feature sums so far (eval.diagnostics=epoch). `state_dict()` is the checkpoint dict (engine/checkpoint.py writes it atomically);
-`load_state_dict()` takes one back. When and how it is written and restored is the checkpoint policy
+and loader state, and the last epoch's per-class feature sums so far (eval.diagnostics=epoch).
+`state_dict()` is the checkpoint dict (engine/checkpoint.py writes it atomically); `load_state_dict()`
+takes one back. When and how it is written and restored is the checkpoint policy
 (engine/checkpoint_policy.py).
 """
 
