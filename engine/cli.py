@@ -69,7 +69,7 @@ def _bare_resume(argv: list[str]) -> list[str]:
     """`--resume` followed by a key=value is the flag without a value, then an override (argparse would
     take the override as the flag's optional value)."""
     return ["--resume=yes" if arg == "--resume" and "=" in next_arg else arg
-            for arg, next_arg in zip(argv, [*argv[1:], ""], strict=True)]
+            for arg, next_arg in zip(argv, [*argv[1:], ""], strict=False)]
 
 
 def _parser() -> argparse.ArgumentParser:
