@@ -21,6 +21,7 @@ import torch
 from common.errors import CheckpointError, EngineError, TrainingError
 from engine.checkpoint import all_finite, check_fits, nonfinite_tensors, save_checkpoint
 from engine.config import Config, config_diff, config_from_dict, format_diff, resume_changes, to_dict
+from engine.diagnostics import restore_class_sums, saved_class_sums
 from engine.distributed import all_gather_objects
 from engine.run_folder import kept_checkpoint
 
@@ -51,16 +52,19 @@ def checkpoint(trainer: Trainer, meter: LossMeter, train_loader=None) -> None:
     if train_loader is not None and hasattr(train_loader, "state_dict"):
         with contextlib.suppress(RuntimeError):  # a DALI loader before its first batch has no state yet
             loader_state = train_loader.state_dict()
-    # Sync point: every rank's RNG and loader state, and rank 0's verdict on the weights.
+    sums = trainer.epoch_class_sums
+    class_sums = (sums.sums.cpu(), sums.counts.cpu()) if sums is not None else None
+    # Sync point: every rank's RNG, loader state and diagnostic class sums, and rank 0's verdict on the weights.
     gathered = all_gather_objects((torch.get_rng_state(),
                                    torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else [],
-                                   loader_state, broken))
+                                   loader_state, broken, class_sums))
     broken = gathered[0][3]
     if broken:
         raise TrainingError(broken)
     if not trainer.dist.is_main:
         return
     state.ranks = [g[:3] for g in gathered]
+    state.class_sums = saved_class_sums(trainer, [g[4] for g in gathered])
     state.loss_sum, state.seen = meter.read_sum, meter.seen
     save_checkpoint(trainer.out_dir / "last.pt", state.state_dict())
 
@@ -113,12 +117,15 @@ def check_resume_config(saved_config: dict, cfg: Config, path: Path) -> None:
 
 def restore(trainer: Trainer, saved: dict, train_loader) -> tuple | None:
     """Load last.pt's dict into the trainer's state and put this rank's RNG and sampler where the
-    interrupted run left them. Returns the RNG state to re-apply once the epoch's loader iterator
-    exists (a mid-epoch resume of the same number of ranks), else None."""
+    interrupted run left them, and the last epoch's diagnostic class sums so far with them. Returns the
+    RNG state to re-apply once the epoch's loader iterator exists (a mid-epoch resume of the same number
+    of ranks), else None."""
     path, state, dist = trainer.out_dir / "last.pt", trainer.state, trainer.dist
     check_resume_config(saved["config"], trainer.cfg, path)
     check_fits(trainer.model, saved["model"], path, "--resume")
     state.load_state_dict(saved)
+    restore_class_sums(trainer)
+    _log_resume(trainer, path)
     per_rank = trainer.cfg.optim.batch_size // dist.world_size
     loader_state = {"epoch": state.epoch, "position": state.position * per_rank}  # the same global sample position
     resume_rng = None
@@ -141,6 +148,14 @@ def restore(trainer: Trainer, saved: dict, train_loader) -> tuple | None:
         train_loader.sampler.set_epoch(loader_state["epoch"])
         train_loader.sampler.set_position(loader_state["position"])
     return resume_rng
+
+
+def _log_resume(trainer: Trainer, path: Path) -> None:
+    """The resume's line: the epoch (1-based) and optimizer step in it that training continues from."""
+    state, steps, epochs = trainer.state, trainer.steps_per_epoch, trainer.cfg.epochs
+    epoch, step = (state.epoch + 1, state.position) if state.epoch < epochs else (epochs, steps)
+    logger.info("resumed from %s at epoch %d, step %d (%d of %d steps done)", path, epoch, step,
+                state.epoch * steps + state.position, epochs * steps)
 
 
 def set_rng(trainer: Trainer, rng: torch.Tensor, cuda_rng: list) -> None:

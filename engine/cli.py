@@ -36,11 +36,39 @@ from engine.logs import launch_rank, setup_logging
 from engine.posthoc import CALIBRATIONS, SWEEPS, inclusive_range
 
 
+class _StoreOnce(argparse.Action):
+    """A single-valued flag's store: the flag given twice is an error naming both values (no silent last wins)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.given: list = []
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string is not None and self.given:
+            parser.error(f"{option_string} given twice: {self.given[0]!r} and {values!r}; give it once")
+        if option_string is not None:
+            self.given.append(values)
+        setattr(namespace, self.dest, values)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with the engine's one-line error (`engine <cmd>: error: …`, exit 2) instead of usage + error."""
+    """argparse with the engine's one-line error (`engine <cmd>: error: …`, exit 2) instead of usage + error,
+    and single-valued flags that may be given once."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _bare_resume(argv: list[str]) -> list[str]:
+    """`--resume` followed by a key=value is the flag without a value, then an override (argparse would
+    take the override as the flag's optional value)."""
+    return ["--resume=yes" if arg == "--resume" and "=" in next_arg else arg
+            for arg, next_arg in zip(argv, [*argv[1:], ""], strict=False)]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -227,11 +255,8 @@ def _cmd_train(args) -> tuple[list[str], int]:
     resume: bool | str = False
     if args.resume in ("yes", "auto"):
         resume = True if args.resume == "yes" else "auto"
-    elif args.resume is not None:  # `--resume key=value`: argparse took the first override as the flag's value
-        if "=" not in args.resume:
-            raise ConfigError(f"--resume takes no value or 'auto', got {args.resume!r}")
-        args.overrides.insert(0, args.resume)
-        resume = True
+    elif args.resume is not None:
+        raise ConfigError(f"--resume takes no value or 'auto', got {args.resume!r}")
     preset = args.preset if (args.preset or args.config) else DEFAULT_PRESET
     cfg = load_config(preset, args.config, args.overrides)
     if args.print_config:
@@ -391,8 +416,11 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "rescale": _cmd_rescale, "sw
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args, unknown = _parser().parse_known_args(argv)
+        args, unknown = _parser().parse_known_args(_bare_resume(sys.argv[1:] if argv is None else argv))
         name = f"data {args.data_command}" if args.command == "data" else args.command
+        if hasattr(args, "overrides"):  # key=value after a flag that follows earlier overrides: still an override
+            args.overrides += [u for u in unknown if not u.startswith("-")]
+            unknown = [u for u in unknown if u.startswith("-")]
         if unknown:  # named by the sub-command they were given to
             _Parser(prog=f"engine {name}").error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # argparse: --help (0) or one `engine <cmd>: error:` line (2), already printed

@@ -2,6 +2,8 @@
 
 The class means of the training features come from the last training epoch (`collect_class_sums`, the
 step's hook: no extra pass) or from a pass over the training split after training (eval.diagnostics).
+The last epoch's sums so far travel in last.pt (`saved_class_sums` / `restore_class_sums`), so a run
+resumed in its last epoch ends with the same diagnostics as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -22,12 +24,45 @@ logger = logging.getLogger(__name__)
 
 def collect_class_sums(trainer: Trainer, epoch: int, features: torch.Tensor, labels: torch.Tensor) -> None:
     """Diagnostics hook: with eval.diagnostics=epoch, add one (micro-)batch's training features to the
-    running per-class sums of the last epoch (on the device, no sync). A no-op otherwise."""
+    running per-class sums of the last epoch (on the device, no sync). A no-op otherwise.
+
+    The sums start at the epoch's first step: a process resumed mid-epoch continues the sums last.pt
+    carried (`restore_class_sums`) or, without them, sums nothing (the diagnostics then pass over the
+    training split) rather than means of part of the epoch."""
     if trainer.cfg.eval.diagnostics != "epoch" or epoch != trainer.cfg.epochs - 1:
         return
     if trainer.epoch_class_sums is None:
+        if trainer.state.position != 0:
+            return
         trainer.epoch_class_sums = ClassSums(len(trainer.counts), features.shape[1], trainer.device)
     trainer.epoch_class_sums.add(features, labels)
+
+
+def saved_class_sums(trainer: Trainer, gathered: list) -> dict | None:
+    """`TrainState.class_sums` from every rank's (sums, counts) on the CPU (None where a rank has none)."""
+    if any(g is None for g in gathered):
+        return None
+    return {"epoch": trainer.cfg.epochs - 1, "ranks": gathered}
+
+
+def restore_class_sums(trainer: Trainer) -> None:
+    """Continue the last epoch's sums last.pt carried (`TrainState.class_sums`) when they belong to this
+    run's last epoch. The same number of ranks: each rank its own sums (the same all-reduce as an
+    uninterrupted run); another number: rank 0 holds the total, the other ranks zeros."""
+    saved, dist = trainer.state.class_sums, trainer.dist
+    if trainer.cfg.eval.diagnostics != "epoch" or not saved or saved["epoch"] != trainer.cfg.epochs - 1:
+        return
+    ranks = saved["ranks"]
+    if len(ranks) == dist.world_size:
+        sums, counts = ranks[dist.rank]
+    else:
+        sums, counts = (sum(r[i] for r in ranks) for i in (0, 1))
+        if dist.rank:
+            sums, counts = torch.zeros_like(sums), torch.zeros_like(counts)
+    restored = ClassSums(len(counts), sums.shape[1], trainer.device)
+    restored.sums.copy_(sums)
+    restored.counts.copy_(counts)
+    trainer.epoch_class_sums = restored
 
 
 DIAGNOSTIC_SOURCES = {
@@ -43,14 +78,14 @@ def diagnostics(trainer: Trainer) -> dict:
     empirical ½μ̃_k·w_k from the training features' class means, trained bias, ‖w_k‖.
 
     μ̃_k comes from the last epoch's features (eval.diagnostics=epoch, no extra pass) or from a
-    full pass over the training split (pass). An epoch run that summed nothing (resumed after its
-    last epoch) falls back to the pass."""
+    full pass over the training split (pass). An epoch run without the whole last epoch's sums (resumed
+    from a last.pt written without them) falls back to the pass, and says what it costs."""
     import kernels
 
     mode, sums = trainer.cfg.eval.diagnostics, trainer.epoch_class_sums
     if mode == "epoch" and sums is None:
-        logger.info("diagnostics: no training step of the last epoch ran in this process; passing over the "
-                    "training split instead")
+        logger.warning("diagnostics: the sums of the whole last epoch are not available (resumed from a last.pt "
+                       "without them); passing over the training split instead: %d images", len(trainer.data.train))
         mode = "pass"
     if mode == "pass":
         loader = train_features_loader(trainer.cfg, trainer.data, trainer.dist)

@@ -1,9 +1,10 @@
 """`TrainState`: everything last.pt saves and `--resume` restores.
 
 The state is the model, optimizer, schedule and gradient scaler, the loop's position (epoch, optimizer
-steps done in it), the epoch's loss totals, the log history, the bad images met, and each rank's RNG
-and loader state. `state_dict()` is the checkpoint dict (engine/checkpoint.py writes it atomically);
-`load_state_dict()` takes one back. When and how it is written and restored is the checkpoint policy
+steps done in it), the epoch's loss totals, the log history, the bad images met, each rank's RNG
+and loader state, and the last epoch's per-class feature sums so far (eval.diagnostics=epoch).
+`state_dict()` is the checkpoint dict (engine/checkpoint.py writes it atomically); `load_state_dict()`
+takes one back. When and how it is written and restored is the checkpoint policy
 (engine/checkpoint_policy.py).
 """
 
@@ -37,6 +38,9 @@ class TrainState:
     seen: int = 0  # rows this epoch, this rank
     bad_images: list = field(default_factory=list)  # [path, reason] met by the training loader (all ranks)
     ranks: list[tuple] = field(default_factory=list)  # per rank: (CPU RNG, CUDA RNGs, loader state or None)
+    # eval.diagnostics=epoch: the last epoch's per-class feature sums so far, {"epoch": 0-based epoch they
+    # belong to, "ranks": [(sums (K, d), counts (K,)) on the CPU, per rank]}; None outside the last epoch.
+    class_sums: dict | None = None
 
     def state_dict(self) -> dict:
         return {
@@ -55,6 +59,7 @@ class TrainState:
             "bad_images": self.bad_images,
             "epoch_loss_sum": self.loss_sum,
             "epoch_seen": self.seen,
+            "epoch_class_sums": self.class_sums,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -68,6 +73,7 @@ class TrainState:
         self.loss_sum, self.seen = state["epoch_loss_sum"], state["epoch_seen"]
         loaders = state.get("loader") or [None] * len(state["rng"])
         self.ranks = list(zip(state["rng"], state["cuda_rng"], loaders))
+        self.class_sums = state.get("epoch_class_sums")  # absent from a last.pt written without it
 
 
 # --------------------------------------------------------------------------- writing

@@ -149,6 +149,13 @@ CASES = {
     "config-unknown-key": ("train", lambda c: _train("--config", str(c.base / "unknown_yaml"))(c), "optim.lrr"),
     "resume-without-out": ("train", lambda c: ["train", "--resume"], "--out"),
     "train-unknown-flag": ("train", lambda c: ["train", "--epochs", "3"], "--epochs"),
+    "out-given-twice": ("train", lambda c: ["train", "--out", str(c.base / "A"), "--out", str(c.base / "B")],
+                        lambda c: f"--out given twice: '{c.base / 'A'}' and '{c.base / 'B'}'"),
+    "preset-given-twice": ("train", lambda c: _train("--preset", "digits-lt", "--preset", "cifar10-lt-resnet32")(c),
+                           "--preset given twice: 'digits-lt' and 'cifar10-lt-resnet32'"),
+    "resume-value-not-auto": ("train", lambda c: _train("--resume", "later")(c), "'later'"),
+    "eval-split-given-twice": ("eval", _ck("eval", "--split", "val", "--split", "test"),
+                               "--split given twice: 'val' and 'test'"),
     # --- data: split files (fail while the data are read, before any run folder is written)
     "root-missing": ("train", lambda c: _train(*_split(c, "train.txt"), f"data.root={c.base / 'nowhere'}")(c),
                      "nowhere"),

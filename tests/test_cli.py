@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import tiny
 from PIL import Image
 
@@ -99,6 +100,17 @@ def _run_bad(args, capsys, tmp_path):
     assert code == 2, err
     assert not out.exists(), "a failed start must not leave a run folder"
     return err
+
+
+@pytest.mark.parametrize("argv, method, seed", [
+    (["method=ce", "--resume", "auto", "seed=3"], "ce", 3),  # overrides before and after the flag and its value
+    (["--resume", "auto", "method=ce", "--out", "X", "seed=3"], "ce", 3),
+    (["method=eo", "seed=1", "--resume", "method=ce", "seed=3"], "ce", 3),  # a bare --resume leaves the override
+])
+def test_overrides_go_before_or_after_resume_in_their_order(argv, method, seed, capsys):
+    assert main(["train", "--print-config", *argv]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["method"], cfg["seed"]) == (method, seed)
 
 
 def test_unknown_key_and_wrong_type(capsys, tmp_path):

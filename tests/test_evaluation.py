@@ -123,7 +123,7 @@ def test_collect_class_sums_hook_sums_the_last_epoch_only():
 
     cfg = load_config(overrides=["epochs=3"])
     run = SimpleNamespace(cfg=cfg, counts=torch.ones(4), device=torch.device("cpu"),
-                          epoch_class_sums=None)
+                          epoch_class_sums=None, state=SimpleNamespace(position=0))  # the epoch's first step
     f, y = torch.randn(10, 5), torch.tensor([0, 1, 1, 3, 3, 3, 0, 1, 3, 3])
     collect_class_sums(run, 1, f, y)  # not the last epoch
     assert run.epoch_class_sums is None
