@@ -1,23 +1,17 @@
 """Wen center update under DDP: both exchanges give every rank the single-process centers (gloo, 2 ranks)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from engine.distributed import exchange_bytes, global_class_sums
 from kernels import class_feature_sums, wen_center_update
 
 K, D, B = 40, 5, 6  # per-rank batch B; rank 1 has a short last batch (B - 2 rows)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_data(rank: int):
@@ -43,7 +37,7 @@ def _worker(rank: int, port: int, rows_per_rank: int, out_dir: str):
 def test_both_exchanges_give_identical_centers_on_every_rank(tmp_path, rows_per_rank, strategy):
     cost = exchange_bytes(rows_per_rank, D, K, 2, 8)
     assert min(cost, key=cost.get) == strategy  # the test reaches the path it names
-    mp.spawn(_worker, args=(_free_port(), rows_per_rank, str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(free_port(), rows_per_rank, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     feats, labels = (torch.cat(t) for t in zip(_rank_data(0), _rank_data(1)))
     sums, counts = class_feature_sums(feats, labels, K)
