@@ -97,6 +97,7 @@ def _rank_tally(rank, port, queue):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes, each importing torch
 def test_two_gloo_ranks_reduce_to_the_single_process_report():
     model, loader = _model_and_loader()
     single = E.evaluate_loader(model, loader, torch.device("cpu"), COUNTS, 20, 5)
