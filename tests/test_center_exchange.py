@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -37,6 +38,7 @@ def _worker(rank: int, port: int, out_dir: str):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned gloo ranks
 def test_both_exchanges_give_identical_centers_on_every_rank(tmp_path):
     for strategy, rows_per_rank in CASES.items():
         cost = exchange_bytes(rows_per_rank, D, K, 2, 8)

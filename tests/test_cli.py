@@ -224,6 +224,7 @@ def test_readme_test_command_is_what_ci_runs():
     assert test_cmd in ci, f"README test command not found verbatim in .ci/run:\n{test_cmd}"
 
 
+@pytest.mark.slow  # a child process importing torch
 def test_engine_entry_point_runs():
     exe = Path(sys.executable).parent / "engine"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "engine.cli"]

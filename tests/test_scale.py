@@ -190,6 +190,7 @@ def test_batch_size_must_split_into_ranks_and_micro_batches(tmp_path, digits_cac
 # --------------------------------------------------------------------------- compile + channels-last + bf16
 
 
+@pytest.mark.slow  # a torch.compile (Dynamo + Inductor) build
 def test_compiled_channels_last_bf16_step_matches_eager_fp32():
     """One forward + loss + backward of ResNet-8 + EO+UC head: eager fp32 vs torch.compile of the
     channels-last model under CPU bf16 autocast (what run.compile/channels_last/amp=bf16 do).
