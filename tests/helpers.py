@@ -1,5 +1,15 @@
-"""Shared test helpers (importable from test modules: pytest puts tests/ on sys.path)."""
+"""Shared test helpers (importable from test modules: pytest puts tests/ on sys.path).
 
+One of each: a free TCP port, the `engine` command as a child process (argv, environment, runner),
+an image writer, a model config and the overrides of a tiny training run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,13 +17,54 @@ from PIL import Image
 
 from engine.config import Config
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for MASTER_PORT of a gloo group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_argv(*args: str) -> list[str]:
+    """The argv of `engine ARGS...` in this interpreter: `python -m engine.cli ARGS...`."""
+    return [sys.executable, "-m", "engine.cli", *args]
+
+
+def engine_env(**extra: str) -> dict:
+    """The environment of a child `engine` process: this repository first on PYTHONPATH, no inherited WORLD_SIZE
+    (a plain `engine train` must not think it is one of several ranks), plus `extra`."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_ok(argv: list[str], cwd: Path, timeout: float = 150, **env: str) -> subprocess.CompletedProcess:
+    """Run `argv` in `cwd` (created) with `engine_env(**env)`; fails the test with both streams unless it exits 0."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(argv, cwd=cwd, env=engine_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(argv)}\nexit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def write_image(path: Path, size: tuple[int, int] = (12, 10), mode: str = "RGB", seed: int = 0,
+                pixels: np.ndarray | None = None, **save) -> bytes:
+    """An image at `path` (folders created; the format from the suffix unless `save` names one); returns its bytes.
+
+    The pixels are `pixels` (an H×W×3 uint8 array) when given, else random ones of `size` (w, h) from `seed`;
+    they are converted to PIL `mode` before saving. `save` goes to `Image.save` (format=, quality=, ...).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if pixels is None:
+        pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path, **save)
+    return path.read_bytes()
+
 
 def write_jpeg(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0, quality: int = 90) -> bytes:
     """A random-pixel JPEG of `size` (w, h) in PIL `mode` at `path` (folders created); returns its bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(arr).convert(mode).save(path, format="JPEG", quality=quality)
-    return path.read_bytes()
+    return write_image(path, size, mode, seed, format="JPEG", quality=quality)
 
 
 def model_config(arch: str, method: str = "eo_uc", pretrained: str = "") -> Config:

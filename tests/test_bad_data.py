@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import write_jpeg
 
 from pipelines.check import (
     find_bad_images,
@@ -26,9 +26,7 @@ SIZE, MEAN, STD = 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 def _jpeg(path: Path, seed: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (48, 56, 3), dtype=np.uint8)).save(path, quality=90)
+    write_jpeg(path, (56, 48), seed=seed)
     return path
 
 

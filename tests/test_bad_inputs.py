@@ -15,20 +15,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny
-from PIL import Image
+from helpers import write_image
 
 import engine.train as train_mod
 from engine.cli import main
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory, digits_cache):
-    """Paths the cases refer to: a tiny trained checkpoint, a re-scaled one, bad files of every kind."""
+def ctx(tmp_path_factory, digits_cache, trained):
+    """Paths the cases refer to: the shared tiny trained checkpoint, a re-scaled one, bad files of every kind."""
     base = tmp_path_factory.mktemp("bad")
-    run = base / "run"
-    assert main(["train", "--out", str(run), *tiny(digits_cache), "method=ce", "epochs=1",
-                 "eval.diagnostics=false"]) == 0
+    run = trained
     ckpt = run / "last.pt"
     rescaled = base / "rescaled.pt"
     assert main(["rescale", "--checkpoint", str(ckpt), "--gamma", "0.5", "--save", str(rescaled)]) == 0
@@ -56,9 +53,8 @@ def ctx(tmp_path_factory, digits_cache):
         (base / name).write_text(text)
     data = base / "data"  # a 3-class split_files folder with one bad split file per problem
     for c in range(3):
-        (data / f"c{c}").mkdir(parents=True)
         for i in range(3):
-            Image.new("RGB", (12, 10), (80 * c, 30 * i, 0)).save(data / f"c{c}" / f"{i}.jpg")
+            write_image(data / f"c{c}" / f"{i}.jpg", seed=10 * c + i)
     good = "".join(f"c{c}/{i}.jpg {c}\n" for c in range(3) for i in range(3))
     splits = {"train.txt": good, "noLabel.txt": "c0/0.jpg 0\nc0/1.jpg\n", "bigLabel.txt": good + "c0/2.jpg 7\n",
               "textLabel.txt": "c0/0.jpg zero\n", "emptyClass.txt": "c0/0.jpg 0\nc2/0.jpg 2\n",
@@ -265,6 +261,10 @@ CASES = {
                                       lambda c: str(c.base)),
     "data-check-no-root": ("data check", lambda c: ["data", "check", str(c.data / "train.txt")], "--root"),
     "data-no-subcommand": ("data", lambda c: ["data"], "check"),
+    # --- engine status
+    "status-no-run-dir": ("status", lambda c: ["status"], "RUN_DIR"),
+    "status-not-a-run-folder": ("status", lambda c: ["status", str(c.data)], lambda c: str(c.data)),
+    "status-file-not-folder": ("status", lambda c: ["status", str(c.file)], lambda c: str(c.file)),
     # --- the command itself
     "unknown-command": ("", lambda c: ["fly"], "'fly'"),
     "no-command": ("", lambda c: [], "command"),
@@ -291,9 +291,28 @@ def test_bad_input_is_one_clear_line(name, ctx, capsys, monkeypatch):
     assert not out  # a failed command prints no result
 
 
-def test_the_battery_covers_the_issue():
-    """The count the issue's tally refers to (it asked for ~70 bad inputs)."""
-    assert len(CASES) >= 70
+class _Paths:
+    """A stand-in for `ctx`: every attribute is a distinct path, enough to build each case's argv."""
+
+    def __getattr__(self, name: str) -> Path:
+        return Path("/ctx") / name
+
+
+def test_every_command_has_cases_and_each_case_runs_the_command_it_names():
+    """Every `engine` command and `engine data check` has bad-input cases, and each case's argv starts with the
+    command whose error prefix it expects (a case filed under the wrong command would test nothing it claims)."""
+    from engine.cli import COMMANDS
+
+    named = {cmd for cmd, _, _ in CASES.values()}
+    missing = (set(COMMANDS) | {"data check", ""}) - named
+    assert not missing, f"no bad-input case for: {sorted(missing)}"
+    for name, (cmd, argv, needle) in CASES.items():
+        words = argv(_Paths())
+        if cmd:
+            assert words[:len(cmd.split())] == cmd.split(), f"{name}: filed under {cmd!r}, runs {words[:2]}"
+        else:
+            assert not words or words[0] not in COMMANDS, f"{name}: filed under no command, runs {words[0]!r}"
+        assert needle(_Paths()) if callable(needle) else needle, f"{name}: empty text to look for"
 
 
 

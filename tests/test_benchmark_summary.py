@@ -85,6 +85,7 @@ def test_summary_to_stdout_and_empty_dir(tmp_path):
     assert done.returncode == 0 and "No benchmark runs" in done.stdout
 
 
+@pytest.mark.slow  # --record imports torch, triton and DALI in a child
 def test_record_writes_a_run_the_summary_reads(tmp_path):
     """--record with the probe JSON given: no GPU, no measurement; then the summary renders it."""
     probe = {"schema": "lt-engine/device-limits/1", "source": "native", "device": {"name": "cpu"},

@@ -1,23 +1,17 @@
 """Wen center update under DDP: both exchanges give every rank the single-process centers (gloo, 2 ranks)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from engine.distributed import exchange_bytes, global_class_sums
 from kernels import class_feature_sums, wen_center_update
 
 K, D, B = 40, 5, 6  # per-rank batch B; rank 1 has a short last batch (B - 2 rows)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_data(rank: int):
@@ -26,33 +20,40 @@ def _rank_data(rank: int):
     return torch.randn(rows, D, generator=g, dtype=torch.float64), torch.randint(0, K, (rows,), generator=g)
 
 
-def _worker(rank: int, port: int, rows_per_rank: int, out_dir: str):
+CASES = {"gather": B, "reduce": 400}  # exchange → the rows_per_rank that makes it the cheaper one
+
+
+def _worker(rank: int, port: int, out_dir: str):
+    """One gloo group for both exchanges (one spawn: the processes cost more than the exchanges)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         feats, labels = _rank_data(rank)
-        sums, counts = global_class_sums(feats, labels, K, class_feature_sums, rows_per_rank)
-        centers = torch.zeros(K, D, dtype=torch.float64)
-        wen_center_update(centers, sums, counts, 0.5)
-        torch.save({"sums": sums, "counts": counts, "centers": centers}, f"{out_dir}/rank{rank}.pt")
+        for strategy, rows_per_rank in CASES.items():
+            sums, counts = global_class_sums(feats, labels, K, class_feature_sums, rows_per_rank)
+            centers = torch.zeros(K, D, dtype=torch.float64)
+            wen_center_update(centers, sums, counts, 0.5)
+            torch.save({"sums": sums, "counts": counts, "centers": centers}, f"{out_dir}/{strategy}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("rows_per_rank,strategy", [(B, "gather"), (400, "reduce")])
-def test_both_exchanges_give_identical_centers_on_every_rank(tmp_path, rows_per_rank, strategy):
-    cost = exchange_bytes(rows_per_rank, D, K, 2, 8)
-    assert min(cost, key=cost.get) == strategy  # the test reaches the path it names
-    mp.spawn(_worker, args=(_free_port(), rows_per_rank, str(tmp_path)), nprocs=2)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+@pytest.mark.slow  # two spawned gloo ranks
+def test_both_exchanges_give_identical_centers_on_every_rank(tmp_path):
+    for strategy, rows_per_rank in CASES.items():
+        cost = exchange_bytes(rows_per_rank, D, K, 2, 8)
+        assert min(cost, key=cost.get) == strategy  # the test reaches the path it names
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     feats, labels = (torch.cat(t) for t in zip(_rank_data(0), _rank_data(1)))
     sums, counts = class_feature_sums(feats, labels, K)
     centers = torch.zeros(K, D, dtype=torch.float64)
     wen_center_update(centers, sums, counts, 0.5)
-    for key in ("sums", "counts", "centers"):
-        assert torch.equal(r0[key], r1[key]), key  # bit-identical across ranks
-    torch.testing.assert_close(r0["centers"], centers.to(r0["centers"].dtype), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(r0["counts"], counts.to(r0["counts"].dtype))
+    for strategy in CASES:
+        r0, r1 = (torch.load(tmp_path / f"{strategy}-rank{r}.pt") for r in (0, 1))
+        for key in ("sums", "counts", "centers"):
+            assert torch.equal(r0[key], r1[key]), (strategy, key)  # bit-identical across ranks
+        torch.testing.assert_close(r0["centers"], centers.to(r0["centers"].dtype), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r0["counts"], counts.to(r0["counts"].dtype))
 
 
 def test_bytes_exchanged_at_imagenet_and_inaturalist_scale():

@@ -10,21 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny
-from PIL import Image
+from helpers import tiny, write_image
 
 from engine.checkpoint import load_checkpoint
 from engine.cli import main
 from engine.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, digits_cache):
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(["train", "--out", str(out), *tiny(digits_cache), "method=ce"]) == 0
-    return out
 
 
 @pytest.mark.slow
@@ -83,11 +75,13 @@ def test_rescale_gamma_and_sweep(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_changed_config(trained, capsys):
+def test_resume_refuses_a_changed_config(trained_copy, capsys):
     args = [a for a in tiny("x") if not a.startswith("data.cache_dir")]
-    cache = load_config(None, trained / "config.yaml").data.cache_dir
-    assert main(["train", "--out", str(trained), "--resume", f"data.cache_dir={cache}", *args, "method=eo"]) == 2
+    cache = load_config(None, trained_copy / "config.yaml").data.cache_dir
+    before = (trained_copy / "last.pt").read_bytes()
+    assert main(["train", "--out", str(trained_copy), "--resume", f"data.cache_dir={cache}", *args, "method=eo"]) == 2
     assert "config differs" in capsys.readouterr().err
+    assert (trained_copy / "last.pt").read_bytes() == before
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -124,9 +118,8 @@ def split_root(tmp_path):
     """A 3-class image folder with train/val/test split files in the ImageNet-LT format."""
     root = tmp_path / "data"
     for c in range(3):
-        (root / f"c{c}").mkdir(parents=True)
         for i in range(4):
-            Image.new("RGB", (12, 10), (80 * c, 20 * i, 0)).save(root / f"c{c}" / f"{i}.jpg")
+            write_image(root / f"c{c}" / f"{i}.jpg", seed=10 * c + i)
     rows = "".join(f"c{c}/{i}.jpg {c}\n" for c in range(3) for i in range(4))
     for name in ("train", "val", "test"):
         (root / f"{name}.txt").write_text(rows)
@@ -206,9 +199,11 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, digits_
 
 
 @pytest.mark.slow
-def test_existing_run_folder_is_not_overwritten(trained, digits_cache, capsys):
-    assert main(["train", "--out", str(trained), *tiny(digits_cache)]) == 1
+def test_existing_run_folder_is_not_overwritten(trained_copy, digits_cache, capsys):
+    before = {p.name: p.read_bytes() for p in trained_copy.iterdir() if p.is_file()}
+    assert main(["train", "--out", str(trained_copy), *tiny(digits_cache)]) == 1
     assert "already holds files" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in trained_copy.iterdir() if p.is_file()} == before
 
 
 def test_bad_checkpoint(tmp_path, capsys):
@@ -241,6 +236,7 @@ def test_readme_test_command_is_what_ci_runs():
     assert test_cmd in ci, f"README test command not found verbatim in .ci/run:\n{test_cmd}"
 
 
+@pytest.mark.slow  # a child process importing torch
 def test_engine_entry_point_runs():
     exe = Path(sys.executable).parent / "engine"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "engine.cli"]
@@ -260,6 +256,6 @@ def test_data_check_finds_every_problem(split_root, capsys):
     assert "c1/0.jpg" in text and "c2/1.jpg" in text and "nine" in text
     assert main(["data", "check", str(split_root / "val.txt"), "--root", str(split_root)]) == 1  # c1/0.jpg corrupt there too
     (split_root / "c1" / "0.jpg").unlink()
-    Image.new("RGB", (5, 5)).save(split_root / "c1" / "0.jpg")
-    Image.new("RGB", (5, 5)).save(split_root / "c2" / "1.jpg")
+    write_image(split_root / "c1" / "0.jpg", (5, 5))
+    write_image(split_root / "c2" / "1.jpg", (5, 5))
     assert main(["data", "check", str(split_root / "train.txt"), "--root", str(split_root)]) == 0

@@ -24,7 +24,7 @@ from pathlib import Path
 import helpers
 import pytest
 import torch
-from helpers import write_jpeg
+from helpers import free_port, write_jpeg
 
 import engine.train as train_mod
 from engine.cli import main
@@ -182,12 +182,6 @@ def _args(root: Path) -> list[str]:
             f"data.num_workers={WORKERS}", "data.loader=torchvision"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cluster(tmp_path: Path) -> dict:
     """Stub srun (drops its own options, runs the rest) and scontrol (records, answers `show hostnames`) on PATH;
     one node with 2 CPU ranks."""
@@ -201,7 +195,7 @@ def _cluster(tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     return {**env, "PATH": f"{bin_dir}:{env['PATH']}", "PYTHONPATH": str(REPO), "ENGINE_PYTHON": sys.executable,
             "RUN_DIR": str(tmp_path / "run"), "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "localhost",
-            "SLURM_NNODES": "1", "GPUS_PER_NODE": "2", "PORT": str(_free_port())}
+            "SLURM_NNODES": "1", "GPUS_PER_NODE": "2", "PORT": str(free_port())}
 
 
 def _job(tmp_path: Path, root: Path) -> subprocess.Popen:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_image
 from PIL import Image
 
 from pipelines.samplers import ClassAwareSampler, InstanceSampler
@@ -38,7 +39,7 @@ def _write_set(folder: Path, n: int = 24, num_classes: int = 3) -> SplitIndex:
     for i in range(n):
         h, w = 37 + (i * 7) % 30, 40 + (i * 11) % 45  # varied sizes, shorter side ≥ 37
         p = folder / f"{i:03d}.jpg"
-        Image.fromarray(_smooth_image(h, w, i)).convert(modes[i % 4]).save(p, format="JPEG", quality=95)
+        write_image(p, mode=modes[i % 4], pixels=_smooth_image(h, w, i), format="JPEG", quality=95)
         paths.append(p)
         labels.append(i % num_classes)
     return SplitIndex(folder / "split.txt", paths, np.asarray(labels, dtype=np.int64), num_classes)
@@ -114,7 +115,7 @@ def test_eval_center_crop_normalization_matches_numpy(index, tmp_path):
     # Shorter side == resize size (37), so the resize is the identity and the center crop is exact.
     h, w = 37, 61
     pixels = _smooth_image(h, w, seed=123)
-    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=95)
+    write_image(tmp_path / "a.jpg", pixels=pixels, quality=95)
     decoded = np.asarray(Image.open(tmp_path / "a.jpg").convert("RGB"), dtype=np.float64)
     single = SplitIndex(tmp_path / "s.txt", [tmp_path / "a.jpg"], np.array([2]), 3)
     (x, y), = list(_loader(single, batch_size=1, train=False, layout="NHWC"))

@@ -4,6 +4,7 @@ import logging
 
 import numpy as np
 import pytest
+from helpers import write_image
 from PIL import Image
 
 from pipelines.digits_lt import build_digits_lt
@@ -58,7 +59,7 @@ def test_digits_lt_too_many_requested(digits_cache):
 @pytest.fixture
 def image_root(tmp_path):
     for i in range(3):
-        Image.new("RGB", (4, 4), (i * 40, 0, 0)).save(tmp_path / f"img{i}.png")
+        write_image(tmp_path / f"img{i}.png", (4, 4), seed=i)
     return tmp_path
 
 

@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import write_jpeg
-from PIL import Image
+from helpers import write_image, write_jpeg
 
 from pipelines.check import check_split, format_check_report
 from pipelines.splits import DataError
@@ -24,9 +23,8 @@ def test_check_finds_every_problem(tmp_path):
     for i in range(3):
         write_jpeg(tmp_path / f"c1/{i}.jpg", (12, 30), seed=100 + i)
         rows.append(f"c1/{i}.jpg 1")
-    (tmp_path / "c3").mkdir()
     for i in range(101):
-        Image.new("L", (2, 2), i).save(tmp_path / f"c3/{i}.png")
+        write_image(tmp_path / f"c3/{i}.png", (2, 2), "L", seed=i)
         rows.append(f"c3/{i}.png 3")
     # Broken files, each a different way:
     good = (tmp_path / "c0/0.jpg").read_bytes()

@@ -4,7 +4,6 @@ with key=value overrides."""
 
 import json
 import os
-import socket
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import model_config, tiny
+from helpers import free_port, model_config, tiny
 from torch.utils.data import DataLoader, TensorDataset
 
 import kernels
@@ -84,12 +83,6 @@ def test_class_tally_does_not_read_the_host_per_batch(monkeypatch):
     assert calls == [] and tally.counts.tolist() == [[1, 0, 1, 0, 0, 0], [1, 0, 2, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_tally(rank, port, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -104,11 +97,12 @@ def _rank_tally(rank, port, queue):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes, each importing torch
 def test_two_gloo_ranks_reduce_to_the_single_process_report():
     model, loader = _model_and_loader()
     single = E.evaluate_loader(model, loader, torch.device("cpu"), COUNTS, 20, 5)
     ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
+    queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_rank_tally, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()

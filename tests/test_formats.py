@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_jpeg
+from helpers import write_image, write_jpeg
 from PIL import Image
 
 from pipelines.formats import build_cifar_lt, load_cifar_pickles, read_image_folder, read_inat, read_index
@@ -89,7 +89,7 @@ def test_image_folder_sorted_classes_and_extensions(tmp_path):
     write_jpeg(tmp_path / "zebra" / "1.jpg", (30, 20))
     write_jpeg(tmp_path / "zebra" / "0.JPEG", (20, 30), "L")
     write_jpeg(tmp_path / "ant" / "sub" / "x.jpeg", (16, 16), "CMYK")
-    Image.new("RGB", (9, 9)).save(tmp_path / "ant" / "y.png")
+    write_image(tmp_path / "ant" / "y.png", (9, 9))
     (tmp_path / "ant" / "notes.txt").write_text("not an image")
     (tmp_path / "bee").mkdir()  # a class folder with no image: an empty class
     index, names = read_image_folder(tmp_path)

@@ -561,6 +561,7 @@ def test_head_flags_define_the_op_schemas():
     assert (HeadFlags.of(tf32=True).tf32, HeadFlags.of(tf32=False).tf32) == (1, 0)
 
 
+@pytest.mark.slow  # a torch.compile (Dynamo + Inductor) build
 def test_torch_compile_fullgraph():
     f, w, c, b, y = _small()
 

@@ -33,6 +33,11 @@ import kernels  # noqa: E402
 from kernels import aot  # noqa: E402
 from kernels import head_plan as hp  # noqa: E402
 
+# Every test here is an ahead-of-time test (`-m aot` runs them alone); those that compile are also `slow`
+# (seconds per specialization on CPU), so the quick loop `-m "not slow"` keeps only the flag check.
+pytestmark = pytest.mark.aot
+compiles = pytest.mark.slow
+
 FULL = os.environ.get("LT_AOT_FULL", "0") == "1"
 ARCHS = (90, 80)
 SHAPES_FULL = list(itertools.product((256, 512), (512, 2048), (1000, 8142, 131072)))  # (B, d, K)
@@ -114,6 +119,7 @@ def test_engine_methods_reach_the_fused_op():
     assert sets["ce_bias"][1] and not sets["ce"][1]
 
 
+@compiles
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("dtype", list(aot.DTYPES))
 def test_every_specialization_compiles_fits_and_uses_tensor_cores(dtype, arch):
@@ -137,6 +143,7 @@ def test_every_specialization_compiles_fits_and_uses_tensor_cores(dtype, arch):
     assert not problems, "\n".join(problems)
 
 
+@compiles
 def test_default_amp_bf16_runs_all_gemms_on_bf16_tensor_cores():
     """The engine's default CUDA configuration (eo_uc, AMP bf16): every GEMM on bf16 operands."""
     flags, bias = engine_flag_sets(0.0)["eo_uc"]
@@ -148,6 +155,7 @@ def test_default_amp_bf16_runs_all_gemms_on_bf16_tensor_cores():
             assert compiled.mma == ("wgmma" if arch >= 90 else "mma"), (launch.name, arch)
 
 
+@compiles
 def test_debug_label_assert_compiles():
     """flags.debug compiles tl.device_assert into the logits kernel (no spill either)."""
     flags = hp.HeadFlags(1.0, 1.0, True, 0.0, False, debug=True)
@@ -157,6 +165,7 @@ def test_debug_label_assert_compiles():
     assert c.spill_stores == 0 and c.mma == "wgmma"
 
 
+@compiles
 def test_detector_sees_spills_and_missing_tensor_cores():
     """The checks can fail: an oversized IEEE tile spills, and IEEE fp32 has no tensor-core instruction."""
     flags = hp.HeadFlags(1.0, 1.0, True, 0.0, False)

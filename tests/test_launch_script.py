@@ -101,6 +101,7 @@ def test_a_signal_to_the_batch_shell_is_forwarded_and_waited_for(tmp_path, sig):
     assert calls.index("step-stopped") < calls.index("engine.cli status") < calls.index("scontrol requeue 4242")
 
 
+@pytest.mark.slow  # a real `engine status` child process (imports torch)
 def test_the_real_engine_status_drives_the_requeue(tmp_path):
     """ENGINE_PYTHON is the real python: `engine status` reads the status.json the step left."""
     status = {"state": "preempted", "time": "2026-01-01T00:00:00Z", "pid": 1, "host": "gpu-node-1", "epoch": 1,

@@ -27,14 +27,7 @@ def _common(cache) -> list[str]:
             "data.loader=torchvision", "run.log_every=1"]
 
 
-def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _engine(*args: str) -> list[str]:
-    return [sys.executable, "-m", "engine.cli", *args]
+_env, _engine = helpers.engine_env, helpers.engine_argv
 
 
 def _start(out: Path, *args: str, own_group: bool = False) -> subprocess.Popen:

@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny
 
 from engine import posthoc as C
 from engine.checkpoint import load_checkpoint
@@ -72,13 +71,6 @@ def test_config_key_rescale_counts():
                                "data.train_split=a.txt", "data.val_split=b.txt"])
     with pytest.raises(ConfigError, match="rescale.in_loop=false"):
         load_config(overrides=["rescale.counts=profile", "method=wvn", "rescale.in_loop=true", "rescale.gamma=0.3"])
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, digits_cache):
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(["train", "--out", str(out), *tiny(digits_cache), "method=ce"]) == 0
-    return out
 
 
 def test_engine_rescale_and_calibrate_with_profile_counts(trained, tmp_path, capsys):

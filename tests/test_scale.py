@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import helpers
 import numpy as np
 import pytest
 import torch
-from helpers import model_config
+from helpers import engine_argv, engine_env, free_port, model_config, run_ok
 
 from engine.cli import main
 from engine.config import available_presets, load_config
@@ -35,29 +34,6 @@ RUN_FILES = {"config.yaml", "metrics.jsonl", "last.pt", "metrics.json", "curves.
 def tiny(cache) -> list[str]:
     """helpers.tiny (ResNet-8, 16 px, small Digits-LT: 118 training images) on CPU with eo_uc."""
     return [*helpers.tiny(cache), "run.device=cpu", "method=eo_uc"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("WORLD_SIZE", None)  # a plain `engine train` must not think it is one of several ranks
-    return env
-
-
-def _run(args: list[str], cwd: Path, timeout: float = 150) -> subprocess.CompletedProcess:
-    cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(args)}\nexit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
-
-
-def _engine(*args: str) -> list[str]:
-    return [sys.executable, "-m", "engine.cli", *args]
 
 
 def _log(run: Path) -> list[dict]:
@@ -84,14 +60,14 @@ def test_two_gloo_ranks_equal_one_process_with_two_micro_batches(tmp_path, digit
     """
     common = [*tiny(digits_cache), "optim.batch_size=16", "data.crop_padding=0", "data.hflip=false", "run.threads=1"]
     one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
-    _run(_engine("train", "--out", str(one), *common, "optim.grad_accum=2"), tmp_path / "one")
+    run_ok(engine_argv("train", "--out", str(one), *common, "optim.grad_accum=2"), tmp_path / "one")
 
-    env_port = str(_free_port())
+    env_port = str(free_port())
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "engine.cli", "train", "--out", str(two), *common, "optim.grad_accum=1"]
     cwd = tmp_path / "two"
     cwd.mkdir()
-    proc = subprocess.run(args, cwd=cwd, env={**_env(), "MASTER_PORT": env_port}, capture_output=True, text=True,
+    proc = subprocess.run(args, cwd=cwd, env=engine_env(MASTER_PORT=env_port), capture_output=True, text=True,
                           timeout=150)
     assert proc.returncode == 0, f"torchrun exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
 
@@ -141,9 +117,9 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise(tmp_path, digits_cache):
     was never interrupted (augmentation on: random crops draw from the restored global RNG)."""
     common = [*tiny(digits_cache), "optim.batch_size=8", "run.checkpoint_every=1", "run.threads=1"]
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    _run(_engine("train", "--out", str(ref), *common), tmp_path)
+    run_ok(engine_argv("train", "--out", str(ref), *common), tmp_path)
 
-    proc = subprocess.Popen(_engine("train", "--out", str(out), *common), cwd=tmp_path, env=_env(),
+    proc = subprocess.Popen(engine_argv("train", "--out", str(out), *common), cwd=tmp_path, env=engine_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     try:
@@ -171,7 +147,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise(tmp_path, digits_cache):
     state = _ckpt(out)
     assert state["epoch"] == 0 and 0 < state["position"] < 14, (state["epoch"], state["position"])  # 14 steps/epoch
     assert state["epoch_seen"] == 8 * state["position"]
-    _run(_engine("train", "--resume", "--out", str(out), *common), tmp_path)
+    run_ok(engine_argv("train", "--resume", "--out", str(out), *common), tmp_path)
 
     ref_log, out_log = _log(ref), _log(out)
     assert [r["epoch"] for r in out_log] == [1, 2]  # no line lost or doubled
@@ -204,7 +180,7 @@ def test_batch_size_must_split_into_ranks_and_micro_batches(tmp_path, digits_cac
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "engine.cli", "train", "--out", str(out), *tiny(digits_cache), "optim.batch_size=18",
             "optim.grad_accum=2"]
-    proc = subprocess.run(args, cwd=tmp_path, env={**_env(), "MASTER_PORT": str(_free_port())}, capture_output=True,
+    proc = subprocess.run(args, cwd=tmp_path, env=engine_env(MASTER_PORT=str(free_port())), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("optim.batch_size=18 must divide into 2 ranks × 2 micro-batches") == 2, proc.stderr
@@ -214,6 +190,7 @@ def test_batch_size_must_split_into_ranks_and_micro_batches(tmp_path, digits_cac
 # --------------------------------------------------------------------------- compile + channels-last + bf16
 
 
+@pytest.mark.slow  # a torch.compile (Dynamo + Inductor) build
 def test_compiled_channels_last_bf16_step_matches_eager_fp32():
     """One forward + loss + backward of ResNet-8 + EO+UC head: eager fp32 vs torch.compile of the
     channels-last model under CPU bf16 autocast (what run.compile/channels_last/amp=bf16 do).
@@ -315,7 +292,7 @@ def test_sigterm_to_one_rank_stops_both_and_resumes_on_one_process(tmp_path, dig
     out = tmp_path / "run"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "engine.cli", "train", "--out", str(out), *common]
-    proc = subprocess.Popen(args, cwd=tmp_path, env={**_env(), "MASTER_PORT": str(_free_port())},
+    proc = subprocess.Popen(args, cwd=tmp_path, env=engine_env(MASTER_PORT=str(free_port())),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 150
@@ -332,7 +309,7 @@ def test_sigterm_to_one_rank_stops_both_and_resumes_on_one_process(tmp_path, dig
     assert state["epoch"] == 0 and state["position"] >= 2 and len(state["rng"]) == 2
     assert "stopped by a signal on another rank" in (out / "train.log").read_text()
 
-    resumed = _run(_engine("train", "--out", str(out), "--resume", "auto", *common), tmp_path)
+    resumed = run_ok(engine_argv("train", "--out", str(out), "--resume", "auto", *common), tmp_path)
     assert "resuming a checkpoint of 2 ranks on 1" in resumed.stderr
     log = _log(out)
     assert [r["epoch"] for r in log] == [1, 2] and log[-1]["step"] == 14

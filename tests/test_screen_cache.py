@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import engine_env, free_port, write_image
 
 import pipelines.check as check
 from pipelines.screen_cache import CACHE_NAME, FORMAT, ScreenCache, screen_once
@@ -26,8 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _jpeg(path: Path, seed: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(path)
+    write_image(path, seed=seed)
     return path
 
 
@@ -243,11 +241,7 @@ def test_two_gloo_ranks_only_rank_0_opens_images(tmp_path):
         rows = [f"{p.relative_to(root)} {lab}" for p, lab in zip(index.paths, index.labels)]
         index.split_file.write_text("\n".join(rows) + "\n")
     (tmp_path / "worker.py").write_text(textwrap.dedent(WORKER))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
+    env = engine_env(MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     over = ["data.format=split_files", f"data.root={root}", "data.train_split=train.txt", "data.val_split=val.txt",
             "data.verify_images=on", "data.on_bad_image=skip", "data.max_bad_images=0.5", "run.progress=false"]
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

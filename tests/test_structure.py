@@ -117,6 +117,7 @@ def test_library_does_not_import_the_applications():
     assert not any(leaks.values()), leaks
 
 
+@pytest.mark.slow  # a child importing every module
 def test_every_module_imports_alone_and_training_loads_no_matplotlib():
     code = ("import importlib, sys\n"
             "import engine.train\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import write_image
 
 from pipelines.formats import (
     CifarUnpickler,
@@ -120,8 +120,7 @@ def test_garbage_cifar_file_is_one_clear_error(tmp_path):
 
 # ---- paths that leave data.root ------------------------------------------------------------------------
 def _image(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (4, 4)).save(path)
+    write_image(path, (4, 4))
     return path
 
 
