@@ -296,3 +296,31 @@ def test_run_lock_dies_with_its_holder_not_with_its_forked_children(tmp_path):
         if holder.poll() is None:
             holder.kill()
         holder.stdout.close()
+
+
+@pytest.mark.parametrize("failure", ["diverging loss", "bad image"])
+def test_a_failed_run_with_loader_workers_exits(tmp_path, digits_cache, failure):
+    """Workers ignore SIGTERM, which multiprocessing's exit hook uses to end them: a run that fails mid-epoch
+    (in the main process, or in a worker that meets a bad image) must still exit (1, or 2 for the data error), leaving no process behind."""
+    args = _common(digits_cache)
+    if failure == "diverging loss":
+        args.append("run.max_loss=1e-6")
+    else:  # a copy of the cache with one training PNG cut short: found by a worker mid-epoch
+        from engine.config import load_config
+        from engine.data import load_data
+
+        cache = tmp_path / "cache"
+        args = [a.replace(str(digits_cache), str(cache)) for a in args] + ["data.on_bad_image=fail"]
+        load_data(load_config(overrides=args))  # writes the cache
+        for victim in sorted(cache.rglob("*.png"))[::4]:
+            victim.write_bytes(victim.read_bytes()[:60])
+    proc = subprocess.Popen(_engine("train", "--out", str(tmp_path / "run"), *args), env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"a run that failed ({failure}) with loader workers did not exit")
+    assert proc.returncode == (1 if failure == "diverging loss" else 2), err  # a bad image is a data error (2)
+    assert ("diverging" if failure == "diverging loss" else "image file is truncated") in err, err
+    assert not _session_pids(proc.pid), "loader workers outlived their run"
