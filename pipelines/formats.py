@@ -84,6 +84,34 @@ def read_inat(
     json_file, root = Path(json_file), Path(root)
     if not root.is_dir():
         raise DataError(f"image root {root} does not exist or is not a folder")
+    doc = _load_coco_json(json_file)
+    category_ids, file_of, label_by_image = _inat_labels(json_file, doc, category_ids)
+    unlabeled = [iid for iid in file_of if iid not in label_by_image]
+    if unlabeled:
+        raise DataError(
+            f"{json_file}: {len(unlabeled)} of {len(file_of)} images have no annotation "
+            f"(e.g. image_id {unlabeled[:5]}); a training/validation json needs one per image"
+        )
+    if not file_of:
+        raise DataError(f"{json_file} lists no images")
+    ids = [i for i in file_of if image_path(root, file_of[i]) not in exclude]  # the json's image order
+    if not ids:
+        raise DataError(f"{json_file}: all {len(file_of)} images are excluded by data.exclude_file")
+    if not allow_outside_root:
+        for n, i in enumerate(file_of):
+            if (escaped := outside_root(root, file_of[i])) is not None:
+                raise DataError(
+                    f"{json_file}: images[{n}] file_name {file_of[i]!r} resolves to {escaped}, outside the image "
+                    f"root {root}; expected a path under the root (set data.allow_outside_root=true to allow it)"
+                )
+    paths = [root / file_of[i] for i in ids]
+    _check_exist(json_file, paths)
+    labels = np.array([label_by_image[i] for i in ids], dtype=np.int64)
+    return SplitIndex(json_file, paths, labels, len(category_ids)), list(category_ids)
+
+
+def _load_coco_json(json_file: Path) -> dict:
+    """The json object of an iNaturalist-style file, with its 'images' and 'annotations' lists present."""
     try:
         doc = json.loads(json_file.read_text())
     except OSError as exc:
@@ -95,6 +123,12 @@ def read_inat(
     absent = [k for k in ("images", "annotations") if k not in doc]
     if absent:
         raise DataError(f"{json_file}: missing key(s) {absent}; expected COCO-style 'images', 'annotations', 'categories'")
+    return doc
+
+
+def _inat_labels(json_file: Path, doc: dict, category_ids: Sequence[int] | None) -> tuple[list[int], dict, dict]:
+    """(category ids, {image id: file name}, {image id: label}) of a COCO-style document: one annotation
+    per image, every category among `category_ids` (default: the document's own, sorted)."""
     try:
         if category_ids is None:
             if "categories" not in doc:
@@ -123,28 +157,7 @@ def read_inat(
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{json_file}: malformed COCO-style entry ({type(exc).__name__}: {exc})") from None
-    unlabeled = [iid for iid in file_of if iid not in label_by_image]
-    if unlabeled:
-        raise DataError(
-            f"{json_file}: {len(unlabeled)} of {len(file_of)} images have no annotation "
-            f"(e.g. image_id {unlabeled[:5]}); a training/validation json needs one per image"
-        )
-    if not file_of:
-        raise DataError(f"{json_file} lists no images")
-    ids = [i for i in file_of if image_path(root, file_of[i]) not in exclude]  # the json's image order
-    if not ids:
-        raise DataError(f"{json_file}: all {len(file_of)} images are excluded by data.exclude_file")
-    if not allow_outside_root:
-        for n, i in enumerate(file_of):
-            if (escaped := outside_root(root, file_of[i])) is not None:
-                raise DataError(
-                    f"{json_file}: images[{n}] file_name {file_of[i]!r} resolves to {escaped}, outside the image "
-                    f"root {root}; expected a path under the root (set data.allow_outside_root=true to allow it)"
-                )
-    paths = [root / file_of[i] for i in ids]
-    _check_exist(json_file, paths)
-    labels = np.array([label_by_image[i] for i in ids], dtype=np.int64)
-    return SplitIndex(json_file, paths, labels, len(category_ids)), list(category_ids)
+    return list(category_ids), file_of, label_by_image
 
 
 # ---- image folder -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Bad images (issues 12.1, 15.5): checked before training, skipped and listed during it, excluded on request;
-loader-level bitwise resume with workers (issue 12.3)."""
+loader-level bitwise resume with workers."""
 
 from __future__ import annotations
 
@@ -213,7 +213,7 @@ def test_default_digits_run_checks_nothing(tmp_path):
     assert data.bad_images == []
 
 
-# ---- loader-level bitwise resume with workers (issue 12.3) ---------------------------------------------
+# ---- loader-level bitwise resume with workers ---------------------------------------------
 def _train_loader(index, num_workers, start=0, epoch=1):
     sampler = InstanceSampler(index.labels, index.num_classes, seed=5)
     sampler.set_epoch(epoch)
@@ -248,7 +248,7 @@ def test_num_workers_0_keeps_the_global_rng_stream(tmp_path):
     assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
 
 
-# ---- engine data check: --decode, --bad-list, duplicates, leakage, conflicting labels (issue 12.1) ---------
+# ---- engine data check: --decode, --bad-list, duplicates, leakage, conflicting labels ---------
 def _split_root(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     for i in range(6):

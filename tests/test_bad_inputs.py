@@ -1,5 +1,5 @@
 """Every bad input a user can give any command: one `engine <cmd>: error: …` line naming the key, flag or
-file, exit code 2, no traceback, nothing left behind (issue 15, "one error path").
+file, exit code 2, no traceback, nothing left behind.
 
 Most cases fail while the arguments or the config are parsed; the few that need a trained checkpoint
 share one tiny run (trained once for the module). Each case is (command as named in the error line,

@@ -182,7 +182,9 @@ def test_end_of_run_evaluates_test_once_and_reuses_the_last_val(end_of_run):
 
 
 @pytest.mark.slow
-def test_progress_bars_on_every_evaluation_pass(tmp_path, digits_cache, capsys):
+def test_progress_bars_on_every_evaluation_pass(tmp_path, digits_cache, capsys, monkeypatch):
+    # Captured stderr is not a terminal: progress comes as plain lines (pipelines/progress.py), one per update here.
+    monkeypatch.setattr("pipelines.progress.LINE_INTERVAL_S", 0.0)
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), *tiny(digits_cache), "epochs=1", "run.progress=true",
                  "eval.diagnostics=pass"]) == 0

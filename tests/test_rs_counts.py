@@ -1,4 +1,4 @@
-"""RS counts: `rescale.counts = observed | profile` (issue 14).
+"""RS counts: `rescale.counts = observed | profile`.
 
 `profile` is the official AdjustBnd4Imbalance code's convention (cifar.py, --evaluate): it
 re-scales by n_i = img_max·(1/IF)^(i/(C−1)) un-rounded, class i = label i, so the factor

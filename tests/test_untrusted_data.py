@@ -1,4 +1,4 @@
-"""Untrusted data never runs code (issue 15.1): CIFAR pickles, split paths that leave data.root."""
+"""Untrusted data never runs code: CIFAR pickles, split paths that leave data.root."""
 
 from __future__ import annotations
 
