@@ -301,7 +301,8 @@ def test_run_lock_dies_with_its_holder_not_with_its_forked_children(tmp_path):
 @pytest.mark.parametrize("failure", ["diverging loss", "bad image"])
 def test_a_failed_run_with_loader_workers_exits(tmp_path, digits_cache, failure):
     """Workers ignore SIGTERM, which multiprocessing's exit hook uses to end them: a run that fails mid-epoch
-    (in the main process, or in a worker that meets a bad image) must still exit (1, or 2 for the data error), leaving no process behind."""
+    (in the main process, or in a worker that meets a bad image) must still exit
+    (1, or 2 for the data error), leaving no process behind."""
     args = _common(digits_cache)
     if failure == "diverging loss":
         args.append("run.max_loss=1e-6")
