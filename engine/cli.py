@@ -9,6 +9,7 @@
     engine calibrate --checkpoint PATH --method {rs,tau_norm,logit_adjust,crt,lws} [--sweep A:B:S] [--epochs N]
     engine compare RUN... [--out DIR]
     engine study [--out docs/study] [--seeds 0,1,2] [--ratios 10,50,100] [--profiles exp,step] [key=value ...]
+    engine study --suite baselines [--out docs/baselines] [--splits exp-if50,...] [--methods ce,...] [key=value ...]
     engine status RUN_DIR [--json]                      (exit 0 finished, 75 preempted, 1 failed/dead, 3 running)
 
 Each command parses its arguments and calls one function; what it prints is the command's output
@@ -31,7 +32,9 @@ from pathlib import Path
 from common.errors import ConfigError, EngineError, StorageError
 from common.io import check_folder
 from engine.config import DEFAULT_PRESET, RS_COUNTS, available_presets, load_config
+from engine.experiments.study_design import BASELINE_SPLITS
 from engine.experiments.study_design import PRESETS as STUDY_PRESETS
+from engine.experiments.study_design import SUITES as STUDY_SUITES
 from engine.logs import launch_rank, setup_logging
 from engine.posthoc import CALIBRATIONS, SWEEPS, inclusive_range
 
@@ -144,11 +147,19 @@ def _add_experiments(sub) -> None:
     s.add_argument("--jobs", type=int, default=1, help="training processes in parallel")
     s.add_argument("overrides", nargs="*", help="dotted.key=value applied to every run")
 
-    st = sub.add_parser("study", help="the papers' ablation study (all methods × ratios × profiles × seeds) + claims check")
-    st.add_argument("--out", default="docs/study", help="study folder (runs under OUT/runs are re-used; default docs/study)")
+    st = sub.add_parser("study", help="the papers' ablation study + claims check (--suite ablation), or every "
+                        "baseline tuned on val against EO+UC (--suite baselines)")
+    st.add_argument("--suite", default="ablation", choices=STUDY_SUITES,
+                    help="ablation: the papers' methods × ratios × profiles; baselines: every method's grid × splits")
+    st.add_argument("--out", default=None, help="study folder (runs under OUT/runs are re-used; default "
+                    "docs/study, docs/baselines for --suite baselines)")
     st.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    st.add_argument("--ratios", default="10,50,100", help="comma-separated imbalance ratios")
-    st.add_argument("--profiles", default="exp,step", help="comma-separated imbalance profiles (exp, step)")
+    st.add_argument("--ratios", default=None, help="ablation: comma-separated imbalance ratios (default 10,50,100)")
+    st.add_argument("--profiles", default=None, help="ablation: comma-separated imbalance profiles (default exp,step)")
+    st.add_argument("--splits", default=None, help="baselines: comma-separated PROFILE-ifRATIO "
+                    "(default exp-if50,exp-if100,step-if10)")
+    st.add_argument("--methods", default=None, help="baselines: comma-separated table rows (default: all; a post-hoc "
+                    "row trains its base method too)")
     st.add_argument("--epochs", type=int, default=None, help="training epochs per run (default: the study's recipe)")
     st.add_argument("--arch", default=None, help="model.arch (default: the study's recipe)")
     st.add_argument("--image-size", type=int, default=None, help="data.image_size (default: the study's recipe)")
@@ -345,13 +356,9 @@ def _cmd_compare(args) -> list[str]:
 
 
 def _cmd_study(args) -> list[str]:
-    from engine.experiments import study, study_design
+    from engine.experiments import study_design
 
-    seeds, out = _seeds(args.seeds), _out_dir(args.out)
-    try:
-        ratios = [float(v) for v in args.ratios.split(",")]
-    except ValueError:
-        raise ConfigError(f"--ratios expects comma-separated numbers, got {args.ratios!r}") from None
+    seeds = _seeds(args.seeds)
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be ≥ 1, got {args.jobs}")
     if args.format != "digits_lt" and not args.root:
@@ -359,16 +366,53 @@ def _cmd_study(args) -> list[str]:
     epochs = study_design.DEFAULT_EPOCHS if args.epochs is None else args.epochs
     arch = args.arch or study_design.DEFAULT_ARCH
     size = study_design.DEFAULT_IMAGE_SIZE[args.format] if args.image_size is None else args.image_size
-    words = ["engine", "study", "--out", args.out, "--seeds", args.seeds, "--ratios", args.ratios, "--profiles",
-             args.profiles, "--epochs", str(epochs), "--arch", arch, "--image-size", str(size)]
+    recipe = ["--epochs", str(epochs), "--arch", arch, "--image-size", str(size)]
     if args.format != "digits_lt":
-        words += ["--format", args.format, "--root", args.root]
+        recipe += ["--format", args.format, "--root", args.root]
     if args.jobs != 1:
-        words += ["--jobs", str(args.jobs)]
-    summary = study.run_study(args.out, seeds, ratios, args.profiles.split(","), epochs, arch, size, args.overrides,
+        recipe += ["--jobs", str(args.jobs)]
+    run = _study_baselines if args.suite == "baselines" else _study_ablation
+    return run(args, seeds, epochs, arch, size, recipe)
+
+
+def _refuse_flags(args, flags: tuple[str, ...]) -> None:
+    given = [f"--{f}" for f in flags if getattr(args, f) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not an option of --suite {args.suite}")
+
+
+def _study_ablation(args, seeds, epochs, arch, size, recipe) -> list[str]:
+    from engine.experiments import study
+
+    _refuse_flags(args, ("splits", "methods"))
+    out_text, ratios_text = args.out or "docs/study", args.ratios or "10,50,100"
+    profiles = args.profiles or "exp,step"
+    out = _out_dir(out_text)
+    try:
+        ratios = [float(v) for v in ratios_text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--ratios expects comma-separated numbers, got {ratios_text!r}") from None
+    words = ["engine", "study", "--out", out_text, "--seeds", args.seeds, "--ratios", ratios_text, "--profiles",
+             profiles, *recipe]
+    summary = study.run_study(out_text, seeds, ratios, profiles.split(","), epochs, arch, size, args.overrides,
                               args.format, args.root, args.jobs,
                               " ".join(shlex.quote(w) for w in [*words, *args.overrides]))
     return study.summary_lines(summary, out)
+
+
+def _study_baselines(args, seeds, epochs, arch, size, recipe) -> list[str]:
+    from engine.experiments import study_baselines
+
+    _refuse_flags(args, ("ratios", "profiles"))
+    out_text, splits = args.out or "docs/baselines", args.splits or ",".join(BASELINE_SPLITS)
+    out = _out_dir(out_text)
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    words = ["engine", "study", "--suite", "baselines", "--out", out_text, "--seeds", args.seeds, "--splits", splits,
+             *([] if methods is None else ["--methods", ",".join(methods)]), *recipe]
+    summary = study_baselines.run_baselines(out_text, seeds, study_baselines.parse_splits(splits), methods, epochs,
+                                            arch, size, args.overrides, args.format, args.root, args.jobs,
+                                            " ".join(shlex.quote(w) for w in [*words, *args.overrides]))
+    return study_baselines.summary_lines(summary, out)
 
 
 def _split_path(split: str, root: str) -> str:

@@ -67,7 +67,7 @@ from engine.experiments.study_design import (
     TRAINED,
 )
 from engine.experiments.study_report import markdown, plot_rs_curves
-from engine.posthoc import PARAM_NAME, SWEEPS, default_values
+from engine.posthoc import PARAM_NAME, RETRAIN, SWEEPS, default_values
 from engine.render import mean_std
 
 logger = logging.getLogger(__name__)
@@ -137,9 +137,10 @@ def _slim(report: dict) -> dict:
 
 
 def calibrate_checkpoint(run_dir: Path, methods: list[str], seed: int) -> dict:
-    """engine.posthoc's sweeps / cRT on one checkpoint, features collected once; cached in the run folder."""
+    """engine.posthoc's sweeps / cRT / LWS on one checkpoint, features collected once; cached in the run folder."""
+    retrain = any(m in RETRAIN for m in methods)  # cRT / LWS: trained on the training split's features
     params = {"methods": methods, "grids": {m: default_values(m) for m in methods if m in SWEEPS},
-              "crt": CRT if "crt" in methods else None, "seed": seed}
+              "crt": CRT if retrain else None, "seed": seed}
     cache = run_dir / "study_posthoc.json"
     if cache.is_file():
         cached = json.loads(cache.read_text())
@@ -150,7 +151,7 @@ def calibrate_checkpoint(run_dir: Path, methods: list[str], seed: int) -> dict:
     from engine.runs import load_run, split_features
 
     run = load_run(run_dir / "last.pt")
-    feats = split_features(run, ("val", "test", "train") if "crt" in methods else ("val", "test"))
+    feats = split_features(run, ("val", "test", "train") if retrain else ("val", "test"))
     results = {}
     for method in methods:
         res = calibrate(run, method, params["grids"].get(method), CRT["epochs"], CRT["lr"], CRT["batch_size"], seed,
