@@ -40,6 +40,7 @@ def _load(out):
     return json.loads((out / "baselines.json").read_text())
 
 
+@pytest.mark.slow  # trains 5 tiny runs (a few seconds)
 def test_table_has_every_row_with_its_val_choice_and_the_paired_difference(tiny_suite):
     out, _ = tiny_suite
     summary = _load(out)
@@ -81,6 +82,7 @@ def test_table_has_every_row_with_its_val_choice_and_the_paired_difference(tiny_
     assert "Wall time of this invocation: " in md and "(5 runs: 5 trained, 0 re-used;" in md
 
 
+@pytest.mark.slow  # trains 5 tiny runs (a few seconds)
 def test_second_call_reuses_finished_runs_and_resumes_a_killed_one(tiny_suite, tiny_grids, monkeypatch):
     out, args = tiny_suite
     metrics = sorted((out / "runs").glob("*/*/*/seed*/metrics.json"))
