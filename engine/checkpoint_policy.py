@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from common.errors import CheckpointError, EngineError, TrainingError
+from common.errors import CheckpointError, TrainingError
 from engine.checkpoint import all_finite, check_fits, nonfinite_tensors, save_checkpoint
-from engine.config import Config, config_diff, config_from_dict, format_diff, resume_changes, to_dict
+from engine.config import Config, config_diff, format_diff, resume_changes, to_dict, with_current_keys
 from engine.diagnostics import restore_class_sums, saved_class_sums
 from engine.distributed import all_gather_objects
 from engine.run_folder import kept_checkpoint
@@ -100,10 +100,7 @@ def _link(src: Path, dst: Path) -> None:
 
 def check_resume_config(saved_config: dict, cfg: Config, path: Path) -> None:
     """Refuse a resume whose config changes keys a resume may not change; warn about the accepted changes."""
-    try:
-        saved = to_dict(config_from_dict(saved_config))  # keys added since it was written take their defaults
-    except EngineError:
-        saved = saved_config
+    saved = with_current_keys(saved_config)
     accepted, refused = resume_changes(saved, cfg)
     if refused:
         diff = config_diff(saved, to_dict(cfg))

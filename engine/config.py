@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from common.errors import ConfigError
+from common.errors import ConfigError, EngineError
 from engine.archs import ARCH_NAMES
 from engine.config_rules import (
     ABSENT,
@@ -305,9 +305,19 @@ def changeable_keys(on: str) -> list[str]:
     return changeable(Config, on)
 
 
+def with_current_keys(saved: dict) -> dict:
+    """A saved config tree (config.yaml, a checkpoint's) in today's keys: a key added since it was written
+    takes its default, the behaviour the run had. A tree that is not valid today is returned as it is,
+    so the comparison that follows names its keys."""
+    try:
+        return to_dict(config_from_dict(saved))
+    except EngineError:
+        return saved
+
+
 def reuse_differences(saved: dict, cfg: Config) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (saved value, requested value)} that stop a sweep re-using a finished run."""
-    return config_diff(reuse_comparable(Config, saved), reuse_comparable(Config, to_dict(cfg)))
+    return config_diff(reuse_comparable(Config, with_current_keys(saved)), reuse_comparable(Config, to_dict(cfg)))
 
 
 def key_table() -> str:

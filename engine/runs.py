@@ -14,7 +14,7 @@ import torch
 
 from common.errors import CheckpointError, ConfigError
 from engine.checkpoint import check_fits, load_checkpoint
-from engine.config import Config, changeable_keys, config_from_dict, eval_changes
+from engine.config import Config, changeable_keys, config_from_dict, eval_changes, with_current_keys
 from engine.data import Data, load_data, make_loaders, train_features_loader
 from engine.device import resolve_device
 from engine.distributed import DistInfo
@@ -77,7 +77,7 @@ def load_run(checkpoint: str | Path, overrides: Sequence[str] = ()) -> LoadedRun
 def _with_overrides(saved: dict, overrides: Sequence[str], checkpoint: Path) -> Config:
     """The checkpoint's config with `overrides` applied; refuses a key that would change the model."""
     cfg = config_from_dict(saved, overrides)  # unknown keys and bad values: ConfigError naming the key
-    _, refused = eval_changes(saved, cfg)
+    _, refused = eval_changes(with_current_keys(saved), cfg)
     if refused:
         raise ConfigError(
             f"{checkpoint}: override(s) of {', '.join(refused)} would change the trained model or its data; "

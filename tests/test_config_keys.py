@@ -16,6 +16,7 @@ from engine.config import (
     load_config,
     resume_changes,
     reuse_differences,
+    with_current_keys,
     to_dict,
 )
 
@@ -71,6 +72,16 @@ def test_sweep_reuse_ignores_only_the_keys_declared_so():
     assert reuse_differences(saved, load_config(overrides=["run.threads=3", "run.progress=false"])) == {}
     lr = saved["optim"]["lr"]
     assert reuse_differences(saved, load_config(overrides=["run.threads=3", "optim.lr=0.3"])) == {"optim.lr": (lr, 0.3)}
+
+
+def test_a_saved_config_written_before_a_key_existed_compares_with_that_key_at_its_default():
+    saved = to_dict(load_config())
+    del saved["loss"]["wvn_placement"]  # a run trained before the key was declared had the default's behaviour
+    assert reuse_differences(saved, load_config()) == {}
+    assert eval_changes(with_current_keys(saved), load_config(overrides=["eval.batch_size=7"])) == (
+        ["eval.batch_size"], [])
+    changed = load_config(overrides=["loss.wvn_placement=before_step"])
+    assert reuse_differences(saved, changed) == {"loss.wvn_placement": ("after_step", "before_step")}
 
 
 def test_print_config_notes_the_scaled_lr(capsys):
