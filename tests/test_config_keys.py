@@ -16,8 +16,8 @@ from engine.config import (
     load_config,
     resume_changes,
     reuse_differences,
-    with_current_keys,
     to_dict,
+    with_current_keys,
 )
 
 REPO = Path(__file__).resolve().parents[1]
