@@ -117,6 +117,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = key("resnet32_cifar", choices=ARCH_NAMES, help="engine/archs.py")
+    cifar_widths: list[int] = key([16, 32, 64], help="*_cifar archs: channels of the three stages (He et al.: "
+                                  "16, 32, 64); the last is the feature dimension")
     pretrained: str = key("", help="local torchvision/timm-style state_dict for the backbone (\"\" = random init)")
     sync_bn: str = key("off", choices=SYNC_BN,
                        help="BatchNorm statistics over all ranks under DDP: torch.nn.SyncBatchNorm or apex's")
@@ -378,6 +380,7 @@ def validate(cfg: Config) -> None:
     _check(e.few_threshold <= e.many_threshold + 1, "eval.few_threshold", e.few_threshold,
            f"≤ eval.many_threshold + 1 ({e.many_threshold + 1})")
     _validate_data(cfg.data)
+    _validate_model(cfg.model)
     _validate_loss(cfg)
     _validate_optim(cfg)
     _validate_rescale(cfg)
@@ -409,6 +412,14 @@ def _validate_data(d: DataConfig) -> None:
     if d.format in ("split_files", "inat", "image_folder"):
         for name in ("train_split", "val_split"):
             _check(bool(getattr(d, name)), f"data.{name}", getattr(d, name), f"a split path (data.format={d.format})")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _check(len(m.cifar_widths) == 3 and all(w >= 1 for w in m.cifar_widths), "model.cifar_widths", m.cifar_widths,
+           "three channel counts ≥ 1 (one per stage)")
+    if not m.arch.endswith("_cifar"):
+        _check(m.cifar_widths == [16, 32, 64], "model.cifar_widths", m.cifar_widths,
+               f"the default [16, 32, 64]: model.arch={m.arch} is not a CIFAR ResNet")
 
 
 def _validate_loss(cfg: Config) -> None:

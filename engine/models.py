@@ -33,7 +33,8 @@ from engine.methods import LossConfig
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32×32 inputs; `forward` returns the pooled 64-d feature vector."""
+    """ResNet-(6n+2) for 32×32 inputs (He et al. 2016, §4.2); `forward` returns the pooled feature vector,
+    of dimension widths[-1] (64 with the paper's widths)."""
 
     def __init__(self, blocks_per_stage: int, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
         super().__init__()
@@ -71,17 +72,20 @@ def _imagenet_backbone(net: tv.ResNet) -> tv.ResNet:
 
 
 # The builder of each name in engine/archs.py (the config checks model.arch against those names, torch-free).
-ARCHS: dict[str, Callable[[], nn.Module]] = {
-    "resnet8_cifar": lambda: CifarResNet(1),  # tiny: tests and quick studies
-    "resnet20_cifar": lambda: CifarResNet(3),
-    "resnet32_cifar": lambda: CifarResNet(5),  # the papers' CIFAR backbone
-    "resnet10": lambda: _imagenet_backbone(tv.ResNet(BasicBlock, [1, 1, 1, 1])),
-    "resnet50": lambda: _imagenet_backbone(tv.resnet50()),
-    "resnet152": lambda: _imagenet_backbone(tv.resnet152()),
-    "resnext50_32x4d": lambda: _imagenet_backbone(tv.resnext50_32x4d()),
-    "resnext101_32x4d": lambda: _imagenet_backbone(tv.ResNet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4)),
-    "resnext101_32x8d": lambda: _imagenet_backbone(tv.resnext101_32x8d()),
-    "resnext152_32x4d": lambda: _imagenet_backbone(tv.ResNet(Bottleneck, [3, 8, 36, 3], groups=32, width_per_group=4)),
+# Each builder takes `cfg.model` (only the CIFAR ResNets read a key of it: cifar_widths).
+ARCHS: dict[str, Callable[[Any], nn.Module]] = {
+    "resnet8_cifar": lambda m: CifarResNet(1, tuple(m.cifar_widths)),  # tiny: tests and quick studies
+    "resnet20_cifar": lambda m: CifarResNet(3, tuple(m.cifar_widths)),
+    "resnet32_cifar": lambda m: CifarResNet(5, tuple(m.cifar_widths)),  # the papers' CIFAR backbone
+    "resnet10": lambda m: _imagenet_backbone(tv.ResNet(BasicBlock, [1, 1, 1, 1])),
+    "resnet50": lambda m: _imagenet_backbone(tv.resnet50()),
+    "resnet152": lambda m: _imagenet_backbone(tv.resnet152()),
+    "resnext50_32x4d": lambda m: _imagenet_backbone(tv.resnext50_32x4d()),
+    "resnext101_32x4d": lambda m: _imagenet_backbone(
+        tv.ResNet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4)),
+    "resnext101_32x8d": lambda m: _imagenet_backbone(tv.resnext101_32x8d()),
+    "resnext152_32x4d": lambda m: _imagenet_backbone(
+        tv.ResNet(Bottleneck, [3, 8, 36, 3], groups=32, width_per_group=4)),
 }
 
 
@@ -159,7 +163,7 @@ def build_model(cfg: Any, class_counts: np.ndarray | list[int]) -> Classifier:
     arch = cfg.model.arch
     if arch not in ARCHS:
         raise ValueError(f"unknown model.arch {arch!r}; expected one of {', '.join(ARCHS)}")
-    backbone = ARCHS[arch]()
+    backbone = ARCHS[arch](cfg.model)
     if cfg.model.pretrained:
         load_backbone_weights(backbone, cfg.model.pretrained)
     counts = np.asarray(class_counts)
