@@ -10,6 +10,7 @@
     engine compare RUN... [--out DIR]
     engine study [--out docs/study] [--seeds 0,1,2] [--ratios 10,50,100] [--profiles exp,step] [key=value ...]
     engine study --suite baselines [--out docs/baselines] [--splits exp-if50,...] [--methods ce,...] [key=value ...]
+    engine study --suite order [--out docs/order] [--seeds 0,1,2] [key=value ...]
     engine status RUN_DIR [--json]                      (exit 0 finished, 75 preempted, 1 failed/dead, 3 running)
 
 Each command parses its arguments and calls one function; what it prints is the command's output
@@ -148,11 +149,13 @@ def _add_experiments(sub) -> None:
     s.add_argument("overrides", nargs="*", help="dotted.key=value applied to every run")
 
     st = sub.add_parser("study", help="the papers' ablation study + claims check (--suite ablation), or every "
-                        "baseline tuned on val against EO+UC (--suite baselines)")
+                        "baseline tuned on val against EO+UC (--suite baselines), or the ablation order across "
+                        "scale (--suite order)")
     st.add_argument("--suite", default="ablation", choices=STUDY_SUITES,
-                    help="ablation: the papers' methods × ratios × profiles; baselines: every method's grid × splits")
+                    help="ablation: the papers' methods × ratios × profiles; baselines: every method's grid × splits; "
+                    "order: ce / eo / uc_only / eo_uc along depth, width, feature dim, data size, IF, λ1")
     st.add_argument("--out", default=None, help="study folder (runs under OUT/runs are re-used; default "
-                    "docs/study, docs/baselines for --suite baselines)")
+                    "docs/study, docs/baselines or docs/order for those suites)")
     st.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     st.add_argument("--ratios", default=None, help="ablation: comma-separated imbalance ratios (default 10,50,100)")
     st.add_argument("--profiles", default=None, help="ablation: comma-separated imbalance profiles (default exp,step)")
@@ -371,7 +374,7 @@ def _cmd_study(args) -> list[str]:
         recipe += ["--format", args.format, "--root", args.root]
     if args.jobs != 1:
         recipe += ["--jobs", str(args.jobs)]
-    run = _study_baselines if args.suite == "baselines" else _study_ablation
+    run = {"ablation": _study_ablation, "baselines": _study_baselines, "order": _study_order}[args.suite]
     return run(args, seeds, epochs, arch, size, recipe)
 
 
@@ -413,6 +416,22 @@ def _study_baselines(args, seeds, epochs, arch, size, recipe) -> list[str]:
                                             arch, size, args.overrides, args.format, args.root, args.jobs,
                                             " ".join(shlex.quote(w) for w in [*words, *args.overrides]))
     return study_baselines.summary_lines(summary, out)
+
+
+def _study_order(args, seeds, epochs, arch, size, recipe) -> list[str]:
+    from engine.experiments import study_order
+
+    _refuse_flags(args, ("ratios", "profiles", "splits", "methods", "arch"))
+    if args.format != "digits_lt":
+        raise ConfigError(f"--format {args.format}: --suite order runs on digits_lt (its data-size axis is "
+                          "Digits-LT's n_max)")
+    out_text = args.out or "docs/order"
+    out = _out_dir(out_text)
+    words = ["engine", "study", "--suite", "order", "--out", out_text, "--seeds", args.seeds, "--epochs", str(epochs),
+             "--image-size", str(size), *(["--jobs", str(args.jobs)] if args.jobs != 1 else [])]
+    summary = study_order.run_order(out_text, seeds, epochs, size, args.overrides, args.jobs,
+                                    " ".join(shlex.quote(w) for w in [*words, *args.overrides]))
+    return study_order.summary_lines(summary, out)
 
 
 def _split_path(split: str, root: str) -> str:

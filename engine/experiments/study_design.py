@@ -39,7 +39,7 @@ GRID_KEYS = ("method", "seed", "data.imbalance_ratio", "data.imbalance_profile",
 
 # --------------------------------------------------------------------------- `engine study --suite baselines`
 
-SUITES = ("ablation", "baselines")
+SUITES = ("ablation", "baselines", "order")
 # The baselines table's trained methods (engine.methods.METHODS; ce_bias is the ablation's, not a baseline).
 BASELINE_TRAINED = ("ce", "focal", "sigmoid_focal", "cb_ce", "cb_focal", "cb_softmax_focal", "ldam_drw",
                     "balanced_softmax", "logit_adjusted", "wvn", "eo", "uc_only", "eo_uc")
@@ -83,3 +83,22 @@ BASELINE_LABELS = {
 EO_FAMILY = ("eo", "uc_only", "eo_uc")  # not baselines: EO+UC is compared with the best of the others
 OURS = "eo_uc"
 BASELINE_SPLITS = ("exp-if50", "exp-if100", "step-if10")
+
+# --------------------------------------------------------------------------- `engine study --suite order`
+
+# The ablation order (EO Table 3: EO+UC > EO > UC only > CE) across scale. One factor moves at a time from
+# the recipe's point (ORDER_BASE on top of the study recipe); every level trains every ORDER_METHOD per seed.
+ORDER_METHODS = ("ce", "eo", "uc_only", "eo_uc")
+PAPER_ORDER = ("eo_uc", "eo", "uc_only", "ce")  # EO paper Table 3, best first
+ORDER_BASE = {"data.imbalance_profile": "exp", "data.imbalance_ratio": 50.0, "data.n_max": 100,
+              "model.arch": DEFAULT_ARCH, "model.cifar_widths": [16, 32, 64], "loss.lambda_center": 0.01}
+# axis → (config key, levels); the recipe's level is one of them. Digits-LT has ≈ 108 training images per
+# class, so n_max stops at 100; at IF 50 the rarest class keeps ⌊n_max / 50⌋ images.
+ORDER_AXES: dict[str, tuple[str, tuple]] = {
+    "depth": ("model.arch", ("resnet8_cifar", "resnet20_cifar", "resnet32_cifar")),
+    "width": ("model.cifar_widths", ([8, 16, 32], [16, 32, 64], [32, 64, 128])),
+    "feature dim": ("model.cifar_widths", ([16, 32, 16], [16, 32, 64], [16, 32, 256])),
+    "data size": ("data.n_max", (50, 75, 100)),
+    "imbalance": ("data.imbalance_ratio", (10.0, 50.0, 100.0)),
+    "λ1": ("loss.lambda_center", (0.001, 0.01, 0.1, 1.0)),
+}
