@@ -9,7 +9,7 @@ from helpers import tiny
 
 import engine.train as train_mod
 from engine.cli import main
-from engine.experiments import study_baselines, study_design
+from engine.experiments import study_baselines, study_baselines_report, study_design
 from engine.experiments.study_baselines_report import chosen_text
 
 ROWS = ["ce", "logit_adjusted", "eo_uc", "ce_rs", "lws"]
@@ -128,6 +128,21 @@ def test_best_baseline_is_chosen_on_val_not_test():
     assert cmp["best_baseline"] == "focal"  # best val; ce has the better test, eo is EO+UC's own family
     assert cmp["top1"]["diffs"] == [5.0, 5.0] and cmp["few"] is None
     assert study_baselines.compare_with_best({k: rows[k] for k in ("ce", "focal")}, [0, 1]) is None
+
+
+def test_few_shot_comparison_takes_the_baseline_best_on_val_few_and_the_verdict_reads_the_interval():
+    def row(val_all, val_few, few):
+        return {"val": {"top1": {"mean": val_all}, "few": None if val_few is None else {"mean": val_few}},
+                "runs": [{"seed": s, "test": {"top1": 50.0, "few": few + s}} for s in (0, 1, 2)]}
+    rows = {"ce": row(80, 10, 10), "cb_ce": row(70, 40, 30), "wvn": row(75, None, 0), "eo_uc": row(75, 30, 35)}
+    cmp = study_baselines.compare_with_best(rows, [0, 1, 2], "few")
+    assert cmp["best_baseline"] == "cb_ce" and cmp["chosen_by"] == "mean val few"
+    assert cmp["few"]["diffs"] == [5.0, 5.0, 5.0]
+    assert study_baselines.compare_with_best(rows, [0, 1, 2])["best_baseline"] == "ce"
+    verdict = study_baselines_report.verdict
+    assert [verdict({"ci95": ci}) for ci in ([0.5, 2.0], [-2.0, -0.1], [-1.0, 1.0], None)] == [
+        "ahead", "behind", "level", "n/a"]
+    assert verdict(None) == "n/a"
 
 
 def test_splits_methods_and_grids():

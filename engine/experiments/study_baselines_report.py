@@ -59,6 +59,25 @@ def diff_text(d: dict | None) -> str:
     return f"{d['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
+def verdict(diff: dict | None) -> str:
+    """"ahead" / "behind" when the 95% interval of EO+UC − baseline excludes 0, else "level"; "n/a" without one."""
+    if diff is None or diff["ci95"] is None:
+        return "n/a"
+    lo, hi = diff["ci95"]
+    return "ahead" if lo > 0 else "behind" if hi < 0 else "level"
+
+
+def comparison_cells(st: dict) -> list[str]:
+    """EO+UC − the best baseline by val top-1 on all, and − the best by val few-shot on few: text and verdict."""
+    cells = []
+    for group, key in (("all", "ours_vs_best"), ("few", "ours_vs_best_few")):
+        cmp = st.get(key)
+        diff = None if cmp is None else cmp["top1" if group == "all" else "few"]
+        name = "–" if cmp is None else BASELINE_LABELS[cmp["best_baseline"]]
+        cells.append(f"{group}: EO+UC − {name} {diff_text(diff)} → {verdict(diff)}")
+    return cells
+
+
 def comparison_line(st: dict) -> str:
     cmp = st["ours_vs_best"]
     if cmp is None:
@@ -82,11 +101,19 @@ def markdown(summary: dict) -> str:
     lines = _header(summary) + ["", "## Many / medium / few / all per split", ""]
     for st in summary["settings"]:
         lines += _split_table(st)
-    summary_rows = [[st["name"], BASELINE_LABELS[c["best_baseline"]], diff_text(c["few"]), diff_text(c["top1"])]
-                    for st in summary["settings"] for c in [st["ours_vs_best"]] if c is not None]
-    if summary_rows:
-        lines += ["## EO+UC − best baseline (paired over seeds, test, 95% t CI)", "",
-                  markdown_table(["split", "best baseline (by val)", "few", "all"], summary_rows), ""]
+    summary_rows = []
+    for st in summary["settings"]:
+        row = [st["name"]]
+        for group, key in (("top1", "ours_vs_best"), ("few", "ours_vs_best_few")):
+            cmp = st.get(key)
+            diff = None if cmp is None else cmp[group]
+            row += ["–" if cmp is None else BASELINE_LABELS[cmp["best_baseline"]], diff_text(diff), verdict(diff)]
+        summary_rows.append(row)
+    lines += ["## EO+UC − best baseline (paired over seeds, test, 95% t CI)", "",
+              "Overall: against the baseline with the best mean val top-1; few-shot: against the baseline with the best "
+              "mean val few-shot accuracy. ahead / behind: the interval excludes 0; level: it does not.", "",
+              markdown_table(["split", "best baseline by val all", "EO+UC − it: all", "verdict",
+                              "best baseline by val few", "EO+UC − it: few", "verdict"], summary_rows), ""]
     lines += ["![many/few/all per method](baselines.png)", ""]
     return "\n".join(lines + _grids(summary))
 
