@@ -1,6 +1,6 @@
 """A trained run, loaded back: checkpoint → config → data (re-read and re-checked) → model.
 
-`load_run(checkpoint)` returns a `LoadedRun`; `split_features(run, splits)` runs the backbone
+`load_run(checkpoint)` returns a `LoadedRun`; `split_features(loaded, splits)` runs the backbone
 once per split so that every post-hoc variant of the head (engine/posthoc.py) re-uses it.
 """
 
@@ -51,7 +51,7 @@ def load_run(checkpoint: str | Path, overrides: Sequence[str] = ()) -> LoadedRun
     others are refused."""
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
-    saved = _legacy_config(state["config"])
+    saved = _with_current_keys(state["config"])
     try:
         cfg = config_from_dict(saved)
     except ValueError as exc:
@@ -86,21 +86,23 @@ def _with_overrides(saved: dict, overrides: Sequence[str], checkpoint: Path) -> 
     return cfg
 
 
-def _legacy_config(saved: dict) -> dict:
-    """A checkpoint's config in today's keys: eval.diagnostics was a boolean (true = the training pass)."""
+def _with_current_keys(saved: dict) -> dict:
+    """A checkpoint's config in the current keys: checkpoints of earlier releases hold eval.diagnostics as a
+    boolean, read here as "pass" (true: the training pass) or "off"."""
     diag = saved.get("eval", {}).get("diagnostics")
     if isinstance(diag, bool):
         saved = {**saved, "eval": {**saved["eval"], "diagnostics": "pass" if diag else "off"}}
     return saved
 
 
-def split_features(run: LoadedRun, splits=EVAL_SPLITS) -> dict[str, Features]:
+def split_features(loaded: LoadedRun, splits=EVAL_SPLITS) -> dict[str, Features]:
     """Backbone features of the named splits ("val", "test", and "train" without augmentation), on one
     process (post-hoc work re-uses them); a progress bar per split with run.progress."""
     loaders = {}
     if "val" in splits or "test" in splits:
-        _, loaders["val"], loaders["test"] = make_loaders(run.cfg, run.data, DistInfo(), run.device.type)
+        _, loaders["val"], loaders["test"] = make_loaders(loaded.cfg, loaded.data, DistInfo(), loaded.device.type)
     if "train" in splits:
-        loaders["train"] = train_features_loader(run.cfg, run.data, DistInfo())
-    return {s: collect_features(run.model, loaders[s], run.device, f"features {s}" if run.cfg.run.progress else None)
+        loaders["train"] = train_features_loader(loaded.cfg, loaded.data, DistInfo())
+    progress = loaded.cfg.run.progress
+    return {s: collect_features(loaded.model, loaders[s], loaded.device, f"features {s}" if progress else None)
             for s in splits}

@@ -1,4 +1,4 @@
-"""Bad images (issues 12.1, 15.5): checked before training, skipped and listed during it, excluded on request;
+"""Bad images: checked before training, skipped and listed during it, excluded on request;
 loader-level bitwise resume with workers."""
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def _ck(cmd, *args):
 
 # (error-line command, argv(ctx), text the line must name: str or callable(ctx))
 CASES = {
-    # --- the traceback list
+    # --- bad values that would otherwise end in a traceback
     "eval.batch_size=0": ("train", _train("eval.batch_size=0"), "eval.batch_size"),
     "run.threads=-1": ("train", _train("run.threads=-1"), "run.threads"),
     "seed=-1": ("train", _train("seed=-1"), "'seed'"),

@@ -34,7 +34,7 @@ def _model_and_loader(n=97, batch_size=16, seed=0):
 
 
 def _feature_path_report(model, loader):
-    """Today's evaluation: every feature collected, logits of the whole split, the numpy confusion matrix."""
+    """The feature-path reference: every feature collected, logits of the whole split, the numpy confusion matrix."""
     feats = E.collect_features(model, loader, torch.device("cpu"))
     with torch.no_grad():
         pred = model.head.logits(feats.features).argmax(dim=1).numpy()

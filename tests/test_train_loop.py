@@ -78,7 +78,7 @@ def test_loss_is_read_to_the_host_once_per_log_every_steps(tmp_path, digits_cach
 
 @pytest.mark.slow
 def test_nonfinite_bn_buffer_never_replaces_the_last_good_checkpoint(tmp_path, digits_cache, monkeypatch, capsys):
-    """A finite loss but an inf BatchNorm running_var (the issue's case): the checkpoint is refused.
+    """A finite loss but an inf BatchNorm running_var: the checkpoint is refused.
     (A NaN loss mid-run, caught on the device and read at the epoch's end, is tests/test_cli.py's
     test_nan_loss_names_the_step_and_keeps_the_last_checkpoint: epoch 1's verified-finite last.pt stays.)"""
     real_step, calls = train_mod.train_step, []

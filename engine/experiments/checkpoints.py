@@ -30,14 +30,15 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test",
     Nothing is written here (the command prints first, then `write_evaluation`).
 
     `overrides`: dotted key=value on top of the checkpoint's config (engine.runs.load_run says which)."""
-    run = load_run(checkpoint, overrides)
-    loaders = dict(zip(("val", "test"), make_loaders(run.cfg, run.data, DistInfo(), run.device.type)[1:]))
-    cfg = run.cfg
-    report = evaluate_loader(run.model, loaders[split], run.device, run.data.class_counts, cfg.eval.many_threshold,
-                             cfg.eval.few_threshold, desc=f"eval {split}" if cfg.run.progress else None)
-    result = {**report, "split": split, "checkpoint": str(checkpoint), "epoch": run.state["epoch"],
-              "overrides": list(overrides), "run_dir": str(run.run_dir)}
-    return result, [format_table({f"{split} ({run.cfg.method})": result})]
+    loaded = load_run(checkpoint, overrides)
+    loaders = dict(zip(("val", "test"), make_loaders(loaded.cfg, loaded.data, DistInfo(), loaded.device.type)[1:]))
+    cfg = loaded.cfg
+    report = evaluate_loader(loaded.model, loaders[split], loaded.device, loaded.data.class_counts,
+                             cfg.eval.many_threshold, cfg.eval.few_threshold,
+                             desc=f"eval {split}" if cfg.run.progress else None)
+    result = {**report, "split": split, "checkpoint": str(checkpoint), "epoch": loaded.state["epoch"],
+              "overrides": list(overrides), "run_dir": str(loaded.run_dir)}
+    return result, [format_table({f"{split} ({loaded.cfg.method})": result})]
 
 
 def write_evaluation(result: dict, out_dir: Path | None = None) -> list[str]:
@@ -50,38 +51,38 @@ def write_evaluation(result: dict, out_dir: Path | None = None) -> list[str]:
 def calibrate_checkpoint(checkpoint: str | Path, method: str, values: list[float] | None = None, epochs: int = 10,
                          lr: float = 0.1, batch_size: int = 128, seed: int = 0,
                          rs_count: str | None = None) -> tuple[LoadedRun, dict, list[str]]:
-    """`engine calibrate` (and `engine rescale`), the computing half: (run, result, lines to print).
+    """`engine calibrate` (and `engine rescale`), the computing half: (loaded run, result, lines to print).
 
     Nothing is written here: the command prints the lines first, then `write_calibration` writes the files,
     so a folder that cannot be written never costs the user the result."""
-    run = load_run(checkpoint)
-    result = calibrate(run, method, values, epochs, lr, batch_size, seed, rs_count=rs_count)
+    loaded = load_run(checkpoint)
+    result = calibrate(loaded, method, values, epochs, lr, batch_size, seed, rs_count=rs_count)
     result["checkpoint"] = str(checkpoint)
     name, chosen = result["parameter"], result["chosen"]
     lines = [format_table({"val  before": result["before"]["val"], "test before": result["before"]["test"],
                            f"val  {name}={chosen:g}": result["val"], f"test {name}={chosen:g}": result["test"]}),
              f"{method}: chosen {name} = {chosen:g} (best val top-1)"]
-    return run, result, lines
+    return loaded, result, lines
 
 
-def write_calibration(run: LoadedRun, result: dict, out_dir: Path | None = None,
+def write_calibration(loaded: LoadedRun, result: dict, out_dir: Path | None = None,
                       save: Path | None = None) -> list[str]:
     """calibrate_<method>.json and .png in `out_dir` (default: the checkpoint's folder); returns the lines naming them.
 
     `save` (RS with one γ): also write the checkpoint with the re-scaled classifier there (it records
     γ and the counts convention, and a later RS on it is refused)."""
-    out_dir = run.run_dir if out_dir is None else Path(out_dir)
+    out_dir = loaded.run_dir if out_dir is None else Path(out_dir)
     method, lines = result["method"], []
     out_json, out_png = out_dir / f"calibrate_{method}.json", out_dir / f"calibrate_{method}.png"
     write_json(out_json, result)
     plot_calibration(out_png, result)
     if save:
-        head = run.model.head
+        head = loaded.model.head
         with torch.no_grad():
-            counts = rs_counts(run.cfg, run.data.class_counts, result["counts"])
+            counts = rs_counts(loaded.cfg, loaded.data.class_counts, result["counts"])
             head.weight.copy_(rs_weight(head.weight.detach().float().cpu(), counts, result["chosen"]).to(head.weight))
-        save_checkpoint(Path(save), {**run.state, "model": run.model.state_dict(), "rescaled_gamma": result["chosen"],
-                                     "rescaled_counts": result["counts"]})
+        save_checkpoint(Path(save), {**loaded.state, "model": loaded.model.state_dict(),
+                                     "rescaled_gamma": result["chosen"], "rescaled_counts": result["counts"]})
         lines.append(f"re-scaled checkpoint: {save}")
     return [*lines, f"written: {out_json}, {out_png}"]
 

@@ -31,9 +31,9 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("holds" if ok else "fails")
 
 
-def _claim_a(runs: list[dict]) -> dict:
-    vals = [r["pearson_r"] for r in runs if r.get("pearson_r") is not None]
-    emp = [r["empirical_offset_r"] for r in runs if r.get("empirical_offset_r") is not None]
+def _claim_a(rows: list[dict]) -> dict:
+    vals = [row["pearson_r"] for row in rows if row.get("pearson_r") is not None]
+    emp = [row["empirical_offset_r"] for row in rows if row.get("empirical_offset_r") is not None]
     out = {"empirical_offset_mean_r": float(np.mean(emp)) if emp else None}  # supplementary, not the verdict
     if not vals:
         return {"verdict": "n/a", "mean_r": None, "runs": 0, **out}

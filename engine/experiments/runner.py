@@ -1,7 +1,7 @@
 """One runner for `engine sweep` and `engine study`: train every run not finished yet.
 
-A run is (Config, run folder). Before anything is trained, every run folder that already holds a run
-is compared with the config requested for it, up to the keys engine/config.py declares reuse_ignored=True
+A training spec is (Config, run folder). Before anything is trained, every run folder that already holds a
+run is compared with the config requested for it, up to the keys engine/config.py declares reuse_ignored=True
 (they do not change the numbers):
 
 * same config, finished (metrics.json present): re-used, not trained again;
@@ -42,7 +42,7 @@ def saved_config(run_dir: Path) -> dict | None:
     return saved if isinstance(saved, dict) else None
 
 
-def run_status(run_dir: Path, cfg: Config) -> str:
+def folder_state(run_dir: Path, cfg: Config) -> str:
     """"finished" | "unfinished" (resumable) | "new"; a folder holding a run of another config is refused."""
     finished, resumable = (run_dir / "metrics.json").is_file(), (run_dir / "last.pt").is_file()
     if not (finished or resumable):
@@ -65,7 +65,7 @@ def train_one(cfg_dict: dict, run_dir: str) -> tuple[str, float, float]:
 
     cfg = config_from_dict(cfg_dict)
     path = Path(run_dir)
-    resume = (path / "last.pt").is_file()  # run_status checked its config up front
+    resume = (path / "last.pt").is_file()  # folder_state checked its config up front
     threads = cfg.run.threads
     if resume:  # continue with the config it was trained with (equal to cfg up to its reuse_ignored keys)
         cfg = config_from_dict(saved_config(path))
@@ -93,7 +93,7 @@ def train_one(cfg_dict: dict, run_dir: str) -> tuple[str, float, float]:
 
 def train_seconds(run_dir: Path) -> float | None:
     """The training time `train_one` recorded for a run (None when it was trained otherwise)."""
-    for name in ("run_time.json", "study_time.json"):  # study_time.json: written by older versions
+    for name in ("run_time.json", "study_time.json"):  # study_time.json: the same record in run folders of earlier releases
         try:
             return json.loads((run_dir / name).read_text())["train_seconds"]
         except (OSError, ValueError, KeyError):
@@ -101,13 +101,14 @@ def train_seconds(run_dir: Path) -> float | None:
     return None
 
 
-def train_all(runs: dict[Hashable, tuple[Config, Path]], jobs: int = 1, name: str = "engine") -> dict:
-    """Train every run not finished yet; returns {"trained", "reused", "train_seconds"}."""
-    status = {k: run_status(run_dir, cfg) for k, (cfg, run_dir) in runs.items()}  # all checked before training
-    pending = [k for k in runs if status[k] != "finished"]
-    stats = {"trained": len(pending), "reused": len(runs) - len(pending), "train_seconds": 0.0,
+def train_all(specs: dict[Hashable, tuple[Config, Path]], jobs: int = 1, name: str = "engine") -> dict:
+    """Train every spec ({key: (Config, run folder)}) not finished yet;
+    returns {"trained", "reused", "resumed", "train_seconds"}."""
+    status = {k: folder_state(run_dir, cfg) for k, (cfg, run_dir) in specs.items()}  # all checked before training
+    pending = [k for k in specs if status[k] != "finished"]
+    stats = {"trained": len(pending), "reused": len(specs) - len(pending), "train_seconds": 0.0,
              "resumed": sum(s == "unfinished" for s in status.values())}
-    logger.info("%s: %d runs, %d finished already, %d to train (%d resumed)%s", name, len(runs), stats["reused"],
+    logger.info("%s: %d runs, %d finished already, %d to train (%d resumed)%s", name, len(specs), stats["reused"],
                 len(pending), stats["resumed"], f" ({jobs} processes)" if jobs > 1 and pending else "")
     t0 = time.perf_counter()
 
@@ -118,7 +119,7 @@ def train_all(runs: dict[Hashable, tuple[Config, Path]], jobs: int = 1, name: st
                     " ".join(map(str, key)) if isinstance(key, tuple) else key, top1, seconds, elapsed / 60,
                     elapsed / i * (len(pending) - i) / 60)
 
-    args = {k: (to_dict(runs[k][0]), str(runs[k][1])) for k in pending}
+    args = {k: (to_dict(specs[k][0]), str(specs[k][1])) for k in pending}
     if jobs <= 1:
         for i, key in enumerate(pending, 1):
             _, seconds, top1 = train_one(*args[key])

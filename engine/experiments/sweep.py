@@ -38,11 +38,11 @@ def point_name(point: dict[str, str]) -> str:
     return "_".join(f"{k.split('.')[-1]}-{v}" for k, v in point.items()) or "base"
 
 
-def aggregate(runs: list[dict]) -> dict:
-    """Test and val many/medium/few/all as mean ± std over the runs (metrics.json dicts)."""
+def aggregate(per_seed: list[dict]) -> dict:
+    """Test and val many/medium/few/all as mean ± std over the seeds (their metrics.json dicts)."""
     return {
-        "test": {g: mean_std([r[g] for r in runs]) for g in GROUPS},
-        "val": {g: mean_std([r["val"][g] for r in runs]) for g in GROUPS},
+        "test": {g: mean_std([r[g] for r in per_seed]) for g in GROUPS},
+        "val": {g: mean_std([r["val"][g] for r in per_seed]) for g in GROUPS},
     }
 
 
@@ -60,15 +60,15 @@ def run_sweep(out: Path, preset: str, grid: dict[str, list[str]], seeds: list[in
               select_by: str = "method", jobs: int = 1) -> dict:
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     # Resolve every config before training anything: a bad key fails the sweep up front.
-    runs = {}
+    specs = {}
     for point in points:
         for seed in seeds:
             ov = [*overrides, *(f"{k}={v}" for k, v in point.items()), f"seed={seed}", "run.progress=false"]
-            runs[(point_name(point), seed)] = (load_config(preset, None, ov), out / point_name(point) / f"seed{seed}")
-    train_all(runs, jobs, "engine sweep")
+            specs[(point_name(point), seed)] = (load_config(preset, None, ov), out / point_name(point) / f"seed{seed}")
+    train_all(specs, jobs, "engine sweep")
     results = []
     for point in points:
-        per_seed = [json.loads((runs[(point_name(point), s)][1] / "metrics.json").read_text()) for s in seeds]
+        per_seed = [json.loads((specs[(point_name(point), s)][1] / "metrics.json").read_text()) for s in seeds]
         results.append({"point": point, "name": point_name(point), **aggregate(per_seed)})
     chosen = choose(results, select_by)
     summary = {
