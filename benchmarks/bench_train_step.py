@@ -82,7 +82,7 @@ def _flops_per_image(model: torch.nn.Module, arch: str) -> int:
     return _FLOPS[arch]
 
 
-def _make_run(arch: str, mode: str, layout: str, dtype: str, tmp: Path) -> Trainer:
+def _make_trainer(arch: str, mode: str, layout: str, dtype: str, tmp: Path) -> Trainer:
     cfg = Config()
     cfg.method, cfg.model.arch, cfg.epochs = "eo_uc", arch, 90
     cfg.optim.batch_size, cfg.optim.lr = BATCH, 0.2
@@ -105,15 +105,15 @@ def test_train_step(benchmark, matmul_rates, tmp_path, arch, mode, layout, dtype
         pytest.skip("CPU smoke run: only ResNeXt-50 eager NCHW fp32 at 32 px, batch 4; the grid (batch 256 at "
                     "224 px, compile, channels-last, bf16) is a CUDA benchmark (CPU bf16 is 15-20× slower than fp32 "
                     "here and a cold inductor compile of a ResNeXt costs minutes)")
-    run = _make_run(arch, mode, layout, dtype, tmp_path)
-    flops = _flops_per_image(run.model, arch)
+    trainer = _make_trainer(arch, mode, layout, dtype, tmp_path)
+    flops = _flops_per_image(trainer.model, arch)
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, device=DEVICE, generator=g)
-    if run.speed.channels_last:
+    if trainer.speed.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (BATCH,), device=DEVICE, generator=g)
     def step():
-        loss = train_step(run, x, y)
+        loss = train_step(trainer, x, y)
         _sync()
         return loss
 
@@ -152,4 +152,4 @@ def test_train_step(benchmark, matmul_rates, tmp_path, arch, mode, layout, dtype
         peak_mem_bytes=peak if peak is not None else "n/a (CPU: no allocator statistics)",
     )
     assert torch.is_tensor(loss) and bool(torch.isfinite(loss))  # train_step returns the loss on the device
-    assert torch.isfinite(run.model.head.centers).all() and run.model.head.centers.abs().sum() > 0  # centers moved
+    assert torch.isfinite(trainer.model.head.centers).all() and trainer.model.head.centers.abs().sum() > 0  # centers moved
