@@ -206,7 +206,7 @@ def retrain_classifier(method: str, head: Head, feats: dict[str, Features], clas
 # --------------------------------------------------------------------------- one method on a loaded run
 
 
-def calibrate(run: LoadedRun, method: str, values: list[float] | None = None, epochs: int = 10, lr: float = 0.1,
+def calibrate(loaded: LoadedRun, method: str, values: list[float] | None = None, epochs: int = 10, lr: float = 0.1,
               batch_size: int = 128, seed: int = 0, feats: dict[str, Features] | None = None,
               rs_count: str | None = None) -> dict:
     """Run one calibration method on a loaded run (the model is left untouched); returns the result dict.
@@ -217,26 +217,26 @@ def calibrate(run: LoadedRun, method: str, values: list[float] | None = None, ep
         raise CalibrationError(f"unknown calibration method {method!r}; expected one of {', '.join(CALIBRATIONS)}")
     if rs_count is not None and method != "rs":
         raise CalibrationError(f"RS counts ({rs_count}) go with method rs, got method {method}")
-    if method in ("rs", "tau_norm", "lws", "crt") and run.state.get("rescaled_gamma") is not None:
-        raise CalibrationError(f"{run.checkpoint} already holds a classifier re-scaled with γ = "
-                               f"{run.state['rescaled_gamma']}; calibrate the original checkpoint instead")
-    counts, head, name = run.data.class_counts, run.model.head, PARAM_NAME[method]
+    if method in ("rs", "tau_norm", "lws", "crt") and loaded.state.get("rescaled_gamma") is not None:
+        raise CalibrationError(f"{loaded.checkpoint} already holds a classifier re-scaled with γ = "
+                               f"{loaded.state['rescaled_gamma']}; calibrate the original checkpoint instead")
+    counts, head, name = loaded.data.class_counts, loaded.model.head, PARAM_NAME[method]
     if feats is None:
-        feats = split_features(run, EVAL_SPLITS if method in SWEEPS else (*EVAL_SPLITS, "train"))
+        feats = split_features(loaded, EVAL_SPLITS if method in SWEEPS else (*EVAL_SPLITS, "train"))
     with torch.no_grad():
-        before = {s: run.report(head.logits(feats[s].features), feats[s].labels) for s in EVAL_SPLITS}
-    result: dict = {"method": method, "model_method": run.cfg.method, "parameter": name, "chosen_by": "val top1"}
+        before = {s: loaded.report(head.logits(feats[s].features), feats[s].labels) for s in EVAL_SPLITS}
+    result: dict = {"method": method, "model_method": loaded.cfg.method, "parameter": name, "chosen_by": "val top1"}
     if method in SWEEPS:
         values = default_values(method) if values is None else values
         if any(v < 0 for v in values):
             raise CalibrationError(f"{method}: parameter values must be ≥ 0, got {values}")
-        fn_counts = rs_counts(run.cfg, counts, rs_count) if method == "rs" else counts
+        fn_counts = rs_counts(loaded.cfg, counts, rs_count) if method == "rs" else counts
         rows, chosen = sweep(values, lambda f, v: calibrated_logits(method, head, f.features, v, fn_counts), feats,
-                             run.report, name)
+                             loaded.report, name)
         if method == "rs":
-            result["counts"] = rs_count or run.cfg.rescale.counts
+            result["counts"] = rs_count or loaded.cfg.rescale.counts
     else:
-        rows, chosen, state = retrain_classifier(method, head, feats, counts, run.report, epochs, lr, batch_size,
+        rows, chosen, state = retrain_classifier(method, head, feats, counts, loaded.report, epochs, lr, batch_size,
                                                  seed)
         result.update({"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
                        "sampler": "class_aware (on collected features; no data augmentation)",

@@ -132,11 +132,12 @@ def run_dir_of(out: Path, key: tuple[str, str, int]) -> Path:
 # --------------------------------------------------------------------------- post hoc
 
 
-def _slim(report: dict) -> dict:
+def by_group(report: dict) -> dict:
+    """A report's accuracies of the shot groups (many, medium, few) and overall (top1)."""
     return {g: report.get(g) for g in GROUPS}
 
 
-def calibrate_checkpoint(run_dir: Path, methods: list[str], seed: int) -> dict:
+def cached_calibrations(run_dir: Path, methods: list[str], seed: int) -> dict:
     """engine.posthoc's sweeps / cRT / LWS on one checkpoint, features collected once; cached in the run folder."""
     retrain = any(m in RETRAIN for m in methods)  # cRT / LWS: trained on the training split's features
     params = {"methods": methods, "grids": {m: default_values(m) for m in methods if m in SWEEPS},
@@ -150,20 +151,20 @@ def calibrate_checkpoint(run_dir: Path, methods: list[str], seed: int) -> dict:
     from engine.posthoc import calibrate
     from engine.runs import load_run, split_features
 
-    run = load_run(run_dir / "last.pt")
-    feats = split_features(run, ("val", "test", "train") if retrain else ("val", "test"))
+    loaded = load_run(run_dir / "last.pt")
+    feats = split_features(loaded, ("val", "test", "train") if retrain else ("val", "test"))
     results = {}
     for method in methods:
-        res = calibrate(run, method, params["grids"].get(method), CRT["epochs"], CRT["lr"], CRT["batch_size"], seed,
+        res = calibrate(loaded, method, params["grids"].get(method), CRT["epochs"], CRT["lr"], CRT["batch_size"], seed,
                         feats=feats)
         name = res["parameter"]
         results[method] = {
             "parameter": name, "chosen": res["chosen"], "chosen_by": "val top1",
             "val": {k: v for k, v in res["val"].items() if not isinstance(v, (list, dict))},
             "test": {k: v for k, v in res["test"].items() if not isinstance(v, (list, dict))},
-            "rows": [{name: r[name], "val": _slim(r["val"]), "test": _slim(r["test"])} for r in res["rows"]],
+            "rows": [{name: r[name], "val": by_group(r["val"]), "test": by_group(r["test"])} for r in res["rows"]],
         }
-    out = {"params": params, "checkpoint_method": run.cfg.method, "results": results}
+    out = {"params": params, "checkpoint_method": loaded.cfg.method, "results": results}
     write_json(cache, out, indent=1)
     return out
 
@@ -216,14 +217,14 @@ def collect_setting(out: Path, setting: str, seeds: list[int]) -> dict:
     runs = {m: {s: json.loads((run_dir_of(out, (setting, m, s)) / "metrics.json").read_text()) for s in seeds}
             for m in TRAINED}
     rows: dict[str, dict] = {m: {"label": LABELS[m], "kind": "trained",
-                                 "runs": [{"seed": s, "test": _slim(r), "val": _slim(r["val"])}
+                                 "runs": [{"seed": s, "test": by_group(r), "val": by_group(r["val"])}
                                           for s, r in runs[m].items()]} for m in TRAINED}
     post = {}
     for s in seeds:
-        post[("ce", s)] = calibrate_checkpoint(run_dir_of(out, (setting, "ce", s)), ["rs", "tau_norm", "logit_adjust", "crt"], s)
-        post[("wvn", s)] = calibrate_checkpoint(run_dir_of(out, (setting, "wvn", s)), ["rs"], s)
+        post[("ce", s)] = cached_calibrations(run_dir_of(out, (setting, "ce", s)), ["rs", "tau_norm", "logit_adjust", "crt"], s)
+        post[("wvn", s)] = cached_calibrations(run_dir_of(out, (setting, "wvn", s)), ["rs"], s)
     for key, (base, method) in POSTHOC.items():
-        per_seed = [{"seed": s, "test": _slim(r["test"]), "val": _slim(r["val"]), "chosen": {r["parameter"]: r["chosen"]}}
+        per_seed = [{"seed": s, "test": by_group(r["test"]), "val": by_group(r["val"]), "chosen": {r["parameter"]: r["chosen"]}}
                     for s in seeds for r in [post[(base, s)]["results"][method]]]
         rows[key] = {"label": LABELS[key], "kind": f"post hoc on {base}", "parameter": PARAM_NAME[method],
                      "runs": per_seed}
@@ -260,7 +261,7 @@ def _notes(settings: list[dict], fmt: str, profiles: list[str]) -> list[str]:
     return notes
 
 
-def _recipe(cfg0: Config, fmt: str, root: str) -> dict:
+def recipe_text(cfg0: Config, fmt: str, root: str) -> dict:
     d, o, lo = cfg0.data, cfg0.optim, cfg0.loss
     return {
         "data": (f"{fmt} (n_max {d.n_max}, val {d.val_per_class}/class, test {d.test_per_class}/class, balanced)"
@@ -300,11 +301,11 @@ def run_study(out: str | Path = "docs/study", seeds: list[int] = (0, 1, 2), rati
     times = [train_seconds(run_dir_of(out, k)) for k in configs]
     stats["train_seconds_all_runs"] = None if None in times else float(sum(times))
     summary = {
-        "command": command or "engine study", **_recipe(cfg0, fmt, root),
+        "command": command or "engine study", **recipe_text(cfg0, fmt, root),
         "format": fmt, "seeds": seeds, "ratios": ratios, "profiles": profiles, "overrides": overrides,
         "config_ce_first": to_dict(configs[(settings[0]["name"], "ce", seeds[0])]),
         "sweep_grids": {m: default_values(m) for m in SWEEPS}, "crt": CRT,
-        "runs": stats, "machine": _machine(), "notes": _notes(settings, fmt, profiles),
+        "runs": stats, "machine": machine_text(), "notes": _notes(settings, fmt, profiles),
         "settings": settings,
     }
     summary["claims"] = check_claims(settings)
@@ -327,7 +328,7 @@ def summary_lines(summary: dict, out: Path) -> list[str]:
     return lines
 
 
-def _machine() -> str:
+def machine_text() -> str:
     import os
     import platform
 

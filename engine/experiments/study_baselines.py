@@ -34,7 +34,7 @@ from engine.config import Config, ConfigError, load_config
 from engine.evaluate import GROUPS
 from engine.experiments import study_design as design
 from engine.experiments.runner import train_all, train_seconds
-from engine.experiments.study import _machine, _recipe, _slim, calibrate_checkpoint, setting_name, study_overrides
+from engine.experiments.study import by_group, cached_calibrations, machine_text, recipe_text, setting_name, study_overrides
 from engine.experiments.study_baselines_report import comparison_cells, markdown, plot_baselines
 from engine.posthoc import PARAM_NAME
 from engine.render import mean_std
@@ -156,7 +156,7 @@ def _trained_row(out: Path, setting: str, method: str, seeds: list[int], epochs:
         runs = []
         for s in seeds:
             m = json.loads((run_dir_of(out, (setting, method, name, s)) / "metrics.json").read_text())
-            runs.append({"seed": s, "test": _slim(m), "val": _slim(m["val"])})
+            runs.append({"seed": s, "test": by_group(m), "val": by_group(m["val"])})
         grid.append({"point": name, "values": point, "runs": runs, **_stats(runs)})
     best = max(grid, key=lambda g: g["val"]["top1"]["mean"])  # max keeps the earliest of equals
     return {"label": design.BASELINE_LABELS[method], "kind": "trained", "chosen": best["values"],
@@ -173,13 +173,13 @@ def _posthoc_rows(out: Path, setting: str, rows: dict, wanted: list[str], seeds:
         by_base.setdefault(base, []).append(calib)
     for base, calibs in by_base.items():
         point = rows[base]["chosen_point"]
-        post = {s: calibrate_checkpoint(run_dir_of(out, (setting, base, point, s)), calibs, s)["results"]
+        post = {s: cached_calibrations(run_dir_of(out, (setting, base, point, s)), calibs, s)["results"]
                 for s in seeds}
         for key in wanted:
             if design.BASELINE_POSTHOC[key][0] != base:
                 continue
             calib = design.BASELINE_POSTHOC[key][1]
-            runs = [{"seed": s, "test": _slim(post[s][calib]["test"]), "val": _slim(post[s][calib]["val"]),
+            runs = [{"seed": s, "test": by_group(post[s][calib]["test"]), "val": by_group(post[s][calib]["val"]),
                      "chosen": post[s][calib]["chosen"]} for s in seeds]
             rows[key] = {"label": design.BASELINE_LABELS[key], "kind": f"post hoc on {base} ({point})",
                          "parameter": PARAM_NAME[calib], "chosen": mean_std([r["chosen"] for r in runs]),
@@ -246,10 +246,10 @@ def run_baselines(out: str | Path = "docs/baselines", seeds: list[int] = (0, 1, 
     times = [train_seconds(run_dir_of(out, k)) for k in configs]
     stats["train_seconds_all_runs"] = None if None in times else float(sum(times))
     stats["runs"] = len(configs)
-    summary = {"command": command or "engine study --suite baselines", **_recipe(cfg0, fmt, root), "format": fmt,
+    summary = {"command": command or "engine study --suite baselines", **recipe_text(cfg0, fmt, root), "format": fmt,
                "seeds": seeds, "splits": names, "rows": rows_wanted, "overrides": list(overrides),
                "grids": {m: design.BASELINE_GRIDS[m] for m in trained},
-               "epoch_fraction_keys": list(design.EPOCH_FRACTION_KEYS), "runs": stats, "machine": _machine(),
+               "epoch_fraction_keys": list(design.EPOCH_FRACTION_KEYS), "runs": stats, "machine": machine_text(),
                "settings": settings}
     plot_baselines(out / "baselines.png", settings)
     summary["posthoc_seconds"] = time.perf_counter() - t1

@@ -39,7 +39,7 @@ from engine.config import Config, load_config
 from engine.experiments import study_design as design
 from engine.experiments.claims import pearson
 from engine.experiments.runner import train_all, train_seconds
-from engine.experiments.study import _machine, _recipe, study_overrides
+from engine.experiments.study import machine_text, recipe_text, study_overrides
 from engine.experiments.study_order_report import markdown, plot_accuracy, plot_mechanism
 from engine.methods import METHODS
 from engine.render import mean_std
@@ -128,10 +128,10 @@ def mechanism(run_dir: Path) -> dict:
     from engine.evaluate import ClassSums
     from engine.runs import load_run, split_features
 
-    run = load_run(run_dir / "last.pt")
-    feats = split_features(run, ("train", "test"))
-    head, k = run.model.head, run.data.num_classes
-    log_n = np.log(np.asarray(run.data.class_counts, dtype=float))
+    loaded = load_run(run_dir / "last.pt")
+    feats = split_features(loaded, ("train", "test"))
+    head, k = loaded.model.head, loaded.data.num_classes
+    log_n = np.log(np.asarray(loaded.data.class_counts, dtype=float))
     sums = ClassSums(k, feats["train"].features.shape[1], "cpu")
     sums.add(feats["train"].features, feats["train"].labels)
     w = head.weight.detach().float().cpu()
@@ -144,7 +144,7 @@ def mechanism(run_dir: Path) -> dict:
            "empirical_offset_r": pearson(empirical, log_n), "empirical_offset_slope": _slope(empirical, log_n),
            "weight_norm_r": pearson(w.norm(dim=1).numpy(), log_n),
            "feature_norm_r": pearson(feature_norm.numpy(), log_n)}
-    if METHODS[run.cfg.method].center:  # the centers the method trains (ce keeps them at zero)
+    if METHODS[loaded.cfg.method].center:  # the centers the method trains (ce keeps them at zero)
         c = head.centers.float().cpu()
         est = kernels.estimated_offset(w, c).numpy().astype(float)
         p = torch.softmax(-torch.as_tensor(est), 0)
@@ -224,9 +224,9 @@ def run_order(out: str | Path = "docs/order", seeds: list[int] = (0, 1, 2), epoc
     times = [train_seconds(run_dir_of(out, k)) for k in configs]
     stats["train_seconds_all_runs"] = None if None in times else float(sum(times))
     stats["runs"] = len(configs)
-    summary = {"command": command or "engine study --suite order", **_recipe(cfg0, "digits_lt", ""),
+    summary = {"command": command or "engine study --suite order", **recipe_text(cfg0, "digits_lt", ""),
                "seeds": seeds, "base": design.ORDER_BASE, "overrides": list(overrides), "runs": stats,
-               "machine": _machine(), "axes": axes}
+               "machine": machine_text(), "axes": axes}
     plot_accuracy(out / "order_accuracy.png", axes)
     plot_mechanism(out / "order_mechanism.png", axes)
     summary["measure_seconds"] = time.perf_counter() - t1
