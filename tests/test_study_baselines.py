@@ -98,6 +98,10 @@ def test_second_call_reuses_finished_runs_and_resumes_a_killed_one(tiny_suite, t
     runs = _load(out)["runs"]
     assert (runs["trained"], runs["reused"], runs["train_seconds"]) == (0, len(metrics), 0.0)
     assert runs["train_seconds_all_runs"] > 0
+    earlier = _load(out)["earlier_invocations"]  # the call that trained them stays in the report
+    assert [(e["trained"], e["reused"]) for e in earlier] == [(5, 0)]
+    assert f"earlier invocations into this folder: {earlier[0]['wall_seconds'] / 60:.1f} min (5 trained, 0 re-used)" in (
+        out / "baselines.md").read_text()
     assert {p: p.stat().st_mtime_ns for p in metrics} == before
 
     victim = metrics[-1]

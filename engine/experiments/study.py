@@ -328,6 +328,25 @@ def summary_lines(summary: dict, out: Path) -> list[str]:
     return lines
 
 
+def earlier_invocations(summary_json: Path) -> list[dict]:
+    """The invocations recorded in the summary an earlier call wrote to this folder (its own earlier ones,
+    then itself): {wall_seconds, trained, reused, machine} each, oldest first; [] without a readable one."""
+    try:
+        prev = json.loads(summary_json.read_text())
+        own = {"wall_seconds": float(prev["wall_seconds"]), "trained": prev["runs"]["trained"],
+               "reused": prev["runs"]["reused"], "machine": prev.get("machine", "")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [*prev.get("earlier_invocations", []), own]
+
+
+def invocations_text(summary: dict) -> str:
+    """"; earlier invocations into this folder: 31.8 min (387 trained, 0 re-used), …" ("" without any)."""
+    earlier = summary.get("earlier_invocations") or []
+    return "" if not earlier else "; earlier invocations into this folder: " + ", ".join(
+        f"{e['wall_seconds'] / 60:.1f} min ({e['trained']} trained, {e['reused']} re-used)" for e in earlier)
+
+
 def machine_text() -> str:
     import os
     import platform

@@ -34,7 +34,15 @@ from engine.config import Config, ConfigError, load_config
 from engine.evaluate import GROUPS
 from engine.experiments import study_design as design
 from engine.experiments.runner import train_all, train_seconds
-from engine.experiments.study import by_group, cached_calibrations, machine_text, recipe_text, setting_name, study_overrides
+from engine.experiments.study import (
+    by_group,
+    cached_calibrations,
+    earlier_invocations,
+    machine_text,
+    recipe_text,
+    setting_name,
+    study_overrides,
+)
 from engine.experiments.study_baselines_report import comparison_cells, markdown, plot_baselines
 from engine.posthoc import PARAM_NAME
 from engine.render import mean_std
@@ -254,6 +262,7 @@ def run_baselines(out: str | Path = "docs/baselines", seeds: list[int] = (0, 1, 
     plot_baselines(out / "baselines.png", settings)
     summary["posthoc_seconds"] = time.perf_counter() - t1
     summary["wall_seconds"] = time.perf_counter() - t0
+    summary["earlier_invocations"] = earlier_invocations(out / "baselines.json")
     write_json(out / "baselines.json", summary, indent=1)
     atomic_write_text(out / "baselines.md", markdown(summary))
     return summary

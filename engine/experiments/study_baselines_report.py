@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.experiments.study import invocations_text
 from engine.experiments.study_design import BASELINE_LABELS, CRT, EPOCH_FRACTION_KEYS
 from engine.experiments.study_report import grid_text
 from engine.render import fmt_mean_std, markdown_table, save_png, subplots
@@ -24,7 +25,8 @@ def _header(summary: dict) -> list[str]:
         f"- Wall time of this invocation: {summary['wall_seconds'] / 60:.1f} min on {summary['machine']} "
         f"({runs['runs']} runs: {runs['trained']} trained, {runs['reused']} re-used; post hoc + outputs "
         f"{summary['posthoc_seconds'] / 60:.1f} min). Training time summed over all runs: "
-        + (f"{total / 60:.1f} min" if total is not None else "unknown (runs trained by another command)") + ".",
+        + (f"{total / 60:.1f} min" if total is not None else "unknown (runs trained by another command)")
+        + invocations_text(summary) + ".",
         "- Trained methods: every point of the grid is trained for every seed; the point with the best val top-1 "
         "(mean over seeds; ties: the earlier point) is reported. Post-hoc rows calibrate the chosen checkpoint of "
         f"their base method, the parameter chosen per seed by val top-1 (RS γ ∈ {grid_text('rs')}, τ-norm τ ∈ "

@@ -39,7 +39,7 @@ from engine.config import Config, load_config
 from engine.experiments import study_design as design
 from engine.experiments.claims import pearson
 from engine.experiments.runner import train_all, train_seconds
-from engine.experiments.study import machine_text, recipe_text, study_overrides
+from engine.experiments.study import earlier_invocations, machine_text, recipe_text, study_overrides
 from engine.experiments.study_order_report import markdown, plot_accuracy, plot_mechanism
 from engine.methods import METHODS
 from engine.render import mean_std
@@ -231,6 +231,7 @@ def run_order(out: str | Path = "docs/order", seeds: list[int] = (0, 1, 2), epoc
     plot_mechanism(out / "order_mechanism.png", axes)
     summary["measure_seconds"] = time.perf_counter() - t1
     summary["wall_seconds"] = time.perf_counter() - t0
+    summary["earlier_invocations"] = earlier_invocations(out / "order.json")
     write_json(out / "order.json", summary, indent=1)
     atomic_write_text(out / "order.md", markdown(summary))
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.experiments.study import invocations_text
 from engine.experiments.study_design import LABELS, ORDER_METHODS, PAPER_ORDER
 from engine.render import fmt_mean_std, markdown_table, save_png, subplots
 
@@ -34,7 +35,8 @@ def _header(summary: dict) -> list[str]:
         f"- Wall time of this invocation: {summary['wall_seconds'] / 60:.1f} min on {summary['machine']} "
         f"({runs['runs']} runs: {runs['trained']} trained, {runs['reused']} re-used; measures + outputs "
         f"{summary['measure_seconds'] / 60:.1f} min). Training time summed over all runs: "
-        + (f"{total / 60:.1f} min" if total is not None else "unknown (runs trained by another command)") + ".",
+        + (f"{total / 60:.1f} min" if total is not None else "unknown (runs trained by another command)")
+        + invocations_text(summary) + ".",
         f"- The paper's order (EO Table 3): {_order_text(list(PAPER_ORDER))}.", "",
         "![accuracy per axis](order_accuracy.png)", "", "![mechanism per axis](order_mechanism.png)", "",
     ]
