@@ -81,3 +81,16 @@ def tiny(cache) -> list[str]:
         "data.val_per_class=5", "data.test_per_class=8", "data.image_size=16", "optim.batch_size=32",
         "optim.warmup_epochs=0", "eval.many_threshold=20", "eval.few_threshold=5", "run.progress=false",
     ]
+
+
+def call_without_training(monkeypatch, args: list[str]) -> None:
+    """`engine <args>` in this process, failing if it trains anything (every run must be re-used)."""
+    import engine.train as train_mod
+    from engine.cli import main
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "train", no_training)
+        assert main(args) == 0

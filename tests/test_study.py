@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import tiny
+from helpers import call_without_training, tiny
 
 import engine.train as train_mod
 from engine.cli import main
@@ -118,12 +118,7 @@ def test_second_call_reuses_finished_runs_and_resumes_unfinished(tiny_study, mon
     before = {p: p.stat().st_mtime_ns for p in metrics}
     ckpt_before = {p: (p.parent / "last.pt").stat().st_mtime_ns for p in metrics}
 
-    def no_training(*a, **k):
-        raise AssertionError("a finished run was trained again")
-
-    with monkeypatch.context() as m:
-        m.setattr(train_mod, "train", no_training)
-        assert main(args) == 0
+    call_without_training(monkeypatch, args)
     runs = _load(out)["runs"]
     assert (runs["trained"], runs["reused"], runs["train_seconds"]) == (0, len(study.TRAINED), 0.0)
     assert runs["train_seconds_all_runs"] > 0  # the first call's training time, kept with each run

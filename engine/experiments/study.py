@@ -274,6 +274,35 @@ def recipe_text(cfg0: Config, fmt: str, root: str) -> dict:
     }
 
 
+def train_study(out: Path, runs: dict, jobs: int, name: str) -> dict:
+    """A study's training: make OUT (its .gitignore keeps runs/ out of git), train every run not finished yet
+    (engine/experiments/runner.py), then give this process the runs' torch threads for the post-hoc work.
+    Returns the runner's stats with the number of runs and their training time summed (None: unknown)."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be ≥ 1, got {jobs}")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / ".gitignore").exists():
+        atomic_write_text(out / ".gitignore", "# run folders (checkpoints) of engine study stay out of git\nruns/\n")
+    stats = train_all(runs, jobs, name)
+    import torch
+
+    threads = next(iter(runs.values()))[0].run.threads
+    if threads:
+        torch.set_num_threads(threads)
+    times = [train_seconds(run_dir) for _, run_dir in runs.values()]
+    return {**stats, "runs": len(runs), "train_seconds_all_runs": None if None in times else float(sum(times))}
+
+
+def write_summary(out: Path, name: str, summary: dict, markdown, t0: float) -> dict:
+    """OUT/<name>.json and OUT/<name>.md (markdown(summary)), with the wall time since t0 and the invocations
+    an earlier summary in OUT recorded."""
+    summary["wall_seconds"] = time.perf_counter() - t0
+    summary["earlier_invocations"] = earlier_invocations(out / f"{name}.json")
+    write_json(out / f"{name}.json", summary, indent=1)
+    atomic_write_text(out / f"{name}.md", markdown(summary))
+    return summary
+
+
 def run_study(out: str | Path = "docs/study", seeds: list[int] = (0, 1, 2), ratios: list[float] = (10, 50, 100),
               profiles: list[str] = ("exp", "step"), epochs: int = DEFAULT_EPOCHS, arch: str = DEFAULT_ARCH,
               image_size: int | None = None, overrides: list[str] = (), fmt: str = "digits_lt", root: str = "",
@@ -283,23 +312,12 @@ def run_study(out: str | Path = "docs/study", seeds: list[int] = (0, 1, 2), rati
     out = Path(out)
     seeds, ratios, profiles, overrides = list(seeds), [float(r) for r in ratios], list(profiles), list(overrides)
     image_size = DEFAULT_IMAGE_SIZE.get(fmt, 32) if image_size is None else image_size
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be ≥ 1, got {jobs}")
     configs = build_configs(fmt, root, seeds, ratios, profiles, epochs, arch, image_size, overrides)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / ".gitignore").exists():
-        atomic_write_text(out / ".gitignore", "# run folders (checkpoints) of engine study stay out of git\nruns/\n")
-    stats = train_all({k: (cfg, run_dir_of(out, k)) for k, cfg in configs.items()}, jobs, "engine study")
+    stats = train_study(out, {k: (cfg, run_dir_of(out, k)) for k, cfg in configs.items()}, jobs, "engine study")
 
     t1 = time.perf_counter()
-    import torch
-
     cfg0 = next(iter(configs.values()))
-    if cfg0.run.threads:
-        torch.set_num_threads(cfg0.run.threads)
     settings = [collect_setting(out, setting_name(p, r), seeds) for p in profiles for r in ratios]
-    times = [train_seconds(run_dir_of(out, k)) for k in configs]
-    stats["train_seconds_all_runs"] = None if None in times else float(sum(times))
     summary = {
         "command": command or "engine study", **recipe_text(cfg0, fmt, root),
         "format": fmt, "seeds": seeds, "ratios": ratios, "profiles": profiles, "overrides": overrides,
@@ -312,10 +330,7 @@ def run_study(out: str | Path = "docs/study", seeds: list[int] = (0, 1, 2), rati
     for p in profiles:
         plot_rs_curves(out, settings, p)
     summary["posthoc_seconds"] = time.perf_counter() - t1
-    summary["wall_seconds"] = time.perf_counter() - t0
-    write_json(out / "study.json", summary, indent=1)
-    atomic_write_text(out / "study.md", markdown(summary))
-    return summary
+    return write_summary(out, "study", summary, markdown, t0)
 
 
 def summary_lines(summary: dict, out: Path) -> list[str]:
@@ -338,13 +353,6 @@ def earlier_invocations(summary_json: Path) -> list[dict]:
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return [*prev.get("earlier_invocations", []), own]
-
-
-def invocations_text(summary: dict) -> str:
-    """"; earlier invocations into this folder: 31.8 min (387 trained, 0 re-used), …" ("" without any)."""
-    earlier = summary.get("earlier_invocations") or []
-    return "" if not earlier else "; earlier invocations into this folder: " + ", ".join(
-        f"{e['wall_seconds'] / 60:.1f} min ({e['trained']} trained, {e['reused']} re-used)" for e in earlier)
 
 
 def machine_text() -> str:

@@ -29,21 +29,21 @@ import math
 import time
 from pathlib import Path
 
-from common.io import atomic_write_text, write_json
 from engine.config import Config, ConfigError, load_config
 from engine.evaluate import GROUPS
 from engine.experiments import study_design as design
-from engine.experiments.runner import train_all, train_seconds
 from engine.experiments.study import (
     by_group,
     cached_calibrations,
-    earlier_invocations,
     machine_text,
     recipe_text,
     setting_name,
     study_overrides,
+    train_study,
+    write_summary,
 )
 from engine.experiments.study_baselines_report import comparison_cells, markdown, plot_baselines
+from engine.experiments.study_report import wrote_line
 from engine.posthoc import PARAM_NAME
 from engine.render import mean_std
 
@@ -234,26 +234,15 @@ def run_baselines(out: str | Path = "docs/baselines", seeds: list[int] = (0, 1, 
     t0 = time.perf_counter()
     out, seeds, splits = Path(out), list(seeds), [(p, float(r)) for p, r in splits]
     image_size = design.DEFAULT_IMAGE_SIZE.get(fmt, 32) if image_size is None else image_size
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be ≥ 1, got {jobs}")
     rows_wanted, trained = resolve_rows(methods)
     configs = build_configs(fmt, root, seeds, splits, trained, epochs, arch, image_size, list(overrides))
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / ".gitignore").exists():
-        atomic_write_text(out / ".gitignore", "# run folders (checkpoints) of engine study stay out of git\nruns/\n")
-    stats = train_all({k: (cfg, run_dir_of(out, k)) for k, cfg in configs.items()}, jobs, "engine study baselines")
+    stats = train_study(out, {k: (cfg, run_dir_of(out, k)) for k, cfg in configs.items()}, jobs,
+                        "engine study baselines")
 
     t1 = time.perf_counter()
-    import torch
-
     cfg0 = next(iter(configs.values()))
-    if cfg0.run.threads:
-        torch.set_num_threads(cfg0.run.threads)
     names = [setting_name(p, r) for p, r in splits]
     settings = [collect_split(out, name, rows_wanted, trained, seeds, epochs) for name in names]
-    times = [train_seconds(run_dir_of(out, k)) for k in configs]
-    stats["train_seconds_all_runs"] = None if None in times else float(sum(times))
-    stats["runs"] = len(configs)
     summary = {"command": command or "engine study --suite baselines", **recipe_text(cfg0, fmt, root), "format": fmt,
                "seeds": seeds, "splits": names, "rows": rows_wanted, "overrides": list(overrides),
                "grids": {m: design.BASELINE_GRIDS[m] for m in trained},
@@ -261,18 +250,12 @@ def run_baselines(out: str | Path = "docs/baselines", seeds: list[int] = (0, 1, 
                "settings": settings}
     plot_baselines(out / "baselines.png", settings)
     summary["posthoc_seconds"] = time.perf_counter() - t1
-    summary["wall_seconds"] = time.perf_counter() - t0
-    summary["earlier_invocations"] = earlier_invocations(out / "baselines.json")
-    write_json(out / "baselines.json", summary, indent=1)
-    atomic_write_text(out / "baselines.md", markdown(summary))
-    return summary
+    return write_summary(out, "baselines", summary, markdown, t0)
 
 
 def summary_lines(summary: dict, out: Path) -> list[str]:
     """What `engine study --suite baselines` prints: the files written and EO+UC − best baseline per split."""
-    lines = [f"engine study: wrote {out / 'baselines.md'}, {out / 'baselines.json'}, {out / 'baselines.png'} in "
-             f"{summary['wall_seconds'] / 60:.1f} min ({summary['runs']['trained']} runs trained, "
-             f"{summary['runs']['reused']} re-used)"]
+    lines = [wrote_line(summary, [out / "baselines.md", out / "baselines.json", out / "baselines.png"])]
     for st in summary["settings"]:
         lines.append(f"  {st['name']}: " + "; ".join(comparison_cells(st)))
     return lines

@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import ConfigError
-from common.io import atomic_write_text, write_json
+from common.io import write_json
 from engine.config import Config, load_config
 from engine.experiments import study_design as design
 from engine.experiments.claims import pearson
-from engine.experiments.runner import train_all, train_seconds
-from engine.experiments.study import earlier_invocations, machine_text, recipe_text, study_overrides
+from engine.experiments.study import machine_text, recipe_text, study_overrides, train_study, write_summary
 from engine.experiments.study_order_report import markdown, plot_accuracy, plot_mechanism
+from engine.experiments.study_report import wrote_line
 from engine.methods import METHODS
 from engine.render import mean_std
 
@@ -206,42 +206,25 @@ def run_order(out: str | Path = "docs/order", seeds: list[int] = (0, 1, 2), epoc
     t0 = time.perf_counter()
     out, seeds = Path(out), list(seeds)
     image_size = design.DEFAULT_IMAGE_SIZE["digits_lt"] if image_size is None else image_size
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be ≥ 1, got {jobs}")
     configs = build_configs(seeds, epochs, image_size, list(overrides))
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / ".gitignore").exists():
-        atomic_write_text(out / ".gitignore", "# run folders (checkpoints) of engine study stay out of git\nruns/\n")
-    stats = train_all({k: (cfg, run_dir_of(out, k)) for k, cfg in configs.items()}, jobs, "engine study order")
+    stats = train_study(out, {k: (cfg, run_dir_of(out, k)) for k, cfg in configs.items()}, jobs, "engine study order")
 
     t1 = time.perf_counter()
-    import torch
-
     cfg0 = configs[("base", "ce", seeds[0])]
-    if cfg0.run.threads:
-        torch.set_num_threads(cfg0.run.threads)
     axes = [collect_axis(out, axis, seeds) for axis in design.ORDER_AXES]
-    times = [train_seconds(run_dir_of(out, k)) for k in configs]
-    stats["train_seconds_all_runs"] = None if None in times else float(sum(times))
-    stats["runs"] = len(configs)
     summary = {"command": command or "engine study --suite order", **recipe_text(cfg0, "digits_lt", ""),
                "seeds": seeds, "base": design.ORDER_BASE, "overrides": list(overrides), "runs": stats,
                "machine": machine_text(), "axes": axes}
     plot_accuracy(out / "order_accuracy.png", axes)
     plot_mechanism(out / "order_mechanism.png", axes)
-    summary["measure_seconds"] = time.perf_counter() - t1
-    summary["wall_seconds"] = time.perf_counter() - t0
-    summary["earlier_invocations"] = earlier_invocations(out / "order.json")
-    write_json(out / "order.json", summary, indent=1)
-    atomic_write_text(out / "order.md", markdown(summary))
-    return summary
+    summary["posthoc_seconds"] = time.perf_counter() - t1
+    return write_summary(out, "order", summary, markdown, t0)
 
 
 def summary_lines(summary: dict, out: Path) -> list[str]:
     """What `engine study --suite order` prints: the files written and where the paper's order holds."""
-    lines = [f"engine study: wrote {out / 'order.md'}, {out / 'order.json'}, {out / 'order_accuracy.png'}, "
-             f"{out / 'order_mechanism.png'} in {summary['wall_seconds'] / 60:.1f} min "
-             f"({summary['runs']['trained']} runs trained, {summary['runs']['reused']} re-used)"]
+    lines = [wrote_line(summary, [out / f for f in ("order.md", "order.json", "order_accuracy.png",
+                                                    "order_mechanism.png")])]
     for ax in summary["axes"]:
         held = [lv["text"] for lv in ax["levels"] if lv["paper_order"]]
         lines.append(f"  {ax['axis']}: the paper's order holds at {', '.join(held) or 'no level'}")
