@@ -72,7 +72,8 @@ def train_one(cfg_dict: dict, run_dir: str) -> tuple[str, float, float]:
     elif path.exists():
         logger.info("%s: no checkpoint yet (killed before its first one); starting it over", path)
         shutil.rmtree(path)
-    (path / "study_posthoc.json").unlink(missing_ok=True)  # post-hoc results of an older checkpoint
+    for cached in ("study_posthoc.json", "study_mechanism.json"):  # the studies' caches of an older checkpoint
+        (path / cached).unlink(missing_ok=True)
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()

@@ -50,8 +50,10 @@ logger = logging.getLogger(__name__)
 
 
 def level_text(value) -> str:
-    return "-".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
-        else str(value)
+    """A level as the reports and run folders write it: [16, 32, 64] → "16-32-64", 50.0 → "50"."""
+    if isinstance(value, list):
+        return "-".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def point_name(key: str, value) -> str:
